@@ -1,0 +1,5 @@
+"""Typed configuration schemas and the YAML loader."""
+
+from carft_nemo.config.base import ConfigError, load_config, require, save_resolved, to_yaml
+
+__all__ = ["ConfigError", "load_config", "require", "save_resolved", "to_yaml"]

@@ -1,0 +1,104 @@
+"""Typed configuration: YAML composed onto dataclass schemas, validated once at start-up.
+
+Every component owns a small dataclass whose ``__post_init__`` checks its own fields with
+:func:`require`, so a bad value fails when the config is built, before any process group,
+Ray cluster or model exists, and the message names the dotted key.
+
+YAML files may list ``defaults: [other.yaml, ...]`` (paths relative to the file); those are
+merged first, in order, then the file itself, then command-line ``key.sub=value`` overrides.
+Unknown keys are errors (no silent typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key (and file)."""
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _load_yaml_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'defaults' chain: {' -> '.join(map(str, seen))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    parents = raw.pop("defaults", []) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create({})
+    for parent in parents:
+        merged = OmegaConf.merge(merged, _load_yaml_with_defaults(path.parent / parent, seen + (path,)))
+    return OmegaConf.merge(merged, OmegaConf.create(raw))
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).split("\n")[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(
+    schema: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Compose ``path`` (+ its ``defaults``) and ``overrides`` onto ``schema`` and validate.
+
+    Returns an instance of ``schema`` (nested dataclasses instantiated, so every
+    ``__post_init__`` check has run). Raises :class:`ConfigError` naming the file and key.
+    """
+    where = str(path) if path is not None else "<defaults>"
+    try:
+        base = OmegaConf.structured(schema)
+        layers = [base]
+        if path is not None:
+            layers.append(_load_yaml_with_defaults(Path(path)))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except OmegaConfBaseException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(f"{where}: {cause}") from None
+        raise ConfigError(f"{where}: {_describe(err)}") from None
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config as YAML (written next to every run's outputs)."""
+    if dataclasses.is_dataclass(config):
+        return OmegaConf.to_yaml(OmegaConf.structured(config))
+    return OmegaConf.to_yaml(config)
+
+
+def save_resolved(config: Any, path: str | Path) -> None:
+    """Write the resolved config to ``path`` (atomically) so a run can be reproduced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(config))
+    tmp.replace(path)
