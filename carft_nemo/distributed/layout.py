@@ -1,0 +1,225 @@
+"""Parallel layout: validate TP/PP/CP/DP sizes, start torch.distributed and megatron's groups.
+
+One entry point, :func:`initialize`, serves the three ways processes are started:
+torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``), Slurm's ``srun``
+(``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; master address from the first host of
+the job), and Ray actors, which pass a :class:`ProcessInfo` explicitly to form their own
+group. :func:`validate_layout` runs before any process group exists, so a bad layout fails
+with a message that names the key instead of a hang or a megatron assertion.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from carft_nemo.config import ConfigError, require
+from carft_nemo.distributed import cpu_compat, device
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallel is whatever the world size leaves."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1  # needs Transformer Engine (GPU)
+    sequence_parallel: bool = False  # needs TE/apex norms (GPU)
+    use_distributed_optimizer: bool = False
+    timeout_minutes: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "timeout_minutes"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"parallel.{name}", f"must be an integer >= 1, got {value!r}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process sits in the job: enough to join the rendezvous."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ProcessInfo":
+        """Read torchrun's variables, else Slurm's; a single process when neither is set."""
+        env = os.environ if env is None else env
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR") or _slurm_first_host(env),
+                       int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return cls(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)) or _free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _slurm_first_host(env: Mapping[str, str]) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True, timeout=30)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        # "node[01-04],gpu7" without scontrol: take the first name, first number of a range
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rest = head.split("[", 1)
+            return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+        return head
+
+
+def validate_layout(parallel: ParallelConfig, world_size: int, *, num_layers: int | None = None,
+                    num_attention_heads: int | None = None, num_query_groups: int | None = None) -> int:
+    """Check the layout against the world size and the model; return the data-parallel size.
+
+    Raises :class:`ConfigError` naming the offending key. Runs without any process group.
+    """
+    tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
+    require(world_size % parallel.model_parallel_size == 0, "parallel",
+            f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*context_parallel "
+            f"= {tp}*{pp}*{cp} = {parallel.model_parallel_size}")
+    if num_attention_heads is not None:
+        require(num_attention_heads % tp == 0, "parallel.tensor_parallel",
+                f"{tp} does not divide model.num_attention_heads={num_attention_heads}")
+    if num_query_groups is not None:
+        require(num_query_groups % tp == 0, "parallel.tensor_parallel",
+                f"{tp} does not divide model.num_query_groups={num_query_groups} (key/value heads)")
+    if num_layers is not None:
+        require(pp <= num_layers, "parallel.pipeline_parallel",
+                f"{pp} stages for model.num_layers={num_layers}: more stages than layers")
+        require(num_layers % pp == 0, "parallel.pipeline_parallel",
+                f"{pp} does not divide model.num_layers={num_layers} (uneven stages are not supported)")
+    if cp > 1:
+        require(device.has_cuda(), "parallel.context_parallel", "context parallel needs GPUs with Transformer Engine")
+    if parallel.sequence_parallel:
+        require(device.has_cuda(), "parallel.sequence_parallel",
+                "sequence parallel needs Transformer Engine or apex norms (GPU only)")
+        require(tp > 1, "parallel.sequence_parallel", "only meaningful with tensor_parallel > 1")
+    return world_size // parallel.model_parallel_size
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """This rank's coordinates; groups are read from megatron's parallel_state by name."""
+
+    rank: int
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    context_parallel: int
+    data_parallel: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pipeline_parallel - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    def group(self, axis: str) -> Optional[dist.ProcessGroup]:
+        """Process group of a named axis: "tp", "pp", "dp", "cp", "dp_cp", "mp"."""
+        from megatron.core import parallel_state as ps
+
+        getters = {
+            "tp": ps.get_tensor_model_parallel_group,
+            "pp": ps.get_pipeline_model_parallel_group,
+            "dp": lambda: ps.get_data_parallel_group(with_context_parallel=False),
+            "dp_cp": lambda: ps.get_data_parallel_group(with_context_parallel=True),
+            "cp": ps.get_context_parallel_group,
+            "mp": ps.get_model_parallel_group,
+        }
+        if axis not in getters:
+            raise KeyError(f"unknown parallel axis {axis!r}; known: {sorted(getters)}")
+        return getters[axis]()
+
+
+def initialize(parallel: ParallelConfig, *, seed: int = 1234, process: ProcessInfo | None = None,
+               num_layers: int | None = None, num_attention_heads: int | None = None,
+               num_query_groups: int | None = None) -> ParallelLayout:
+    """Validate, then start torch.distributed (if needed) and megatron's parallel groups.
+
+    Idempotent for the process group: an existing one (e.g. made by a test launcher) is
+    reused. Megatron's model-parallel state is rebuilt on every call, so one process can
+    switch layouts (tests compare TP=1 against TP=2 in the same processes).
+    """
+    process = process or (ProcessInfo.from_env() if not dist.is_initialized() else None)
+    world = dist.get_world_size() if dist.is_initialized() else process.world_size
+    data_parallel = validate_layout(parallel, world, num_layers=num_layers,
+                                    num_attention_heads=num_attention_heads,
+                                    num_query_groups=num_query_groups)
+    cpu_compat.apply()
+    if not dist.is_initialized():
+        device.bind_local_device()
+        dist.init_process_group(
+            backend=device.backend(), init_method=f"tcp://{process.master_addr}:{process.master_port}",
+            rank=process.rank, world_size=process.world_size,
+            timeout=timedelta(minutes=parallel.timeout_minutes))
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from carft_nemo import compat
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    compat.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+        distributed_timeout_minutes=parallel.timeout_minutes,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ParallelLayout(
+        rank=dist.get_rank(), world_size=dist.get_world_size(),
+        tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
+        context_parallel=parallel.context_parallel, data_parallel=data_parallel,
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def shutdown() -> None:
+    """Tear down megatron's groups and the process group (safe to call twice)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["ConfigError", "ParallelConfig", "ParallelLayout", "ProcessInfo", "initialize", "shutdown",
+           "validate_layout"]

@@ -1,0 +1,42 @@
+"""Per-token log-probabilities and entropy from vocab-parallel logits, without gathering V.
+
+Logits arrive as megatron's ``[b, s, V/tp]`` shard on each tensor-parallel rank. For the
+temperature T the sampling distribution is softmax(l / T), so
+
+    log p(y_t) = l_{t,y} / T - logsumexp_v(l_{t,v} / T)
+
+computed by megatron's vocab-parallel cross entropy (which all-reduces max and sum-exp
+across the TP group). That function writes into its input, hence the copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets) under softmax(logits / T); logits ``[b, s, V/tp]``, targets ``[b, s]`` -> ``[b, s]``."""
+    scaled = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    # vocab_parallel_cross_entropy wants [s, b, V/tp] and [s, b]
+    nll = vocab_parallel_cross_entropy(scaled.transpose(0, 1).contiguous(), targets.t().contiguous())
+    return -nll.t()
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy H_t = logsumexp(l/T) - sum_v p_v l_v/T of the vocab-parallel distribution, ``[b, s]``."""
+    scaled = logits.detach().float() / temperature
+    group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    world = ps.get_tensor_model_parallel_world_size() if group is not None else 1
+    local_max = scaled.max(dim=-1).values
+    if world > 1:
+        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    shifted = scaled - local_max.unsqueeze(-1)
+    exp = shifted.exp()
+    sum_exp = exp.sum(-1)
+    sum_exp_logit = (exp * shifted).sum(-1)
+    if world > 1:
+        torch.distributed.all_reduce(sum_exp, group=group)
+        torch.distributed.all_reduce(sum_exp_logit, group=group)
+    return sum_exp.log() - sum_exp_logit / sum_exp
