@@ -1,0 +1,1 @@
+"""Data: records, prompts, loaders, synthetic problems, tokenization and batching."""

@@ -1,0 +1,1 @@
+"""Answer extraction, ReFT correctness rewards, and the sandbox for P-CoT programs."""
