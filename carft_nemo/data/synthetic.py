@@ -37,7 +37,7 @@ OPERATIONS = ("add", "sub", "mul", "div")
 SPLITS = ("train", "test")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class SyntheticConfig:
     """Knobs of the generator.
 
@@ -65,6 +65,10 @@ class SyntheticConfig:
     distractor_prob: float = 0.3
 
     def __post_init__(self) -> None:
+        # YAML / OmegaConf hand sequences over as lists; keep them immutable and comparable.
+        self.multiplier_range = tuple(self.multiplier_range)
+        self.operations = tuple(self.operations)
+        require(len(self.multiplier_range) == 2, "synthetic.multiplier_range", "must be (lo, hi)")
         require(self.n_train >= 0 and self.n_test >= 0, "synthetic.n_train", "split sizes must be >= 0")
         require(1 <= self.min_steps <= self.max_steps, "synthetic.min_steps", "need 1 <= min_steps <= max_steps")
         require(0 <= self.min_number <= self.max_number, "synthetic.min_number", "need 0 <= min_number <= max_number")

@@ -34,7 +34,7 @@ TOKENIZER_KINDS = ("wordlevel", "bpe")
 _SPACE = "\u2581"  # Metaspace marker for a preceding space
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class TokenizerConfig:
     """How to get a tokenizer.
 
@@ -59,7 +59,7 @@ class TokenizerConfig:
         require(self.min_frequency >= 1, "tokenizer.min_frequency", "must be >= 1")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class EncodingConfig:
     """Length limits (ReFT: 300 prompt tokens, 1024 in all).
 

@@ -81,7 +81,7 @@ class SandboxStatus(str, enum.Enum):
     FORBIDDEN = "FORBIDDEN"                # touched network / processes / files / imports the policy refuses
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class SandboxConfig:
     """Limits for one program run.
 
