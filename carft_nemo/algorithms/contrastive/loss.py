@@ -1,0 +1,202 @@
+"""Public entry point of the CARFT contrastive signal, called once per PPO micro-batch.
+
+    loss = coef * (w_pos * L_pos + w_neg * L_neg)
+
+``L_pos`` (:mod:`.positive`) over correct samples, ``L_neg`` (:mod:`.negative`) over wrong
+samples, each built from value-weighted CoT embeddings (:mod:`.embedding`).
+
+Layout: megatron's ``[s, b, ...]`` from the last pipeline stage. ``s`` may be this rank's
+shard of a sequence- or context-parallel group (``seq_group``); ``b`` is this rank's part
+of the data-parallel batch (``dp_group``). Process groups are passed in explicitly and only
+reach :mod:`carft_nemo.distributed.collectives`.
+
+Cross-rank convention (see :mod:`.infonce`): the returned loss is this rank's share, such
+that its mean over data-parallel ranks is the global-batch loss and averaged gradients
+are exact. It is identical on every rank of ``seq_group``; as with megatron's own losses
+under context parallelism, scale it by the context-parallel size when gradients are also
+averaged over that group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from carft_nemo.algorithms.contrastive.config import ContrastiveConfig
+from carft_nemo.algorithms.contrastive.embedding import PooledEmbedding, pool_cot_embedding
+from carft_nemo.algorithms.contrastive.negative import negative_loss
+from carft_nemo.algorithms.contrastive.positive import positive_loss
+from carft_nemo.algorithms.lcs import lcs_masks
+from carft_nemo.distributed.collectives import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_sum_no_grad,
+    group_size,
+)
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+__all__ = ["CoTBatch", "LcsSpans", "contrastive_loss", "lcs_spans"]
+
+
+@dataclass(frozen=True)
+class CoTBatch:
+    """One forward pass's CoT view, megatron layout.
+
+    Attributes:
+        embeddings: ``[s, b, d]`` projected token states e_t = W h_t (ContrastiveHead).
+        values: ``[s, b]`` value estimates V_t (critic / value head).
+        cot_mask: ``[s, b]`` bool, True on CoT tokens (not prompt, not padding).
+    """
+
+    embeddings: Tensor
+    values: Tensor
+    cot_mask: Tensor
+
+    def __post_init__(self) -> None:
+        if self.embeddings.dim() != 3:
+            raise ValueError(f"embeddings must be [s, b, d], got {tuple(self.embeddings.shape)}")
+        s_b = tuple(self.embeddings.shape[:2])
+        for name in ("values", "cot_mask"):
+            if tuple(getattr(self, name).shape) != s_b:
+                raise ValueError(f"{name} must be [s, b] = {s_b}, got {tuple(getattr(self, name).shape)}")
+
+    def detached(self) -> "CoTBatch":
+        return CoTBatch(self.embeddings.detach(), self.values.detach(), self.cot_mask)
+
+
+@dataclass(frozen=True)
+class LcsSpans:
+    """LCS membership of each pair's CoTs, ``[s, b]`` bool in each batch's own layout.
+
+    ``annotated_common`` / ``on_policy_common`` mark the LCS tokens; remainders are
+    ``cot_mask & ~common``. ``length [b]`` is the LCS length. Compute them on the full
+    sequences (:func:`lcs_spans`, e.g. in the data pipeline) and shard them along ``s``
+    with the other ``[s, b]`` tensors under sequence / context parallelism.
+    """
+
+    annotated_common: Tensor
+    on_policy_common: Tensor
+    length: Tensor
+
+
+def _compact(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``[s, b]`` ids + mask -> ``[b, s]`` masked ids moved to the front, lengths, order."""
+    mask_bs = mask.t().bool()
+    # Stable sort puts the masked positions first, in their original order.
+    order = torch.argsort((~mask_bs).to(torch.int8), dim=1, stable=True)
+    return ids.t().gather(1, order), mask_bs.sum(dim=1), order
+
+
+def lcs_spans(annotated_ids: Tensor, annotated_cot_mask: Tensor,
+              on_policy_ids: Tensor, on_policy_cot_mask: Tensor) -> LcsSpans:
+    """Token-level LCS of the annotated and on-policy CoTs of each sample (full sequences).
+
+    Args:
+        annotated_ids, annotated_cot_mask: ``[s_a, b]`` token ids and CoT mask.
+        on_policy_ids, on_policy_cot_mask: ``[s_g, b]``.
+    Only CoT tokens take part (prompt and padding positions are never common).
+    """
+    a_ids, a_len, a_order = _compact(annotated_ids, annotated_cot_mask)
+    g_ids, g_len, g_order = _compact(on_policy_ids, on_policy_cot_mask)
+    result = lcs_masks(a_ids, g_ids, a_len, g_len)
+    a_common = torch.zeros_like(result.mask_a).scatter_(1, a_order, result.mask_a)
+    g_common = torch.zeros_like(result.mask_b).scatter_(1, g_order, result.mask_b)
+    return LcsSpans(annotated_common=a_common.t(), on_policy_common=g_common.t(), length=result.length)
+
+
+def _pool(batch: CoTBatch, mask: Tensor, seq_group: "ProcessGroup | None") -> PooledEmbedding:
+    return pool_cot_embedding(batch.embeddings, batch.values, mask, seq_group)
+
+
+def contrastive_loss(
+    cfg: ContrastiveConfig,
+    on_policy: CoTBatch,
+    annotated: CoTBatch,
+    correct: Tensor,
+    lcs: LcsSpans | None = None,
+    dp_group: "ProcessGroup | None" = None,
+    seq_group: "ProcessGroup | None" = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CARFT contrastive loss ``coef * (w_pos L_pos + w_neg L_neg)`` for one micro-batch.
+
+    Args:
+        cfg: switches and coefficients (mode, tau, clamp, gather_with_grad, ...).
+        on_policy: the sampled responses, ``[s_g, b]`` (gradient flows into embeddings and values).
+        annotated: the annotated CoTs of the same questions, ``[s_a, b]`` (same ``b`` order).
+        correct: ``[b]`` bool, the sampled answer is correct.
+        lcs: required when ``cfg.uses_negative``; from :func:`lcs_spans`.
+        dp_group: data-parallel group (negatives come from its whole batch); None = local.
+        seq_group: group sharding ``s`` (sequence / context parallel); None = unsharded.
+
+    Returns:
+        ``(loss, metrics)``: loss is a 0-dim tensor (this rank's share, module docstring;
+        a constant 0 without graph when no sample qualifies); metrics are detached 0-dim
+        tensors of the global batch: ``contrastive/loss``, ``contrastive/positive_loss``,
+        ``contrastive/negative_loss``, ``contrastive/num_positive``, ``contrastive/num_negative``.
+    """
+    device = on_policy.embeddings.device
+    if not cfg.enabled:
+        zero = torch.zeros((), device=device)
+        return zero, {"contrastive/loss": zero}
+    if cfg.uses_negative and lcs is None:
+        raise ValueError("contrastive mode uses the negative signal: pass lcs=lcs_spans(...)")
+    if annotated.embeddings.shape[1] != on_policy.embeddings.shape[1] or correct.shape != (on_policy.embeddings.shape[1],):
+        raise ValueError("on_policy, annotated and correct must share the batch dimension b")
+    if cfg.detach_annotated:
+        annotated = annotated.detached()
+    correct = correct.bool()
+    world = group_size(dp_group)
+
+    gen = _pool(on_policy, on_policy.cot_mask, seq_group)
+    feats, flags = [gen.z], [gen.nonempty]
+    use_pos = correct & gen.nonempty
+    if cfg.uses_positive:
+        ann = _pool(annotated, annotated.cot_mask, seq_group)
+        use_pos = use_pos & ann.nonempty
+    if cfg.uses_negative:
+        assert lcs is not None
+        gen_common_mask = on_policy.cot_mask.bool() & lcs.on_policy_common
+        common = _pool(on_policy, gen_common_mask, seq_group)
+        rest = _pool(on_policy, on_policy.cot_mask.bool() & ~gen_common_mask, seq_group)
+        ann_rest = _pool(annotated, annotated.cot_mask.bool() & ~lcs.annotated_common, seq_group)
+        use_neg = ~correct & common.nonempty & ann_rest.nonempty
+        feats += [common.z, rest.z]
+        flags += [common.nonempty, rest.nonempty]
+    flags += [use_pos] + ([use_neg] if cfg.uses_negative else [])
+
+    # One gather each for the embeddings (optionally with gradient) and the flags.
+    local = torch.cat(feats, dim=1)
+    gathered = (all_gather_with_grad(local, dp_group) if cfg.gather_with_grad
+                else all_gather_no_grad(local, dp_group))
+    all_flags = all_gather_no_grad(torch.stack(flags, dim=1).to(torch.int32), dp_group).bool()
+    d = gen.z.shape[1]
+
+    loss_pos = loss_neg = torch.zeros((), dtype=gen.z.dtype, device=device)
+    num_pos = num_neg = 0
+    w_pos, w_neg = cfg.weights
+    if cfg.uses_positive:
+        num_pos = int(all_flags[:, -2 if cfg.uses_negative else -1].sum())
+        loss_pos = positive_loss(ann.z, gen.z, use_pos, gathered[:, :d], all_flags[:, 0],
+                                 num_pos, world, cfg.tau, cfg.clamp_positive_similarity)
+    if cfg.uses_negative:
+        num_neg = int(all_flags[:, -1].sum())
+        candidates = torch.cat([gathered[:, d:2 * d], gathered[:, 2 * d:3 * d]], dim=0)
+        candidates_valid = torch.cat([all_flags[:, 1], all_flags[:, 2]], dim=0)
+        loss_neg = negative_loss(ann_rest.z, common.z, use_neg, candidates, candidates_valid,
+                                 num_neg, world, cfg.tau, cfg.clamp_positive_similarity)
+
+    loss = cfg.coef * (w_pos * loss_pos + w_neg * loss_neg)
+    parts = all_reduce_sum_no_grad(torch.stack([loss_pos.detach(), loss_neg.detach()]), dp_group) / world
+    metrics = {
+        "contrastive/loss": cfg.coef * (w_pos * parts[0] + w_neg * parts[1]),
+        "contrastive/positive_loss": parts[0],
+        "contrastive/negative_loss": parts[1],
+        "contrastive/num_positive": torch.tensor(float(num_pos), device=device),
+        "contrastive/num_negative": torch.tensor(float(num_neg), device=device),
+    }
+    return loss, metrics
