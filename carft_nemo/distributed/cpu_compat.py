@@ -17,7 +17,9 @@ megatron-core call sites (0.16.1; 0.19.x where noted) that need it:
    and makes ``Tensor.cuda()`` a no-op: pipeline schedules (``torch.zeros(..., device="cuda")``
    token counters) are wrapped automatically; DDP / optimizer construction and
    ``optimizer.step()`` (found-inf and grad-norm scalars on "cuda"; clip_grads asserts the
-   grad type string is ``torch.cuda.FloatTensor``) run under :func:`cuda_as_cpu_context`.
+   grad type string is ``torch.cuda.FloatTensor``) run under :func:`cuda_as_cpu_context`;
+   so does GPTModel construction (``LanguageModule.setup_embeddings_and_output_layer`` calls
+   ``weight.data.cuda()`` on the last stage's tied output weight when PP > 1).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from carft_nemo import compat
-from carft_nemo.distributed import device
+from carft_nemo.distributed import cpu_compat, device
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.heads import ValueHead
@@ -68,13 +68,25 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, value_head:
     """A GPTModel for this rank's pipeline stage and tensor shard.
 
     ``value_head=True`` builds a critic: the LM output layer is replaced by a scalar head
-    and the model returns values ``[b, s]`` instead of vocab-parallel logits ``[b, s, V/tp]``.
+    and the model returns values ``[b, s, 1]`` instead of vocab-parallel logits ``[b, s, V/tp]``.
     """
     pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post = ps.is_pipeline_last_stage() if post_process is None else post_process
     config = transformer_config(model, parallel)
     use_te = compat.transformer_engine_available()
-    gpt = GPTModel(
+    # cuda_as_cpu_context: with tied embeddings and PP > 1, megatron moves the last stage's
+    # output weight with ``.cuda()`` before all-reducing it over the embedding group.
+    with cpu_compat.cuda_as_cpu_context():
+        gpt = _gpt_model(config, model, parallel, use_te, pre, post, value_head)
+    if value_head and post:
+        gpt.output_layer = ValueHead(config)
+    gpt.to(device.local_device())
+    return gpt
+
+
+def _gpt_model(config: TransformerConfig, model: ModelConfig, parallel: ParallelConfig, use_te: bool,
+               pre: bool, post: bool, value_head: bool) -> GPTModel:
+    return GPTModel(
         config=config,
         transformer_layer_spec=compat.gpt_layer_spec(use_te),
         vocab_size=model.padded_vocab_size(parallel.tensor_parallel),
@@ -86,7 +98,3 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, value_head:
         position_embedding_type="rope",
         rotary_base=int(model.rotary_base),
     )
-    if value_head and post:
-        gpt.output_layer = ValueHead(config)
-    gpt.to(device.local_device())
-    return gpt

@@ -1,0 +1,79 @@
+"""One forward(+backward) pass over micro-batches through megatron's pipeline schedules.
+
+``get_forward_backward_func()`` picks the schedule for the current layout: plain
+gradient accumulation without pipeline parallelism, 1F1B with it. The schedule calls our
+``forward_step`` per micro-batch; only the last pipeline stage has an output to score, so
+the caller's ``loss_fn`` runs there and its metrics come back from that stage only.
+
+The schedule divides the loss it back-propagates by the number of micro-batches, so the
+gradient is that of the mean loss over micro-batches. It also modifies returned tensors in
+place, hence metrics are detached copies.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator, Sequence
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from carft_nemo.models.forward import capture_final_hidden, causal_inputs
+from carft_nemo.models.logprobs import token_logprobs
+
+Batch = dict[str, torch.Tensor]
+# loss_fn(model_output [b, s, V/tp] or [b, s, 1], micro_batch) -> (scalar loss, metrics)
+LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _forward_step(loss_fn: LossFn, capture_hidden: bool, batches: Iterator[Batch], model: torch.nn.Module):
+    batch = next(batches)
+    tokens = batch["tokens"]
+    positions, mask = causal_inputs(tokens)
+    if capture_hidden:
+        with capture_final_hidden(model) as cap:
+            output = model(tokens, positions, mask)
+        hidden = cap.get("hidden")
+    else:
+        output, hidden = model(tokens, positions, mask), None
+
+    def score(out: torch.Tensor):
+        loss, metrics = loss_fn(out, batch)
+        metrics = {k: v.detach().clone() for k, v in metrics.items()}
+        if hidden is not None:
+            metrics["hidden"] = hidden.detach().transpose(0, 1).clone()  # [b, s, h]
+        return loss, metrics
+
+    return output, score
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn, *,
+                     forward_only: bool = False, capture_hidden: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Run the layout's schedule over ``micro_batches`` (each with ``tokens [b, s]``).
+
+    Gradients accumulate into the model (call ``TrainableModel.zero_grad()`` first and
+    ``.step()`` after). Returns one metrics dict per micro-batch on the last pipeline stage
+    (``[]`` on other stages); ``capture_hidden`` adds the final normed hidden states
+    ``"hidden" [b, s, h]``.
+    """
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    b, s = micro_batches[0]["tokens"].shape
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn, capture_hidden),
+        data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches),
+        seq_length=s, micro_batch_size=b, forward_only=forward_only)
+
+
+def lm_loss(temperature: float = 1.0) -> LossFn:
+    """Next-token loss L = -mean_t log p_T(y_t) with ``labels [b, s]``; metrics: loss, logprobs."""
+
+    def loss_fn(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logp = token_logprobs(logits, batch["labels"], temperature)
+        loss = -logp.mean()
+        return loss, {"loss": loss, "logprobs": logp}
+
+    return loss_fn
+
+
+__all__ = ["Batch", "LossFn", "forward_backward", "lm_loss"]
