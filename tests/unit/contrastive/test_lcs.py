@@ -1,0 +1,105 @@
+"""Batched LCS against independent dynamic programmes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from carft_nemo.algorithms.lcs import lcs_masks
+
+
+def python_lcs_length(x: list[int], y: list[int]) -> int:
+    """The textbook O(nm) cell-by-cell DP (independent reference for short pairs)."""
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            if x[i - 1] == y[j - 1]:
+                table[i][j] = table[i - 1][j - 1] + 1
+            else:
+                table[i][j] = max(table[i - 1][j], table[i][j - 1])
+    return table[-1][-1]
+
+
+def numpy_lcs_length(x: np.ndarray, y: np.ndarray) -> int:
+    """O(nm) DP vectorised row by row with numpy (the reference for long pairs)."""
+    prev = np.zeros(len(y) + 1, dtype=np.int64)
+    for token in x:
+        cur = np.zeros_like(prev)
+        for_match = prev[:-1] + (y == token)
+        cur[1:] = np.maximum.accumulate(np.maximum(prev[1:], for_match))
+        prev = cur
+    return int(prev[-1])
+
+
+def _pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([len(s) for s in seqs] + [1])
+    out = torch.full((len(seqs), width), 7, dtype=torch.long)  # pad value that also occurs as a token
+    for k, s in enumerate(seqs):
+        out[k, : len(s)] = torch.from_numpy(s)
+    return out, torch.tensor([len(s) for s in seqs])
+
+
+def _check_masks(a, b, a_len, b_len, result) -> None:
+    for k in range(a.shape[0]):
+        ma, mb = result.mask_a[k], result.mask_b[k]
+        assert not ma[a_len[k]:].any() and not mb[b_len[k]:].any()
+        assert int(ma.sum()) == int(mb.sum()) == int(result.length[k])
+        assert torch.equal(a[k][ma], b[k][mb])  # the selected tokens form one common subsequence
+
+
+def test_hand_computed_cases():
+    def ids(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    pairs = [("ABCBDAB", "BDCABA", 4), ("AGGTAB", "GXTXAYB", 4), ("abc", "abc", 3), ("abc", "xyz", 0),
+             ("", "abc", 0), ("", "", 0), ("aaaa", "aa", 2)]
+    a, a_len = _pad([np.array(ids(p[0]), dtype=np.int64) for p in pairs])
+    b, b_len = _pad([np.array(ids(p[1]), dtype=np.int64) for p in pairs])
+    result = lcs_masks(a, b, a_len, b_len)
+    assert result.length.tolist() == [p[2] for p in pairs]
+    _check_masks(a, b, a_len, b_len, result)
+    assert result.mask_a[2, :3].all() and result.mask_b[2, :3].all()
+
+
+def test_matches_python_dp_on_short_pairs():
+    rng = np.random.default_rng(1)
+    seqs_a = [rng.integers(0, 4, rng.integers(0, 40)) for _ in range(60)]
+    seqs_b = [rng.integers(0, 4, rng.integers(0, 40)) for _ in range(60)]
+    a, a_len = _pad(seqs_a)
+    b, b_len = _pad(seqs_b)
+    result = lcs_masks(a, b, a_len, b_len)
+    assert result.length.tolist() == [python_lcs_length(x.tolist(), y.tolist()) for x, y in zip(seqs_a, seqs_b)]
+    _check_masks(a, b, a_len, b_len, result)
+
+
+@pytest.mark.parametrize("vocab", [5, 30_000])
+def test_matches_reference_dp_on_500_random_pairs(vocab: int):
+    """Half of the 1,000 acceptance pairs per vocabulary; lengths 0..600."""
+    rng = np.random.default_rng(vocab)
+    lengths = rng.integers(0, 601, size=(500, 2))
+    seqs_a = [rng.integers(0, vocab, n) for n in lengths[:, 0]]
+    seqs_b = [rng.integers(0, vocab, m) for m in lengths[:, 1]]
+    if vocab == 30_000:  # random ids of a large vocabulary rarely match: plant shared pieces
+        for k in range(0, 500, 2):
+            n = min(len(seqs_a[k]), len(seqs_b[k])) // 2
+            seqs_b[k][:n] = seqs_a[k][np.sort(rng.choice(len(seqs_a[k]), n, replace=False))]
+    order = np.argsort(lengths.max(axis=1))  # similar lengths per chunk keep the padding small
+    for chunk in np.array_split(order, 20):
+        a, a_len = _pad([seqs_a[k] for k in chunk])
+        b, b_len = _pad([seqs_b[k] for k in chunk])
+        result = lcs_masks(a, b, a_len, b_len)
+        expected = [numpy_lcs_length(seqs_a[k], seqs_b[k]) for k in chunk]
+        assert result.length.tolist() == expected
+        _check_masks(a, b, a_len, b_len, result)
+
+
+def test_unpadded_call_and_validation():
+    a = torch.tensor([[1, 2, 3, 4]])
+    b = torch.tensor([[2, 4, 1]])
+    result = lcs_masks(a, b)
+    assert result.length.tolist() == [2]
+    assert result.mask_a.tolist() == [[False, True, False, True]]
+    assert result.mask_b.tolist() == [[True, True, False]]
+    with pytest.raises(ValueError):
+        lcs_masks(a, b, torch.tensor([5]), None)
