@@ -25,16 +25,24 @@ def backend() -> str:
     return "nccl" if has_cuda() else "gloo"
 
 
-def local_device() -> torch.device:
-    """This process's compute device (the LOCAL_RANK-th GPU, or the CPU)."""
+def local_device(local_rank: int | None = None) -> torch.device:
+    """This process's compute device: the ``local_rank``-th GPU (default ``$LOCAL_RANK``), or the CPU."""
     if has_cuda():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def bind_local_device() -> torch.device:
-    """Make this process's GPU the current one (no-op on CPU) and return it."""
-    dev = local_device()
+def bind_local_device(local_rank: int | None = None) -> torch.device:
+    """Make this process's GPU the current one (no-op on CPU) and return it.
+
+    Also exports ``LOCAL_RANK`` when the launcher did not (Slurm, Ray), so that
+    :func:`local_device` keeps answering the same device later in this process.
+    """
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    dev = local_device(local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev
@@ -43,3 +51,16 @@ def bind_local_device() -> torch.device:
 def default_dtype(bf16: bool) -> torch.dtype:
     """bf16 only where the hardware runs it fast (GPU); fp32 on CPU."""
     return torch.bfloat16 if bf16 and has_cuda() else torch.float32
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def configure_transport(master_addr: str) -> None:
+    """Keep a single-host CPU group on the loopback interface.
+
+    gloo otherwise binds the interface its host name resolves to, which on sandboxed or
+    multi-homed machines may not reach 127.0.0.1. Only set when the user has not chosen.
+    """
+    if not has_cuda() and master_addr in LOOPBACK_HOSTS:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

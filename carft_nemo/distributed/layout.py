@@ -11,7 +11,6 @@ with a message that names the key instead of a hang or a megatron assertion.
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Optional
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from carft_nemo.config import ConfigError, require
-from carft_nemo.distributed import cpu_compat, device
+from carft_nemo.distributed import cpu_compat, device, slurm
 
 
 @dataclass
@@ -54,43 +53,55 @@ class ProcessInfo:
     master_addr: str
     master_port: int
 
+    def __post_init__(self) -> None:
+        require(self.world_size >= 1, "WORLD_SIZE", f"must be >= 1, got {self.world_size}")
+        require(0 <= self.rank < self.world_size, "RANK", f"{self.rank} is not in [0, world size {self.world_size})")
+        require(self.local_rank >= 0, "LOCAL_RANK", f"must be >= 0, got {self.local_rank}")
+        require(0 < self.master_port < 65536, "MASTER_PORT", f"{self.master_port} is not a TCP port")
+        require(bool(self.master_addr), "MASTER_ADDR", "is empty")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ProcessInfo":
-        """Read torchrun's variables, else Slurm's; a single process when neither is set."""
+        """Read torchrun's variables, else Slurm's (``srun``); a single process when neither is set.
+
+        torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+        Slurm: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is
+        ``MASTER_ADDR`` if exported, else the first host of ``SLURM_STEP_NODELIST`` /
+        ``SLURM_JOB_NODELIST``; the port ``MASTER_PORT``, else one derived from the job id so
+        that concurrent jobs on a node do not collide.
+        """
         env = os.environ if env is None else env
         if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+            return cls(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0),
+                       env.get("MASTER_ADDR") or "127.0.0.1", _int(env, "MASTER_PORT", 29500))
         if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-            return cls(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _slurm_first_host(env),
-                       int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return cls(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)) or _free_port())
+            port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
+            return cls(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID", 0),
+                       env.get("MASTER_ADDR") or slurm.first_host(env), port)
+        return cls(0, 1, 0, env.get("MASTER_ADDR") or "127.0.0.1",
+                   _int(env, "MASTER_PORT", 0) or free_port())
 
 
-def _free_port() -> int:
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """An integer environment variable; a clear error naming it when malformed."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise ConfigError(f"{name}: environment variable is required")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: environment variable must be an integer, got {raw!r}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for a rendezvous we are about to start)."""
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def _slurm_first_host(env: Mapping[str, str]) -> str:
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, check=True, timeout=30)
-        return out.stdout.split()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        # "node[01-04],gpu7" without scontrol: take the first name, first number of a range
-        head = nodelist.split(",")[0]
-        if "[" in head:
-            prefix, rest = head.split("[", 1)
-            return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-        return head
 
 
 def validate_layout(parallel: ParallelConfig, world_size: int, *, num_layers: int | None = None,
@@ -182,7 +193,8 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, process: ProcessIn
                                     num_query_groups=num_query_groups)
     cpu_compat.apply()
     if not dist.is_initialized():
-        device.bind_local_device()
+        device.bind_local_device(process.local_rank)
+        device.configure_transport(process.master_addr)
         dist.init_process_group(
             backend=device.backend(), init_method=f"tcp://{process.master_addr}:{process.master_port}",
             rank=process.rank, world_size=process.world_size,
@@ -221,5 +233,5 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["ConfigError", "ParallelConfig", "ParallelLayout", "ProcessInfo", "initialize", "shutdown",
-           "validate_layout"]
+__all__ = ["ConfigError", "ParallelConfig", "ParallelLayout", "ProcessInfo", "free_port", "initialize",
+           "shutdown", "validate_layout"]
