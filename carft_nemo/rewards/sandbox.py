@@ -86,7 +86,9 @@ class SandboxConfig:
     """Limits for one program run.
 
     Attributes:
-        timeout_s: wall-clock deadline per program (parent-enforced), seconds.
+        timeout_s: wall-clock deadline per program (parent-enforced), seconds, counted from
+            the end of interpreter start-up.
+        startup_timeout_s: wall-clock bound on start-up itself (slow under heavy load).
         cpu_time_s: ``RLIMIT_CPU`` soft limit, whole seconds (hard = soft + 1).
         memory_mb: ``RLIMIT_AS`` address-space limit, MiB (the interpreter itself needs ~30).
         max_output_chars: program stdout+stderr kept; more is ``OUTPUT_TOO_LARGE``.
@@ -100,6 +102,7 @@ class SandboxConfig:
     """
 
     timeout_s: float = 5.0
+    startup_timeout_s: float = 30.0
     cpu_time_s: int = 5
     memory_mb: int = 512
     max_output_chars: int = 64 * 1024
@@ -112,6 +115,7 @@ class SandboxConfig:
 
     def __post_init__(self) -> None:
         require(self.timeout_s > 0, "sandbox.timeout_s", "must be > 0")
+        require(self.startup_timeout_s > 0, "sandbox.startup_timeout_s", "must be > 0")
         require(self.cpu_time_s >= 1, "sandbox.cpu_time_s", "must be >= 1 (whole seconds)")
         require(self.memory_mb >= 64, "sandbox.memory_mb", "must be >= 64 (the interpreter needs ~30)")
         require(self.max_output_chars >= 0, "sandbox.max_output_chars", "must be >= 0")
@@ -135,12 +139,16 @@ class SandboxResult:
         return self.status is SandboxStatus.OK
 
 
-def _read_bounded(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
+def _read_bounded(proc: subprocess.Popen, deadline: float, cap: int,
+                  run_timeout: float) -> tuple[bytes, bytes, str | None, float]:
     """Read the child's stdout/stderr until EOF, the deadline, or ``cap`` bytes in total.
 
-    Returns (stdout, stderr, reason) with reason ``None`` (EOF), ``"timeout"`` or
-    ``"overflow"``. Never blocks past the deadline.
+    ``deadline`` first bounds start-up; at the child's first output (its ready marker) it
+    becomes ``now + run_timeout``, so interpreter start-up on a loaded machine does not
+    eat the program's time. Returns (stdout, stderr, reason, deadline) with reason
+    ``None`` (EOF), ``"timeout"`` or ``"overflow"``. Never blocks past the deadline.
     """
+    started = False
     chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
     total = 0
     with selectors.DefaultSelector() as sel:
@@ -149,17 +157,19 @@ def _read_bounded(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[by
         while sel.get_map():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return b"".join(chunks[proc.stdout.fileno()]), b"", "timeout"
+                return b"".join(chunks[proc.stdout.fileno()]), b"", "timeout", deadline
             for key, _ in sel.select(remaining):
                 data = os.read(key.fd, 65536)
                 if not data:
                     sel.unregister(key.fileobj)
                     continue
+                if not started:
+                    started, deadline = True, time.monotonic() + run_timeout
                 chunks[key.fd].append(data)
                 total += len(data)
                 if total > cap:
-                    return b"", b"", "overflow"
-    return b"".join(chunks[proc.stdout.fileno()]), b"".join(chunks[proc.stderr.fileno()]), None
+                    return b"", b"", "overflow", deadline
+    return b"".join(chunks[proc.stdout.fileno()]), b"".join(chunks[proc.stderr.fileno()]), None, deadline
 
 
 def _wait_unreaped(pid: int, deadline: float) -> bool:
@@ -218,7 +228,8 @@ def _interpret(returncode: int, stdout: bytes, reason: str | None) -> tuple[Sand
 def run_program(source: str, config: SandboxConfig = SandboxConfig()) -> SandboxResult:
     """Run ``source`` in a fresh sandboxed child and return ``config.entry()``'s value.
 
-    Blocks at most about ``config.timeout_s`` (plus process start-up); the child's whole
+    Blocks at most about ``config.timeout_s`` plus start-up (itself bounded by
+    ``config.startup_timeout_s``); the child's whole
     process group is dead and its scratch folder removed when this returns.
     """
     start = time.monotonic()
@@ -230,14 +241,15 @@ def run_program(source: str, config: SandboxConfig = SandboxConfig()) -> Sandbox
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=scratch, env={}, start_new_session=True, close_fds=True,
         )
-        deadline = start + config.timeout_s
+        deadline = start + config.startup_timeout_s
         try:
             proc.stdin.write(source.encode("utf-8", "replace"))
             proc.stdin.close()
         except BrokenPipeError:
             pass  # the child died early; its exit status says why
         # The pipe cap allows for JSON escaping of the (already bounded) captured output.
-        stdout, _, reason = _read_bounded(proc, deadline, cap=4 * config.max_output_chars + 65536)
+        stdout, _, reason, deadline = _read_bounded(proc, deadline, 4 * config.max_output_chars + 65536,
+                                                    config.timeout_s)
         if reason is None and not _wait_unreaped(proc.pid, deadline):
             reason = "timeout"
         _kill_group(proc.pid)  # always: children that outlived the program die here

@@ -99,8 +99,9 @@ def test_adversarial_program(sandbox, name, source, expected):
     result = run_program(source, sandbox)
     assert result.status is expected, (result.status, result.error)
     assert result.value is None
-    # Within its limit: deadline + interpreter start-up + kill, with room for 2 busy cores.
-    assert result.duration_s < sandbox.timeout_s + 3.0
+    # Within its limit: the run deadline plus interpreter start-up and the kill, with room
+    # for start-up on 2 cores shared with other jobs (the deadline excludes start-up).
+    assert result.duration_s < sandbox.timeout_s + 10.0
 
 
 def test_at_least_25_adversarial_cases():
