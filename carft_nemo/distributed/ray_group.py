@@ -1,0 +1,144 @@
+"""Groups of Ray actors that form their own torch.distributed + megatron process group.
+
+The PPO stages run several model groups (actor, critic, reward/reference) side by side;
+each is a :class:`RayWorkerGroup`: N actors of one worker class that rendezvous with each
+other (not with the driver) and then hold one rank of a TP/PP/DP layout each.
+
+Worker classes follow the Impl + thin wrapper pattern: a plain Python class deriving
+from :class:`ParallelWorker` holds all the logic and is testable in-process; the group wraps
+it with ``ray.remote`` at creation time. The driver calls methods on every rank with
+:meth:`RayWorkerGroup.run` (SPMD: all ranks must take part in collectives).
+
+Rendezvous: rank 0's actor reports its node address and a free port; every actor then
+calls :func:`carft_nemo.distributed.layout.initialize` with an explicit
+:class:`ProcessInfo`, concurrently (``init_process_group`` blocks until all ranks arrive).
+On GPU nodes Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so each actor's local rank is 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from carft_nemo.config import ConfigError, require
+from carft_nemo.distributed import device
+from carft_nemo.distributed.layout import ParallelConfig, ParallelLayout, ProcessInfo, free_port, validate_layout
+
+
+def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int | None = None) -> None:
+    """Connect to the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start one on this host.
+
+    A local cluster binds to loopback without the dashboard, and without writing an auth
+    token (``RAY_AUTH_MODE=disabled`` unless set): tests and single-node runs stay local.
+    Workers inherit this process's ``sys.path`` through ``PYTHONPATH`` so that worker
+    classes defined in the driver's modules import in the actors.
+    """
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=True)
+
+
+class ParallelWorker:
+    """Base Impl class: one rank of a model-parallel group living in a Ray actor (or in-process)."""
+
+    layout: ParallelLayout | None = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a port free on it (asked of rank 0 only)."""
+        import ray
+
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return host, free_port(host if host != "localhost" else "127.0.0.1")
+
+    def init_parallel(self, parallel: ParallelConfig, process: ProcessInfo, seed: int = 1234,
+                      model_dims: dict[str, int] | None = None) -> ParallelLayout:
+        """Join the group and build megatron's parallel state; returns this rank's layout."""
+        from carft_nemo.distributed.layout import initialize
+
+        self.layout = initialize(parallel, seed=seed, process=process, **(model_dims or {}))
+        return self.layout
+
+    def shutdown_parallel(self) -> None:
+        from carft_nemo.distributed.layout import shutdown
+
+        shutdown()
+        self.layout = None
+
+
+class RayWorkerGroup:
+    """``world_size`` actors of ``worker_cls`` sharing one TP/PP/DP layout.
+
+    ``model_dims`` (``num_layers``, ``num_attention_heads``, ``num_query_groups``) are
+    validated against the layout on the driver, before any actor starts.
+    """
+
+    def __init__(self, worker_cls: type[ParallelWorker], world_size: int, parallel: ParallelConfig, *,
+                 seed: int = 1234, model_dims: dict[str, int] | None = None, num_cpus_per_worker: float = 1,
+                 num_gpus_per_worker: float | None = None, worker_args: Sequence[Any] = (),
+                 worker_kwargs: dict[str, Any] | None = None) -> None:
+        import ray
+
+        require(issubclass(worker_cls, ParallelWorker), "worker_cls",
+                f"{worker_cls.__name__} must derive from ParallelWorker")
+        require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
+        validate_layout(parallel, world_size, **(model_dims or {}))
+        if not ray.is_initialized():
+            raise ConfigError("ray: not initialised; call start_local_ray() or ray.init() first")
+        gpus = (1 if device.has_cuda() else 0) if num_gpus_per_worker is None else num_gpus_per_worker
+        remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=gpus)(worker_cls)
+        self.world_size = world_size
+        self.actors = [remote_cls.remote(*worker_args, **(worker_kwargs or {})) for _ in range(world_size)]
+        try:
+            host, port = ray.get(self.actors[0].rendezvous_address.remote())
+            self.layouts: list[ParallelLayout] = ray.get([
+                actor.init_parallel.remote(parallel, ProcessInfo(rank, world_size, 0, host, port), seed, model_dims)
+                for rank, actor in enumerate(self.actors)])
+        except BaseException:
+            self.kill()
+            raise
+
+    def run(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method(*args, **kwargs)`` on every rank; results in rank order."""
+        import ray
+
+        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+
+    def run_per_rank(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
+        """Call ``method(*per_rank_args[r])`` on rank ``r`` (e.g. each DP rank its own shard)."""
+        import ray
+
+        require(len(per_rank_args) == self.world_size, "per_rank_args",
+                f"{len(per_rank_args)} argument tuples for {self.world_size} ranks")
+        return ray.get([getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args)])
+
+    def kill(self) -> None:
+        """Stop the actors without a collective (also after a failure)."""
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def shutdown(self) -> None:
+        """Tear down the process group on every rank, then stop the actors."""
+        import ray
+
+        try:
+            ray.get([actor.shutdown_parallel.remote() for actor in self.actors])
+        finally:
+            self.kill()
+
+
+__all__ = ["ParallelWorker", "RayWorkerGroup", "start_local_ray"]
