@@ -72,7 +72,7 @@ def _naive_greedy(model, prompt: list[int], max_new: int, eos: int | None) -> tu
         if out is not None:
             last = _gather_vocab(out)[0, -1, :VOCAB].double()
             tok = int(last.argmax())
-            pick[0], pick[1] = tok, float(last.log_softmax(-1)[tok])
+            pick[0], pick[1] = tok, float(last.log_softmax(-1)[tok].detach())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(pick, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
@@ -108,7 +108,6 @@ def _reference_sampling_logprobs(model, rollout, cfg) -> torch.Tensor | None:
 
 
 def _check_layout(rank: int, world: int, tp: int, pp: int) -> dict:
-    from carft_nemo.distributed.layout import shutdown
     from carft_nemo.generation import GenerationConfig, MegatronGenerator
 
     model = _setup(tp, pp)
@@ -152,8 +151,26 @@ def _check_layout(rank: int, world: int, tp: int, pp: int) -> dict:
     report["sampled_other_seed"] = gen.generate(PROMPTS, GenerationConfig(
         max_new_tokens=MAX_NEW, temperature=0.7, top_k=20, top_p=0.9, seed=8)).responses
     report["max_id"] = max(t for r in sampled.responses + report["sampled_other_seed"] for t in r)
-    shutdown()
     return report
+
+
+LAYOUTS = {"tp1_dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+def _check_all_layouts(rank: int, world: int) -> dict[str, dict]:
+    """All layouts in one pair of processes: importing megatron costs more than the checks."""
+    from carft_nemo.distributed.layout import shutdown
+
+    try:
+        return {name: _check_layout(rank, world, tp, pp) for name, (tp, pp) in LAYOUTS.items()}
+    finally:
+        shutdown()
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[str, list[dict]]:
+    per_rank = run_ranks(_check_all_layouts, 2)
+    return {name: [r[name] for r in per_rank] for name in LAYOUTS}
 
 
 def _assert_layout(reports: list[dict], same_samples_on_all_ranks: bool) -> None:
@@ -179,16 +196,15 @@ def _assert_layout(reports: list[dict], same_samples_on_all_ranks: bool) -> None
         assert all(r["sampled"] == reports[0]["sampled"] for r in reports)
 
 
-def test_generation_tp1_dp2() -> None:
-    reports = run_ranks(_check_layout, 2, 1, 1)
-    _assert_layout(reports, same_samples_on_all_ranks=False)
+def test_generation_tp1_dp2(reports) -> None:
+    _assert_layout(reports["tp1_dp2"], same_samples_on_all_ranks=False)
     # Data-parallel replicas draw from different streams for the same seed.
-    assert reports[0]["sampled"] != reports[1]["sampled"]
+    assert reports["tp1_dp2"][0]["sampled"] != reports["tp1_dp2"][1]["sampled"]
 
 
-def test_generation_tp2() -> None:
-    _assert_layout(run_ranks(_check_layout, 2, 2, 1), same_samples_on_all_ranks=True)
+def test_generation_tp2(reports) -> None:
+    _assert_layout(reports["tp2"], same_samples_on_all_ranks=True)
 
 
-def test_generation_pp2() -> None:
-    _assert_layout(run_ranks(_check_layout, 2, 1, 2), same_samples_on_all_ranks=True)
+def test_generation_pp2(reports) -> None:
+    _assert_layout(reports["pp2"], same_samples_on_all_ranks=True)
