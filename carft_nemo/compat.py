@@ -68,3 +68,18 @@ def transformer_config_fields() -> set[str]:
     from megatron.core.transformer import TransformerConfig
 
     return {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+def optimizer_sharded_state_dict(optimizer: Any, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+    """``optimizer.sharded_state_dict`` in a layout that reshards across TP/PP/DP.
+
+    The distributed optimizer's default (``fully_sharded_model_space``) is deprecated in
+    newer releases; ``fully_reshardable`` is accepted by 0.16.1 through 0.19.x and stores
+    Adam moments per model parameter, as the plain optimizer does. Older signatures took a
+    ``sharding_type`` argument instead of ``metadata``.
+    """
+    kwargs: dict[str, Any] = {"is_loading": is_loading}
+    params = inspect.signature(optimizer.sharded_state_dict).parameters
+    if "metadata" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+    return optimizer.sharded_state_dict(model_sharded_state_dict, **kwargs)

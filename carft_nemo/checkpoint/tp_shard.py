@@ -18,7 +18,9 @@ global layer indices, local-spec names, unpadded vocabulary). Per key:
   ``output_layer.weight``; it is filled from (and never exported over) the embedding.
 
 The split rules come from the names rather than from the parameters' ``partition_*``
-attributes because TE's fused linear layers do not mark the SwiGLU stride.
+attributes (as :mod:`carft_nemo.models.sharding` does for same-architecture state dicts)
+because TE's fused linear layers do not mark the SwiGLU stride; the slicing itself is
+:func:`carft_nemo.models.sharding.tp_slice`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from carft_nemo.models.config import ModelConfig
+from carft_nemo.models.sharding import tp_slice
 
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
@@ -79,8 +82,7 @@ def shard(full: torch.Tensor, full_key: str, tp_rank: int, tp_size: int, local_s
     if full_key in _VOCAB_KEYS and full.shape[0] < local_shape[0] * tp_size:
         pad = full.new_zeros(local_shape[0] * tp_size - full.shape[0], *full.shape[1:])
         full = torch.cat([full, pad])
-    chunks = torch.chunk(full, stride * tp_size, dim=dim)
-    return torch.cat(chunks[tp_rank::tp_size], dim=dim)
+    return tp_slice(full, dim, stride, tp_rank, tp_size)
 
 
 def gather(local: torch.Tensor, full_key: str, group: Optional[dist.ProcessGroup], tp_size: int) -> torch.Tensor:

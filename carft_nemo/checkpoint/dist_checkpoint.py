@@ -1,0 +1,312 @@
+"""Distributed training checkpoints: model + optimizer + LR schedule + RNG + data position.
+
+Written with megatron's ``dist_checkpointing`` (``torch_dist`` format): every tensor is
+stored with its global shape and offset, so a checkpoint saved at one TP/PP layout loads
+at another (model weights and Adam moments; the Adam moments of the distributed optimizer
+are saved ``fully_reshardable``). RNG states are per rank and restored only when the layout
+is the same (a different layout has different ranks, so there is nothing to map them to).
+
+A checkpoint is complete or absent::
+
+    <root>/.tmp-step_N/   every rank writes its shards here, then barrier
+    <root>/.tmp-step_N/checkpoint.json, COMPLETE   written by rank 0 (COMPLETE last)
+    <root>/step_N/        rank 0 renames the folder (atomic on one file system), barrier
+
+so a crash at any point leaves either no ``step_N`` or a complete one, and
+:func:`find_latest_checkpoint` only ever returns complete folders. Rank 0 then deletes all
+but the newest ``keep_last`` checkpoints.
+
+Several model groups (policy, critic) go into one checkpoint under their names; each
+group's tensors are keyed ``<name>.<megatron key>`` so they cannot collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from carft_nemo import compat
+from carft_nemo.checkpoint.rng import capture_rng_state, restore_rng_state
+from carft_nemo.config import ConfigError, require
+from carft_nemo.models.forward import unwrap
+from carft_nemo.training.optim import TrainableModel
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "checkpoint.json"
+COMPLETE_MARKER = "COMPLETE"
+FORMAT = "torch_dist"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+Trainables = Mapping[str, TrainableModel | torch.nn.Module]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the models; names the path."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often checkpoints are written, and what a resume restores."""
+
+    directory: str = "checkpoints"
+    save_every: int = 0  # steps between saves; 0 = only at the end
+    keep_last: int = 2  # newest complete checkpoints kept; 0 = keep all
+    resume: bool = True  # start from the newest complete checkpoint in `directory` if any
+    load_optimizer: bool = True  # False: weights only (e.g. a new stage from an SFT checkpoint)
+
+    def __post_init__(self) -> None:
+        require(bool(self.directory), "checkpoint.directory", "must be a non-empty path")
+        require(self.save_every >= 0, "checkpoint.save_every", f"must be >= 0, got {self.save_every}")
+        require(self.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0 (0 = keep all), got {self.keep_last}")
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`load_checkpoint` restored besides tensors."""
+
+    path: Path
+    step: int
+    data_state: dict[str, Any]
+    metadata: dict[str, Any]
+    restored_rng: bool
+    restored_optimizer: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- layout / paths
+
+
+def current_layout() -> dict[str, int]:
+    """This job's parallel sizes, stored with the checkpoint to decide what can be restored."""
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {"world_size": world, "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+            "data_parallel": ps.get_data_parallel_world_size()}
+
+
+def is_complete(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / COMPLETE_MARKER).is_file() and (path / METADATA_FILE).is_file()
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as (step, path), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+    return sorted(found)
+
+
+def find_latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete ``step_N`` folder under ``root`` (temp and unmarked folders ignored)."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a complete checkpoint; :class:`CheckpointError` naming what is wrong otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: does not exist")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint {path}: incomplete (no {COMPLETE_MARKER} marker or {METADATA_FILE}); "
+                              "it was interrupted while being written")
+    return json.loads((path / METADATA_FILE).read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint folder, else the newest complete one under it."""
+    path = Path(path)
+    if (path / METADATA_FILE).exists() or _STEP_DIR.match(path.name) or path.name.startswith(".tmp-"):
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no complete checkpoint (step_N with {COMPLETE_MARKER}) under {path}")
+    return latest
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints and older temp folders."""
+    found = list_checkpoints(root)
+    if keep_last <= 0 or not found:
+        return []
+    doomed = [p for _, p in found[:-keep_last]]
+    newest = found[-1][0]
+    for p in Path(root).glob(".tmp-step_*"):
+        step = p.name[len(".tmp-step_"):]
+        if step.isdigit() and int(step) < newest:
+            doomed.append(p)  # an interrupted save older than a complete one: never resumable
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---------------------------------------------------------------------------- state assembly
+
+
+def _parts(entry: TrainableModel | torch.nn.Module) -> tuple[torch.nn.Module, Any, Any]:
+    if isinstance(entry, TrainableModel):
+        return unwrap(entry.model), entry.optimizer, entry.scheduler
+    return unwrap(entry), None, None
+
+
+def _rng_sharded_object() -> Any:
+    """This rank's RNG states as a ShardedObject indexed by (pp, tp, dp) rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", capture_rng_state(), shape, offset, replica_id=0)
+
+
+def _sharded_state(models: Trainables, *, is_loading: bool, with_optimizer: bool, with_rng: bool,
+                   data_state: Mapping[str, Any] | None) -> dict[str, Any]:
+    state: dict[str, Any] = {"models": {}}
+    for name, entry in models.items():
+        gpt, optimizer, scheduler = _parts(entry)
+        model_sd = gpt.sharded_state_dict(prefix=f"{name}.")
+        group: dict[str, Any] = {"model": model_sd}
+        if with_optimizer and optimizer is not None:
+            group["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, model_sd, is_loading=is_loading)
+            group["scheduler"] = scheduler.state_dict()
+        state["models"][name] = group
+    if with_rng:
+        state["rng"] = _rng_sharded_object()
+    state["data_state"] = dict(data_state or {})
+    return state
+
+
+@contextlib.contextmanager
+def _allow_worker_processes() -> Iterator[None]:
+    """Let megatron's ``torch_dist`` writer start its worker processes from a daemonic process.
+
+    The writer always hands the shards to child processes (and a ``Manager`` queue) and
+    joins them before ``save`` returns. Python refuses children to daemonic processes,
+    which is what test launchers and some process pools start; the flag only exists so
+    that such children die with the parent, and these are joined anyway.
+    """
+    proc = multiprocessing.current_process()
+    daemon = proc._config.get("daemon", False)  # noqa: SLF001 - the flag Process.start() checks
+    proc._config["daemon"] = False  # noqa: SLF001
+    try:
+        yield
+    finally:
+        proc._config["daemon"] = daemon  # noqa: SLF001
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(root: str | Path, step: int, models: Trainables, *, data_state: Mapping[str, Any] | None = None,
+                    metadata: Mapping[str, Any] | None = None, keep_last: int = 0) -> Path:
+    """Write ``<root>/step_<step>`` (collective: every rank calls it) and return its path.
+
+    ``models`` maps a group name to a :class:`TrainableModel` (weights + Adam state + LR
+    schedule) or a bare model (weights only). ``data_state`` is the data position (e.g.
+    ``{"epoch": 1, "consumed": 4096}``, JSON-serialisable, the same on every rank);
+    ``metadata`` (e.g. the resolved config) goes into ``checkpoint.json``.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final, tmp = root / f"step_{step}", root / f".tmp-step_{step}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
+        tmp.mkdir(parents=True)
+    _barrier()
+    has_optimizer = any(isinstance(m, TrainableModel) for m in models.values())
+    state = _sharded_state(models, is_loading=False, with_optimizer=True, with_rng=True, data_state=data_state)
+    with _allow_worker_processes():
+        dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        info = {"step": step, "format": FORMAT, "megatron_core": str(compat.MEGATRON_VERSION),
+                "layout": current_layout(), "models": sorted(models), "has_optimizer": has_optimizer,
+                "data_state": dict(data_state or {}), "metadata": dict(metadata or {}), "saved_at": time.time()}
+        (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        if final.exists():
+            shutil.rmtree(final)  # re-saving a step (e.g. after a resume) replaces it
+        tmp.rename(final)
+        prune_checkpoints(root, keep_last)
+    _barrier()
+    return final
+
+
+def _strip(prefix: str, sd: Mapping[str, Any]) -> dict[str, Any]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def load_checkpoint(path: str | Path, models: Trainables, *, load_optimizer: bool = True,
+                    load_rng: bool = True) -> CheckpointInfo:
+    """Restore ``models`` (and optionally optimizer, LR schedule, RNG) from a checkpoint.
+
+    ``path`` is a ``step_N`` folder or a root holding them (the newest complete one is
+    used). Weights and Adam moments load at any TP/PP layout; RNG states only at the
+    layout they were saved in (skipped with a warning otherwise). Collective.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(path)
+    meta = read_metadata(path)
+    missing = sorted(set(models) - set(meta["models"]))
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: has no model group(s) {missing}; it holds {meta['models']}")
+    same_layout = meta["layout"] == current_layout()
+    with_rng = load_rng and same_layout
+    if load_rng and not same_layout:
+        log.warning("checkpoint %s was saved with layout %s, running %s: RNG states not restored",
+                    path, meta["layout"], current_layout())
+    with_optimizer = load_optimizer and meta.get("has_optimizer", False)
+    state = _sharded_state(models, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng,
+                           data_state=None)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as err:  # megatron raises CheckpointingException / KeyError / RuntimeError
+        raise CheckpointError(f"checkpoint {path}: could not load into the current models: {err}") from err
+    restored_optimizer = False
+    for name, entry in models.items():
+        gpt, optimizer, scheduler = _parts(entry)
+        group = loaded["models"][name]
+        gpt.load_state_dict(_strip(f"{name}.", group["model"]), strict=True)
+        if with_optimizer and optimizer is not None:
+            optimizer.load_state_dict(group["optimizer"])
+            scheduler.load_state_dict(group["scheduler"])
+            restored_optimizer = True
+    if with_rng:
+        restore_rng_state(loaded["rng"])
+    _barrier()
+    return CheckpointInfo(path=path, step=int(meta["step"]), data_state=dict(loaded.get("data_state", {})),
+                          metadata=meta, restored_rng=with_rng, restored_optimizer=restored_optimizer)
+
+
+__all__ = ["CheckpointConfig", "CheckpointError", "CheckpointInfo", "ConfigError", "current_layout",
+           "find_latest_checkpoint", "is_complete", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
+           "read_metadata", "resolve_checkpoint", "save_checkpoint"]
