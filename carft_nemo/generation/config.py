@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
 
 from carft_nemo.config import require
 
@@ -23,7 +22,7 @@ class GenerationConfig:
     temperature: float = 1.0  # T in softmax(l / T); > 0
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
-    eos_token_ids: Sequence[int] = field(default_factory=tuple)  # any of these ends a sequence
+    eos_token_ids: tuple[int, ...] = ()  # any of these ends a sequence
     pad_token_id: int = 0  # fills the right-padded tensors of a Rollout
     seed: int = 0  # same seed, prompts and layout -> same samples
     micro_batch_size: int = 0  # prompts per static batch (sorted by length); 0 = all at once

@@ -55,3 +55,12 @@ def test_megatron_generator_satisfies_the_interface() -> None:
     from carft_nemo.generation.megatron import MegatronGenerator
 
     assert issubclass(MegatronGenerator, Generator)
+
+
+def test_loads_from_overrides_like_a_recipe_yaml() -> None:
+    from carft_nemo.config import load_config
+
+    cfg = load_config(GenerationConfig, None, ["eos_token_ids=[3,4]", "top_k=5", "temperature=0.5"])
+    assert cfg.eos_token_ids == (3, 4) and cfg.top_k == 5 and cfg.temperature == 0.5
+    with pytest.raises(ConfigError, match="generation.top_p"):
+        load_config(GenerationConfig, None, ["top_p=2"])

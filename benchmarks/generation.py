@@ -1,0 +1,148 @@
+"""Generation throughput (new tokens/s) of MegatronGenerator vs transformers' ``generate``.
+
+For each model (``tiny``, ``small_100m``) one process builds the megatron GPT (TP=1), exports
+it with :func:`carft_nemo.checkpoint.hf_io.export_hf`, loads the folder with
+``AutoModelForCausalLM`` (same weights, fp32 on CPU) and times greedy generation of the same
+right-/left-padded batch of prompts of different lengths with both, alternating runs so that
+load changes hit both alike. Every sequence generates exactly ``new_tokens`` (no EOS), so
+tokens/s = batch x new_tokens / seconds (best of ``reps``). Evidence that the weights match:
+the largest logit difference of one full forward, and how many greedy continuations agree.
+
+    python benchmarks/generation.py [--quick]     # -> benchmarks/results/generation.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
+
+# model -> (vocab for presets without one, batch, shortest prompt, longest prompt, new tokens, reps)
+SHAPES = {
+    "tiny": {"full": (8192, 8, 16, 48, 64, 3), "quick": (8192, 4, 8, 16, 16, 1)},
+    "small_100m": {"full": (16384, 8, 16, 48, 64, 2), "quick": (16384, 2, 8, 16, 8, 1)},
+}
+
+
+def _sync() -> None:
+    from carft_nemo.distributed import device
+
+    if device.has_cuda():
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _prompts(n: int, lo: int, hi: int, vocab: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.linspace(lo, hi, n).round().long().tolist()
+    return [torch.randint(1, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+def _hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """HF greedy generation of a left-padded batch (what HF needs for decoder-only batches)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    dev = next(hf.parameters()).device
+    out = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, width:].tolist()
+
+
+def _best_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure(model_name: str, shape: tuple, workdir: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from carft_nemo.checkpoint.hf_io import export_hf
+    from carft_nemo.distributed import device
+    from carft_nemo.distributed.layout import ParallelConfig, initialize
+    from carft_nemo.generation import GenerationConfig, MegatronGenerator
+    from carft_nemo.models.config import ModelConfig
+    from carft_nemo.models.forward import causal_inputs
+    from carft_nemo.models.gpt import build_gpt_model
+
+    vocab, batch, lo, hi, new_tokens, reps = shape
+    cfg = ModelConfig(preset=model_name)
+    cfg = cfg.with_vocab(cfg.vocab_size or vocab)
+    parallel = ParallelConfig()
+    initialize(parallel, num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+               num_query_groups=cfg.num_query_groups)
+    model = build_gpt_model(cfg, parallel).eval()
+    hf_dir = export_hf(model, cfg, workdir / model_name)
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=next(model.parameters()).dtype)
+    hf = hf.to(device.local_device()).eval()
+
+    prompts = _prompts(batch, lo, hi, cfg.vocab_size)
+    with torch.no_grad():  # same weights: compare one full forward of the longest prompt
+        tokens = torch.tensor([prompts[-1]], device=device.local_device())
+        positions, mask = causal_inputs(tokens)
+        ours = model(tokens, positions, mask)[..., : cfg.vocab_size].float()
+        theirs = hf(tokens).logits.float()
+        logit_diff = float((ours - theirs).abs().max())
+
+    gen = MegatronGenerator(model, vocab_size=cfg.vocab_size)
+    gcfg = GenerationConfig(max_new_tokens=new_tokens, greedy=True)
+    ours_out = gen.generate(prompts, gcfg).responses  # also warms up both paths
+    with torch.no_grad():
+        hf_out = _hf_generate(hf, prompts, new_tokens)
+    ours_s, hf_s = [], []
+    for _ in range(reps):  # alternate so background load affects both alike
+        ours_s.append(_best_time(lambda: gen.generate(prompts, gcfg), 1))
+        with torch.no_grad():
+            hf_s.append(_best_time(lambda: _hf_generate(hf, prompts, new_tokens), 1))
+    n_tokens = batch * new_tokens
+    return {"model": model_name, "params": cfg.num_parameters(), "batch": batch, "prompt_lengths": f"{lo}-{hi}",
+            "new_tokens": new_tokens, "reps": reps, "megatron_s": min(ours_s), "hf_generate_s": min(hf_s),
+            "tokens_per_s": n_tokens / min(ours_s), "hf_tokens_per_s": n_tokens / min(hf_s),
+            "speedup_vs_hf_generate": min(hf_s) / min(ours_s),
+            "max_logit_diff": logit_diff,
+            "greedy_agreement": sum(a == b for a, b in zip(ours_out, hf_out)) / batch,
+            "threads": torch.get_num_threads(), "device": str(device.local_device())}
+
+
+def main() -> None:
+    args = parse_args("generation", __doc__.splitlines()[0],
+                      extra=lambda p: p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES)))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    from carft_nemo.distributed.layout import shutdown
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for name in args.models:
+                rows.append(measure(name, SHAPES[name]["quick" if args.quick else "full"], Path(tmp)))
+        finally:
+            shutdown()
+    print_table([{k: r[k] for k in ("model", "batch", "new_tokens", "tokens_per_s", "hf_tokens_per_s",
+                                    "speedup_vs_hf_generate", "max_logit_diff", "greedy_agreement")} for r in rows])
+    path = write_result(args.out, {"quick": args.quick, "models": {r["model"]: r for r in rows}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
