@@ -14,7 +14,8 @@ Row-wise vectorisation: let ``c_j = max(L[i-1, j], L[i-1, j-1] + [a_i == b_j])``
 ``L[i, j] = max(c_j, L[i, j-1])`` and ``L[i, 0] = 0 <= c_j``, the whole row is a prefix
 maximum, ``L[i, :] = cummax_j(c_j)``: one Python iteration per row of ``a`` (never per
 cell), each a handful of tensor ops over ``[batch, m]``. The full table is kept
-(``(n+1) * batch * (m+1)`` int16/int32 entries: 33 MB for 64 pairs of 512 tokens).
+(``(n+1) * batch * (m+1)`` int16/int32 entries: 33 MB for 64 pairs of 512 tokens, plus
+``n * batch * m`` match flags computed in one op).
 
 Traceback, also one iteration per row and vectorised over the batch: rows of ``L`` are
 non-decreasing, so from cell ``(i, j)`` with value ``v`` the path walks left along the
@@ -23,6 +24,11 @@ plateau to ``j0 = searchsorted(L[i, :], v)``, the first column where row ``i`` r
 left and upper neighbours are ``v - 1``, the value came from a match on the diagonal:
 ``a_i`` and ``b_{j0}`` are in the LCS. Every step keeps "value still to collect =
 ``L[i, j]``", so the marked pairs form a common subsequence of length ``L[n, m]``.
+
+Why rows and not anti-diagonals: n Python iterations instead of n + m, each on contiguous
+rows; the prefix maximum (``torch.cummax``) is the dominant cost. A bit-parallel
+(Hyyro) forward pass would cut that work ~64x but needs multi-word carries and a
+bit-level traceback; not done here.
 
 Differences from the paper code (``cl.py``): same DP, but batched and in torch (no Python
 loop over cells); the paper ran it on decoded token *strings* of the whole sequence
@@ -89,18 +95,17 @@ def lcs_table(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
     if n == 0 or m == 0:
         return table
     valid_b = torch.arange(m, device=a.device)[None, :] < b_len[:, None]  # [B, m]
-    # Pad ids are masked out here (rather than by a sentinel id) so any id value is allowed.
-    b_masked = torch.where(valid_b, b, b.new_full((), -1))
-    row_valid = torch.arange(n, device=a.device)[:, None] < a_len[None, :]  # [n, B]
-    a_masked = torch.where(row_valid, a.t(), a.new_full((), -2))  # [n, B]
+    valid_a = torch.arange(n, device=a.device)[:, None] < a_len[None, :]  # [n, B]
+    # All match rows at once ([n, B, m] bools): one dispatch instead of one per row. Padding is
+    # masked explicitly (no sentinel id), so any id value, negative included, is allowed.
+    matches = (a.t()[:, :, None] == b[None, :, :]) & valid_a[:, :, None] & valid_b[None, :, :]
     boost = torch.empty(batch, m, dtype=dtype, device=a.device)
     # Preallocated outputs: cummax without ``out=`` also zero-fills fresh buffers every row.
     values = torch.empty(batch, m, dtype=dtype, device=a.device)
     indices = torch.empty(batch, m, dtype=torch.long, device=a.device)
     for i in range(n):
         prev = table[i]
-        match = a_masked[i][:, None] == b_masked
-        torch.add(prev[:, :-1], match, out=boost)  # bool promotes to the table dtype
+        torch.add(prev[:, :-1], matches[i], out=boost)  # bool promotes to the table dtype
         torch.maximum(boost, prev[:, 1:], out=boost)
         torch.cummax(boost, dim=1, out=(values, indices))
         table[i + 1, :, 1:] = values
@@ -112,21 +117,23 @@ def _traceback(table: Tensor) -> tuple[Tensor, Tensor]:
     n_plus_1, batch, m_plus_1 = table.shape
     n, m = n_plus_1 - 1, m_plus_1 - 1
     device = table.device
-    mask_a = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    # Column chosen in each row, m (a dummy column, cut off below) where no match.
-    chosen = torch.full((batch, n), m, dtype=torch.long, device=device)
+    # Per row: did the path take the diagonal there, and at which column (1-based)?
+    diag_rows = torch.zeros(n, batch, 1, dtype=torch.bool, device=device)
+    first_rows = torch.zeros(n, batch, 1, dtype=torch.long, device=device)
     col = torch.full((batch, 1), m, dtype=torch.long, device=device)
     for i in range(n, 0, -1):
         row = table[i]
         value = row.gather(1, col)  # [B, 1] LCS length still to collect
-        if not bool(value.any()):
-            break  # every pair has collected its whole LCS
+        if i % 32 == 0 and not bool(value.any()):
+            break  # every pair has collected its whole LCS (checked now and then: it syncs on GPU)
         first = torch.searchsorted(row, value)  # first column where row i reaches `value`
-        went_up = table[i - 1].gather(1, first) == value
-        diag = ~went_up & (value > 0)
-        mask_a[:, i - 1] = diag.squeeze(1)
-        chosen[:, i - 1] = torch.where(diag, first - 1, m).squeeze(1)
+        # Diagonal iff the cell above differs (value 0: column 0 above is 0 too, so "up").
+        diag = table[i - 1].gather(1, first) != value
+        diag_rows[i - 1] = diag
+        first_rows[i - 1] = first
         col = first - diag.long()
+    mask_a = diag_rows[:, :, 0].t().contiguous()
+    chosen = torch.where(diag_rows, first_rows - 1, m)[:, :, 0].t()  # m: a dummy column
     mask_b = torch.zeros(batch, m + 1, dtype=torch.bool, device=device)
     mask_b.scatter_(1, chosen, True)
     return mask_a, mask_b[:, :m]
