@@ -186,8 +186,8 @@ def main() -> None:
                  {"measure": "train micro-step (s)", "value": loss["train_microstep_s"]},
                  {"measure": "contrastive / micro-step", "value": loss["contrastive_over_train_microstep"]}])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    path = write_result(args.out, {"quick": args.quick, "torch_threads": torch.get_num_threads(), "load_avg_1m": load,
-                                   "lcs_pairs": PAIRS, "lcs_length": LCS_LEN, **lcs, **loss})
+    path = write_result(args.out, {"quick": args.quick, "torch_threads": torch.get_num_threads(),
+                                   "load_avg_1m": load, "lcs_pairs": PAIRS, "lcs_length": LCS_LEN, **lcs, **loss})
     print(f"wrote {path}")
 
 

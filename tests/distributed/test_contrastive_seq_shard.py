@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from carft_nemo.algorithms.contrastive import ContrastiveConfig, pool_cot_embedding
+from carft_nemo.algorithms.contrastive import (
+    CoTBatch,
+    ContrastiveConfig,
+    contrastive_loss,
+    lcs_spans,
+    pool_cot_embedding,
+)
 from tests.distributed.test_contrastive_dp import F64, make_case, to_numpy, to_torch
 from tests.multiprocess import run_ranks
 
@@ -30,19 +36,18 @@ def pooled_and_grads(emb, values, mask, weights, rows: slice, group) -> dict[str
 
 
 def _shard_loss(case: dict, rows: slice, group) -> dict[str, torch.Tensor]:
-    """The full contrastive loss with ``s`` sharded: slice every [s, b] input along s."""
+    """The full contrastive loss with ``s`` sharded: slice every [s, b] input along s.
+
+    LCS spans are computed on the full sequences and then sliced, as the data pipeline would.
+    """
     sharded = {k: (v[rows] if k in ("hidden_gen", "hidden_ann", "mask_gen", "mask_ann") else v)
                for k, v in case.items()}
-    from carft_nemo.algorithms.contrastive import lcs_spans
-
     spans = lcs_spans(case["ids_ann"], case["mask_ann"], case["ids_gen"], case["mask_gen"])
     sharded["spans"] = type(spans)(spans.annotated_common[rows], spans.on_policy_common[rows], spans.length)
     return _loss_with_spans(sharded, group)
 
 
 def _loss_with_spans(case: dict, group) -> dict[str, torch.Tensor]:
-    from carft_nemo.algorithms.contrastive import CoTBatch, contrastive_loss
-
     proj = case["proj"].clone().requires_grad_(True)
     value = case["value"].clone().requires_grad_(True)
     cot = lambda h, m: CoTBatch(h @ proj.t(), h @ value, m)  # noqa: E731

@@ -145,7 +145,8 @@ def contrastive_loss(
         return zero, {"contrastive/loss": zero}
     if cfg.uses_negative and lcs is None:
         raise ValueError("contrastive mode uses the negative signal: pass lcs=lcs_spans(...)")
-    if annotated.embeddings.shape[1] != on_policy.embeddings.shape[1] or correct.shape != (on_policy.embeddings.shape[1],):
+    batch = on_policy.embeddings.shape[1]
+    if annotated.embeddings.shape[1] != batch or correct.shape != (batch,):
         raise ValueError("on_policy, annotated and correct must share the batch dimension b")
     if cfg.detach_annotated:
         annotated = annotated.detached()
