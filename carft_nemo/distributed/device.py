@@ -64,3 +64,18 @@ def configure_transport(master_addr: str) -> None:
     """
     if not has_cuda() and master_addr in LOOPBACK_HOSTS:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (timing); no-op on CPU, where ops run synchronously."""
+    if has_cuda():
+        torch.cuda.synchronize()
+
+
+def accelerator_name() -> str:
+    """Human-readable name of this process's device, for benchmark records."""
+    if has_cuda():
+        return torch.cuda.get_device_name(local_device())
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"

@@ -40,7 +40,16 @@ class ModelConfig:
     make_vocab_size_divisible_by: Optional[int] = None  # default 128
     bf16: Optional[bool] = None  # default True; used on GPU only, CPU runs fp32
 
+    @property
+    def is_unset(self) -> bool:
+        """No preset and no field given: a recipe's placeholder, filled from YAML later."""
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
     def __post_init__(self) -> None:
+        # Recipe schemas default to an empty ModelConfig so that a YAML ``preset`` is applied
+        # to untouched fields (a pre-filled default would shadow the preset's values).
+        if self.is_unset:
+            return
         if self.preset is not None:
             require(self.preset in PRESETS, "model.preset",
                     f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
@@ -118,7 +127,7 @@ PRESETS.update(
                        num_attention_heads=12, num_query_groups=4, vocab_size=16384,
                        max_sequence_length=1024, rotary_base=10000.0, norm_epsilon=1e-5,
                        qkv_bias=False, tie_word_embeddings=False),
-    # ~1.2B, for GPU benchmarks.
+    # ~0.89B (16 x 2048, GQA 16/8, 32k vocab): the GPU throughput / MFU benchmark model.
     llama_1b=_preset(family="llama", num_layers=16, hidden_size=2048, ffn_hidden_size=5632,
                      num_attention_heads=16, num_query_groups=8, vocab_size=32000,
                      max_sequence_length=2048, rotary_base=10000.0, norm_epsilon=1e-5,

@@ -90,7 +90,7 @@ def _compare_all(rank: int, world_size: int) -> dict[str, dict[str, float]]:
 
     report: dict[str, dict[str, float]] = {}
     for name, (overrides, layout, critic) in CASES.items():
-        _, _, init_sd, ref_metrics, _, ref_after, ref_norm = _train_once(overrides, {}, critic, 1234, None)
+        _, ref_gpt, init_sd, ref_metrics, _, ref_after, ref_norm = _train_once(overrides, {}, critic, 1234, None)
         lay, gpt, _, metrics, before, after, norm = _train_once(overrides, layout, critic, 999, init_sd)
         expected_after = shard_state_dict_for_tp(ref_after, gpt)
         out = {
@@ -99,6 +99,11 @@ def _compare_all(rank: int, world_size: int) -> dict[str, dict[str, float]]:
             "weights_moved": max((after[k] - before[k]).abs().max().item() for k in after),
             "grad_norm": abs(norm - ref_norm),
         }
+        if not critic:  # the built TP=1 model has exactly the parameters ModelConfig counts
+            from carft_nemo.models.config import ModelConfig
+
+            counted = ModelConfig(preset="micro", vocab_size=VOCAB, **overrides).num_parameters()
+            out["param_count_gap"] = float(abs(sum(p.numel() for p in ref_gpt.parameters()) - counted))
         if lay.is_last_stage:
             keys = ("loss", "values", "hidden") if critic else ("loss", "logprobs", "hidden")
             for key in keys:
@@ -126,6 +131,7 @@ def test_policy_matches_single_device(report, case: str) -> None:
     # the step must have changed the weights, or "same weights after a step" proves nothing
     assert _worst(report, case, "weights_moved") > 1e-3
     assert _worst(report, case, "n_micro") == MICRO_BATCHES
+    assert _worst(report, case, "param_count_gap") == 0
 
 
 def test_critic_value_head_matches_under_tp2(report) -> None:
