@@ -35,6 +35,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from carft_nemo import compat
 from carft_nemo.checkpoint.rng import capture_rng_state, restore_rng_state
@@ -289,8 +290,12 @@ def load_checkpoint(path: str | Path, models: Trainables, *, load_optimizer: boo
                            data_state=None)
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as err:  # megatron raises CheckpointingException / KeyError / RuntimeError
-        raise CheckpointError(f"checkpoint {path}: could not load into the current models: {err}") from err
+    # megatron raises CheckpointingException / KeyError; torch.distributed.checkpoint's
+    # CheckpointException (shape mismatches) derives from BaseException, not Exception
+    except (Exception, TorchCheckpointException) as err:
+        summary = str(err).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path}: could not load into the current models "
+                              f"(different architecture or model names?): {' | '.join(summary[-3:])}") from err
     restored_optimizer = False
     for name, entry in models.items():
         gpt, optimizer, scheduler = _parts(entry)

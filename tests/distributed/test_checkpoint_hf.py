@@ -14,12 +14,21 @@ from tests.multiprocess import run_ranks
 LAYOUTS = ((1, 1), (2, 1), (1, 2))  # (tp, pp) on 2 processes; TP=1 PP=1 runs data-parallel
 
 
-def _import_and_export(rank: int, world: int, hf_dir: str, out_root: str, tokens: torch.Tensor):
+CASES = {"llama": False, "qwen2": True}  # family -> tied embeddings (qwen2 also has QKV bias)
+
+
+def _import_and_export(rank: int, world: int, root: str, tokens: torch.Tensor):
+    """Both families, every layout, in one spawn (spawning and importing megatron dominate)."""
+    return {family: _one_family(Path(root) / family, tokens) for family in CASES}
+
+
+def _one_family(root: Path, tokens: torch.Tensor):
     from carft_nemo.checkpoint.hf_io import export_hf, import_hf
     from carft_nemo.distributed.layout import ParallelConfig, initialize
     from carft_nemo.models.gpt import build_gpt_model
 
-    cfg = tiny_model_config(Path(hf_dir))
+    hf_dir, out_root = root / "hf", root / "out"
+    cfg = tiny_model_config(hf_dir)
     results = {}
     for tp, pp in LAYOUTS:
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
@@ -32,15 +41,24 @@ def _import_and_export(rank: int, world: int, hf_dir: str, out_root: str, tokens
     return results
 
 
-@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
-def test_hf_roundtrip_any_layout(tmp_path: Path, family: str, tied: bool) -> None:
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("hf_roundtrip")
+    for family, tied in CASES.items():
+        make_tiny_hf(root / family / "hf", family, tied=tied)
+    tokens = torch.randint(0, 100, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    return root, tokens, run_ranks(_import_and_export, 2, str(root), tokens)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_hf_roundtrip_any_layout(converted, family: str) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    hf_dir = make_tiny_hf(tmp_path / "hf", family, tied=tied)
-    tokens = torch.randint(0, 100, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    root, tokens, results = converted
+    tied, hf_dir = CASES[family], root / family / "hf"
     reference = hf_logits(hf_dir, tokens)
-    per_rank = run_ranks(_import_and_export, 2, str(hf_dir), str(tmp_path / "out"), tokens)
+    per_rank = [r[family] for r in results]
 
     original = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).state_dict()
     for layout in LAYOUTS:
@@ -49,7 +67,7 @@ def test_hf_roundtrip_any_layout(tmp_path: Path, family: str, tied: bool) -> Non
         for logits in got:
             err = (logits - reference).abs().max().item()
             assert err < 1e-4, f"{family} {layout}: logits differ from transformers by {err:.2e}"
-        out = tmp_path / "out" / f"tp{layout[0]}pp{layout[1]}"
+        out = root / family / "out" / f"tp{layout[0]}pp{layout[1]}"
         written = load_file(str(out / "model.safetensors"))
         assert ("lm_head.weight" in written) == (not tied)
         exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
