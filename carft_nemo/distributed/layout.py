@@ -104,6 +104,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def current_world_size() -> int:
+    """The job's world size: the live process group's, else what the launcher's variables say."""
+    return dist.get_world_size() if dist.is_initialized() else ProcessInfo.from_env().world_size
+
+
 def validate_layout(parallel: ParallelConfig, world_size: int, *, num_layers: int | None = None,
                     num_attention_heads: int | None = None, num_query_groups: int | None = None) -> int:
     """Check the layout against the world size and the model; return the data-parallel size.
@@ -126,12 +131,19 @@ def validate_layout(parallel: ParallelConfig, world_size: int, *, num_layers: in
         require(num_layers % pp == 0, "parallel.pipeline_parallel",
                 f"{pp} does not divide model.num_layers={num_layers} (uneven stages are not supported)")
     if cp > 1:
-        require(device.has_cuda(), "parallel.context_parallel", "context parallel needs GPUs with Transformer Engine")
+        require(device.has_cuda() and _transformer_engine(), "parallel.context_parallel",
+                "context parallel needs GPUs with Transformer Engine")
     if parallel.sequence_parallel:
         require(device.has_cuda(), "parallel.sequence_parallel",
                 "sequence parallel needs Transformer Engine or apex norms (GPU only)")
         require(tp > 1, "parallel.sequence_parallel", "only meaningful with tensor_parallel > 1")
     return world_size // parallel.model_parallel_size
+
+
+def _transformer_engine() -> bool:
+    from carft_nemo import compat  # imports megatron: only asked when a GPU-only option is set
+
+    return compat.transformer_engine_available()
 
 
 @dataclass(frozen=True)
