@@ -4,8 +4,11 @@ Every component owns a small dataclass whose ``__post_init__`` checks its own fi
 :func:`require`, so a bad value fails when the config is built, before any process group,
 Ray cluster or model exists, and the message names the dotted key.
 
-YAML files may list ``defaults: [other.yaml, ...]`` (paths relative to the file); those are
-merged first, in order, then the file itself, then command-line ``key.sub=value`` overrides.
+YAML files may list ``defaults: [other.yaml, {section: component.yaml}, ...]`` (paths
+relative to the file): a plain entry is merged at the top level, a ``{key: file}`` entry is
+merged under ``key`` (so a component YAML such as ``data/gsm8k-ncot.yaml`` can fill
+``train_data``). Defaults merge first, in order, then the file itself, then command-line
+``key.sub=value`` overrides.
 Unknown keys are errors (no silent typos).
 """
 
@@ -49,7 +52,12 @@ def _load_yaml_with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> DictCon
         parents = [parents]
     merged = OmegaConf.create({})
     for parent in parents:
-        merged = OmegaConf.merge(merged, _load_yaml_with_defaults(path.parent / parent, seen + (path,)))
+        if isinstance(parent, dict):
+            for key, file in parent.items():
+                sub = _load_yaml_with_defaults(path.parent / file, seen + (path,))
+                merged = OmegaConf.merge(merged, OmegaConf.create({key: sub}))
+        else:
+            merged = OmegaConf.merge(merged, _load_yaml_with_defaults(path.parent / parent, seen + (path,)))
     return OmegaConf.merge(merged, OmegaConf.create(raw))
 
 

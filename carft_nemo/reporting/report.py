@@ -1,0 +1,68 @@
+"""The run report: a markdown page with the results table and PNG learning curves.
+
+Built only from files the stages wrote (``metrics.jsonl``, ``summary.json``), so it can be
+redrawn after a crash or for a finished run: ``python recipes/report.py OUTPUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from carft_nemo.reporting.markdown import table
+from carft_nemo.reporting.plots import plot_curves
+from carft_nemo.training.run_log import read_metrics
+
+
+@dataclass
+class StageResult:
+    """One stage's outputs as the report shows them."""
+
+    name: str  # "sft", "reft", "carft", ...
+    out_dir: Path
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.out_dir / "metrics.jsonl")
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        path = self.out_dir / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def series(self, key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in self.metrics if isinstance(r.get(key), (int, float))]
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, notes: list[str] = ()) -> Path:
+    """Write ``report.md`` and its PNGs into ``out_dir``; returns the markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for stage in stages:
+        s = stage.summary
+        rows.append([stage.name, _fmt(s.get("accuracy_before")), _fmt(s.get("accuracy_after")),
+                     _fmt(s.get("steps")), _fmt(s.get("wall_time_s"))])
+    lines = [f"# {title}", "", "## Held-out accuracy (greedy)", "",
+             table(["stage", "accuracy before", "accuracy after", "steps", "wall time (s)"], rows), ""]
+    curves = {
+        "loss.png": ("training loss", "loss", 5),
+        "eval_accuracy.png": ("held-out accuracy (greedy)", "eval_accuracy", 1),
+        "reward.png": ("mean training reward", "reward", 5),
+    }
+    for filename, (label, key, smooth) in curves.items():
+        series = {st.name: st.series(key) for st in stages}
+        png = plot_curves(series, out / filename, title=label, ylabel=key, smooth=smooth)
+        if png is not None:
+            lines += [f"## {label.capitalize()}", "", f"![{label}]({filename})", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,119 @@
+"""One forward(-backward) pass of a batch through megatron's pipeline schedule.
+
+Every trainer (SFT, PPO actor, critic) has the same plumbing: split the rank's batch into
+micro-batches of equal length (pipeline stages exchange fixed-shape activations), call
+``get_forward_backward_func()`` (1F1B under pipeline parallelism, a plain loop otherwise),
+and collect the per-micro-batch outputs that only the last stage computes.
+
+Loss normalisation: a trainer's ``loss_fn`` returns a *sum* over its micro-batch and the
+global normaliser N (e.g. the number of loss tokens in the whole data-parallel batch) is
+passed in. We scale each micro-batch loss by ``dp * num_microbatches / N`` because the
+schedule divides by the number of micro-batches and DDP averages gradients over data
+parallel ranks: the net gradient is exactly that of ``sum / N`` over the global batch, for
+any layout. That is what makes TP/PP/DP runs and resumed runs agree.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from carft_nemo.distributed import device
+
+Batch = Mapping[str, torch.Tensor]
+# loss_fn(model_output, micro_batch) -> (loss_sum: scalar tensor, metrics: dict of scalar tensors (sums))
+LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# forward_fn(model, micro_batch) -> model output (logits [b,s,V/tp], values [b,s,1], ...)
+ForwardFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split every ``[B, ...]`` tensor of the batch into chunks of ``micro_batch_size`` rows."""
+    sizes = {k: v.shape[0] for k, v in batch.items()}
+    total = next(iter(sizes.values()))
+    if any(s != total for s in sizes.values()):
+        raise ValueError(f"batch tensors disagree on the batch dimension: {sizes}")
+    if total % micro_batch_size:
+        raise ValueError(f"batch of {total} rows is not divisible by micro_batch_size={micro_batch_size}")
+    dev = device.local_device()
+    return [{k: v[i:i + micro_batch_size].to(dev) for k, v in batch.items()} for i in range(0, total, micro_batch_size)]
+
+
+def data_parallel_sum(value: torch.Tensor | float) -> float:
+    """Sum a scalar over the data-parallel group (1 rank: itself)."""
+    tensor = torch.as_tensor(value, dtype=torch.float64).clone().to(device.local_device())
+    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(tensor, group=ps.get_data_parallel_group())
+    return float(tensor)
+
+
+def run_forward_backward(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    forward_fn: ForwardFn,
+    loss_fn: LossFn,
+    normalizer: float,
+    micro_batch_size: int,
+    seq_length: int,
+    forward_only: bool = False,
+) -> dict[str, float]:
+    """Forward (and backward unless ``forward_only``) of this rank's batch.
+
+    Returns the metric sums of all micro-batches (identical on every rank of the model
+    group: the last pipeline stage's values are broadcast), plus ``"loss"`` = sum / N.
+    """
+    microbatches = split_microbatches(batch, micro_batch_size)
+    dp = ps.get_data_parallel_world_size()
+    scale = dp * len(microbatches) / max(normalizer, 1e-12)
+
+    def forward_step(data_iterator, module):
+        micro = next(data_iterator)
+        output = forward_fn(module, micro)
+
+        def loss_func(output_tensor):
+            loss_sum, metrics = loss_fn(output_tensor, micro)
+            reported = {k: v.detach().clone().float() for k, v in metrics.items()}
+            reported["loss_sum"] = loss_sum.detach().clone().float()
+            return loss_sum * scale, reported
+
+        return output, loss_func
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return _share_last_stage_metrics(outputs, normalizer)
+
+
+def _share_last_stage_metrics(outputs: Sequence[dict[str, torch.Tensor]], normalizer: float) -> dict[str, float]:
+    """Sum the micro-batch metrics on the last stage, all-reduce over DP, broadcast over PP."""
+    keys = sorted(outputs[0].keys()) if outputs else []
+    if ps.is_pipeline_last_stage():
+        local = (torch.stack([sum(o[k] for o in outputs) for k in keys]).double() if keys
+                 else torch.zeros(0, dtype=torch.float64)).to(device.local_device())
+    else:
+        local = None
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        last = ps.get_pipeline_model_parallel_last_rank()
+        group = ps.get_pipeline_model_parallel_group()
+        names = [keys]
+        torch.distributed.broadcast_object_list(names, src=last, group=group)
+        keys = names[0]
+        if local is None:
+            local = torch.zeros(len(keys), dtype=torch.float64, device=device.local_device())
+        torch.distributed.broadcast(local, src=last, group=group)
+    if ps.get_data_parallel_world_size() > 1 and local is not None and local.numel():
+        torch.distributed.all_reduce(local, group=ps.get_data_parallel_group())
+    result = {k: float(v) for k, v in zip(keys, local.tolist())} if local is not None else {}
+    if "loss_sum" in result:
+        result["loss"] = result["loss_sum"] / max(normalizer, 1e-12)
+    return result

@@ -1,0 +1,98 @@
+"""Run-time output of a training job, written by the logging rank only.
+
+Three sinks for the same numbers: ``metrics.jsonl`` (one JSON object per step, appended
+and flushed, so a crash loses nothing already logged and reports can be drawn from it),
+TensorBoard scalars, and a tqdm progress bar with the latest values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from tqdm import tqdm
+
+LOG = logging.getLogger("carft_nemo")
+
+
+def setup_logging(enabled: bool) -> None:
+    """Rank 0 logs INFO to stderr; other ranks log warnings only."""
+    if not LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s carft] %(message)s", "%H:%M:%S"))
+        LOG.addHandler(handler)
+        LOG.propagate = False
+    LOG.setLevel(logging.INFO if enabled else logging.WARNING)
+
+
+class RunLogger:
+    """Metrics sink for one stage (``sft``, ``ppo``, ...) under ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path, stage: str, *, enabled: bool, total_steps: int,
+                 start_step: int = 0, tensorboard: bool = True, progress: bool = True) -> None:
+        self.enabled = enabled
+        self.stage = stage
+        self.out_dir = Path(out_dir)
+        self._writer = None
+        self._bar = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.out_dir / "metrics.jsonl").open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True,
+                             file=sys.stderr, mininterval=1.0)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"stage": self.stage, "step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in clean.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    self._writer.add_scalar(f"{self.stage}/{key}", value, step)
+        if self._bar is not None:
+            shown = {k: f"{v:.4g}" for k, v in clean.items() if isinstance(v, float) and k in _SHOWN}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        self._jsonl.close()
+
+
+_SHOWN = {"loss", "lr", "accuracy", "eval_accuracy", "reward", "kl", "value_loss", "step_time_s"}
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` (missing file: empty list)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+    return rows
