@@ -89,9 +89,7 @@ class SFTConfig:
 def check_world_layout(cfg: SFTConfig, world_size: int) -> int:
     """Validate the layout against the world size before anything starts; returns DP size."""
     require(not cfg.model.is_unset, "model.preset", "set model.preset (e.g. tiny) or the architecture fields")
-    dp = parallel_layout.validate_layout(cfg.parallel, world_size, num_layers=cfg.model.num_layers,
-                                         num_attention_heads=cfg.model.num_attention_heads,
-                                         num_query_groups=cfg.model.num_query_groups)
+    dp = parallel_layout.check_model_layout(cfg.parallel, world_size, cfg.model)
     require(cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0, "train.global_batch_size",
             f"{cfg.train.global_batch_size} must be a multiple of micro_batch_size*data_parallel = "
             f"{cfg.train.micro_batch_size}*{dp}")

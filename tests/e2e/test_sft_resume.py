@@ -83,3 +83,27 @@ def test_bad_config_key_fails_with_named_key(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "train.stepz" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_and_exits_cleanly_then_rerun_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(_command(out), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(r.get("step", 0) >= 3 and "loss" in r for r in _steps_logged(out)):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] and 3 <= summary["steps"] < 10
+    assert (out / "checkpoints" / f"step_{summary['steps']}" / "COMPLETE").is_file()
+
+    subprocess.run(_command(out), check=True, env=_env(), cwd=ROOT, timeout=900,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10 and not summary["stopped_early"]

@@ -1,0 +1,1 @@
+"""Multi-stage jobs that chain recipes (the main job)."""
