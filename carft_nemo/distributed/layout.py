@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -138,6 +138,12 @@ def validate_layout(parallel: ParallelConfig, world_size: int, *, num_layers: in
                 "sequence parallel needs Transformer Engine or apex norms (GPU only)")
         require(tp > 1, "parallel.sequence_parallel", "only meaningful with tensor_parallel > 1")
     return world_size // parallel.model_parallel_size
+
+
+def check_model_layout(parallel: ParallelConfig, world_size: int, model: Any) -> int:
+    """:func:`validate_layout` with the model's shape (a ``ModelConfig``); returns the DP size."""
+    return validate_layout(parallel, world_size, num_layers=model.num_layers,
+                           num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups)
 
 
 def _transformer_engine() -> bool:
