@@ -157,6 +157,7 @@ def main() -> None:
         print("throughput: --gpu given but no CUDA device is visible; skipping the GPU benchmark")
         return
     models = args.models or (["llama_1b"] if args.gpu else ["tiny", "small_100m"])
+    load_before = os.getloadavg()[0]  # other jobs on the host skew CPU numbers: record it
     rows = []
     for model in models:
         shape = SHAPES.get(model, SHAPES["tiny"])["quick" if args.quick else "full"]
@@ -170,7 +171,8 @@ def main() -> None:
     print_table(table)
     tokens_per_s = {m: {f"tp{r['tp']}": r["tokens_per_s"] for r in rows if r["model"] == m} for m in models}
     path = write_result(args.out, {"benchmark": "throughput", "quick": args.quick, "tokens_per_s": tokens_per_s,
-                                   "runs": rows,
+                                   "runs": rows, "load_average_1min": {"start": load_before,
+                                                                        "end": os.getloadavg()[0]},
                                    "note": "forward+backward only; threads per process = cores / processes; "
                                            "CPU numbers are fp32 on a shared 2-core machine"})
     print(f"wrote {path}")
