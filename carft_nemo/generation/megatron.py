@@ -6,8 +6,16 @@ with further patches (the dynamic one replaces its flash-attention call), the st
 allows one sampling setting per batch and treats the tokenizer's ``eod`` as both pad and stop
 token, and neither returns log-probs of the tempered/filtered distribution that PPO needs.
 The direct loop was also the fastest on CPU (see ../shared/reference/README.md: ~1,650 tok/s
-KV-cached vs 223 tok/s full recompute, 4 layers / hidden 256 / batch 8); our numbers are in
-``benchmarks/generation.py``.
+KV-cached vs 223 tok/s full recompute, 4 layers / hidden 256 / batch 8).
+
+Measured against HF ``generate`` on the same weights (``benchmarks/generation.py``, 2 shared
+CPU cores, batch 8, 64 new tokens, prompts of 16-48 tokens): 0.17x (tiny) and 0.68x
+(small_100m). Per step megatron's static-cache attention is the cost: it stores keys before
+RoPE and re-rotates the whole key cache every step (O(S) per step, ~30% of the time),
+repeats the cached K/V for GQA, and the unfused local attention runs on CPU; the
+teacher-forced steps below add ``max_len - min_len`` steps. On GPU the TE spec and
+``flash_decode`` remove most of this; a vLLM backend behind the same interface is the
+route for fast rollouts.
 
 Batching prompts of different lengths: prompts are right-padded in one static batch. The
 prefill runs up to the shortest prompt; from there every step feeds one column, and rows
@@ -97,7 +105,9 @@ class MegatronGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            # no_grad, not inference_mode: megatron lru-caches RoPE tables built here, and the
+            # training step that follows a rollout must not meet inference tensors in them.
+            with torch.no_grad():
                 for lo in range(0, len(order), size):
                     chunk = order[lo : lo + size]
                     results = self._static_batch([prompts[i] for i in chunk], cfg, rng, replica)
@@ -153,7 +163,8 @@ class MegatronGenerator:
             done |= hit_eos | (n_new >= budget)
             if bool(done.all()):
                 break
-            ctx.enable_decode_mode()
+            if end + 1 >= int(lens.max()):  # every prompt is in the cache from the next step on
+                ctx.enable_decode_mode()
             start, end = end, end + 1
         return [(tokens[i, len(p) : len(p) + int(n_new[i])].tolist(),
                  logprobs[i, len(p) : len(p) + int(n_new[i])].tolist(), bool(hit_eos[i]))

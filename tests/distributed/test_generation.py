@@ -151,6 +151,19 @@ def _check_layout(rank: int, world: int, tp: int, pp: int) -> dict:
     report["sampled_other_seed"] = gen.generate(PROMPTS, GenerationConfig(
         max_new_tokens=MAX_NEW, temperature=0.7, top_k=20, top_p=0.9, seed=8)).responses
     report["max_id"] = max(t for r in sampled.responses + report["sampled_other_seed"] for t in r)
+
+    # 5. a training step right after generation (PPO's pattern) must work: megatron caches
+    # RoPE tables per length, so a cache filled under inference_mode would break backward.
+    if pp == 1:
+        model.train()
+        width = max(len(p) for p in PROMPTS) + MAX_NEW  # the generation's cache length
+        tokens = greedy.to_batch().tokens[:, :width]
+        from carft_nemo.models.forward import causal_inputs
+
+        model(tokens, *causal_inputs(tokens)).float().pow(2).mean().backward()
+        report["grad_after_generate"] = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        model.zero_grad(set_to_none=True)
+        model.eval()
     return report
 
 
@@ -187,6 +200,7 @@ def _assert_layout(reports: list[dict], same_samples_on_all_ranks: bool) -> None
         assert r["sampled"] == r["sampled_again"], "same seed must give the same samples"
         assert r["sampled"] != r["sampled_other_seed"]
         assert r["max_id"] < VOCAB
+        assert r.get("grad_after_generate", True)
     checked = [r for r in reports if "sample_lp_err" in r]
     assert checked, "no rank held the last pipeline stage"
     for r in checked:
