@@ -7,6 +7,11 @@ temperature T the sampling distribution is softmax(l / T), so
 
 computed by megatron's vocab-parallel cross entropy (which all-reduces max and sum-exp
 across the TP group). That function writes into its input, hence the copy.
+
+``vocab_size`` (the tokenizer's size) removes megatron's padded embedding rows from the
+softmax, matching the sampling distribution of :mod:`carft_nemo.generation.sampling`; PPO's
+ratio between rollout and training log-probs is then exactly 1 before any update, and the
+value does not depend on how much padding a TP layout adds.
 """
 
 from __future__ import annotations
@@ -16,17 +21,34 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(targets) under softmax(logits / T); logits ``[b, s, V/tp]``, targets ``[b, s]`` -> ``[b, s]``."""
+def _mask_padded_vocab(scaled: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Set logits of global ids >= ``vocab_size`` to -inf in this TP rank's shard (in place)."""
+    if vocab_size is None:
+        return scaled
+    shard = scaled.shape[-1]
+    rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    first_padded = vocab_size - rank * shard  # local index of the first padded column
+    if first_padded < shard:
+        scaled[..., max(first_padded, 0):] = float("-inf")
+    return scaled
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   vocab_size: int | None = None) -> torch.Tensor:
+    """log p(targets) under softmax(logits / T) over the first ``vocab_size`` ids.
+
+    logits ``[b, s, V/tp]`` (this rank's vocab shard), targets ``[b, s]`` -> ``[b, s]``.
+    """
     scaled = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    scaled = _mask_padded_vocab(scaled, vocab_size)
     # vocab_parallel_cross_entropy wants [s, b, V/tp] and [s, b]
     nll = vocab_parallel_cross_entropy(scaled.transpose(0, 1).contiguous(), targets.t().contiguous())
     return -nll.t()
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
     """Entropy H_t = logsumexp(l/T) - sum_v p_v l_v/T of the vocab-parallel distribution, ``[b, s]``."""
-    scaled = logits.detach().float() / temperature
+    scaled = _mask_padded_vocab(logits.detach().float() / temperature, vocab_size)
     group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
     world = ps.get_tensor_model_parallel_world_size() if group is not None else 1
     local_max = scaled.max(dim=-1).values
@@ -35,7 +57,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     shifted = scaled - local_max.unsqueeze(-1)
     exp = shifted.exp()
     sum_exp = exp.sum(-1)
-    sum_exp_logit = (exp * shifted).sum(-1)
+    sum_exp_logit = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(-1)  # 0 * -inf on padding
     if world > 1:
         torch.distributed.all_reduce(sum_exp, group=group)
         torch.distributed.all_reduce(sum_exp_logit, group=group)

@@ -1,9 +1,9 @@
-"""One forward(-backward) pass of a batch through megatron's pipeline schedule.
+"""A training batch through megatron's pipeline schedule with layout-invariant loss scaling.
 
 Every trainer (SFT, PPO actor, critic) has the same plumbing: split the rank's batch into
-micro-batches of equal length (pipeline stages exchange fixed-shape activations), call
-``get_forward_backward_func()`` (1F1B under pipeline parallelism, a plain loop otherwise),
-and collect the per-micro-batch outputs that only the last stage computes.
+micro-batches of equal length (pipeline stages exchange fixed-shape activations), run
+:func:`carft_nemo.models.step.forward_backward` (1F1B under pipeline parallelism), and
+reduce the metrics that only the last stage computes.
 
 Loss normalisation: a trainer's ``loss_fn`` returns a *sum* over its micro-batch and the
 global normaliser N (e.g. the number of loss tokens in the whole data-parallel batch) is
@@ -19,15 +19,13 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from carft_nemo.distributed import device
+from carft_nemo.models.step import forward_backward
 
 Batch = Mapping[str, torch.Tensor]
 # loss_fn(model_output, micro_batch) -> (loss_sum: scalar tensor, metrics: dict of scalar tensors (sums))
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-# forward_fn(model, micro_batch) -> model output (logits [b,s,V/tp], values [b,s,1], ...)
-ForwardFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
 def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -54,43 +52,26 @@ def run_forward_backward(
     model: torch.nn.Module,
     batch: Batch,
     *,
-    forward_fn: ForwardFn,
     loss_fn: LossFn,
     normalizer: float,
     micro_batch_size: int,
-    seq_length: int,
     forward_only: bool = False,
 ) -> dict[str, float]:
-    """Forward (and backward unless ``forward_only``) of this rank's batch.
+    """Forward (and backward unless ``forward_only``) of this rank's batch (``tokens [B, S]``, ...).
 
-    Returns the metric sums of all micro-batches (identical on every rank of the model
-    group: the last pipeline stage's values are broadcast), plus ``"loss"`` = sum / N.
+    ``loss_fn(output, micro_batch)`` returns a loss *sum* and metric sums; the batch-level
+    result (identical on every rank of the model group: the last pipeline stage's values
+    are broadcast, then summed over data parallel) has every metric sum plus
+    ``"loss"`` = loss sum / ``normalizer``.
     """
     microbatches = split_microbatches(batch, micro_batch_size)
-    dp = ps.get_data_parallel_world_size()
-    scale = dp * len(microbatches) / max(normalizer, 1e-12)
+    scale = ps.get_data_parallel_world_size() * len(microbatches) / max(normalizer, 1e-12)
 
-    def forward_step(data_iterator, module):
-        micro = next(data_iterator)
-        output = forward_fn(module, micro)
+    def scaled_loss(output: torch.Tensor, micro: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss_sum, metrics = loss_fn(output, micro)
+        return loss_sum * scale, {**metrics, "loss_sum": loss_sum}
 
-        def loss_func(output_tensor):
-            loss_sum, metrics = loss_fn(output_tensor, micro)
-            reported = {k: v.detach().clone().float() for k, v in metrics.items()}
-            reported["loss_sum"] = loss_sum.detach().clone().float()
-            return loss_sum * scale, reported
-
-        return output, loss_func
-
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=[model],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    outputs = forward_backward(model, microbatches, scaled_loss, forward_only=forward_only)
     return _share_last_stage_metrics(outputs, normalizer)
 
 

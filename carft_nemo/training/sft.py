@@ -25,7 +25,6 @@ from carft_nemo.distributed import layout as parallel_layout
 from carft_nemo.evaluation.runner import EvalResult, evaluate, write_eval_outputs
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
-from carft_nemo.models.forward import causal_inputs
 from carft_nemo.models.logprobs import token_logprobs
 from carft_nemo.checkpoint.dist_checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from carft_nemo.training.batches import BatchSchedule
@@ -96,16 +95,12 @@ def check_world_layout(cfg: SFTConfig, world_size: int) -> int:
     return dp
 
 
-def _sft_forward(model: torch.nn.Module, micro: dict[str, torch.Tensor]) -> torch.Tensor:
-    inputs, _, _ = shift_for_next_token(micro["tokens"], micro["loss_mask"])
-    positions, mask = causal_inputs(inputs)
-    return model(inputs, positions, mask)
+def _sft_loss(vocab_size: int):
+    def loss(logits: torch.Tensor, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logp = token_logprobs(logits, micro["labels"], vocab_size=vocab_size)
+        return masked_token_nll_sum(logp, micro["loss_mask"]), {"tokens": micro["loss_mask"].sum()}
 
-
-def _sft_loss(logits: torch.Tensor, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    _, targets, target_mask = shift_for_next_token(micro["tokens"], micro["loss_mask"])
-    logp = token_logprobs(logits, targets)
-    return masked_token_nll_sum(logp, target_mask), {"tokens": target_mask.sum()}
+    return loss
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
@@ -168,14 +163,14 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             rows = [encoded[i] for i in schedule.rank_indices(step, layout.dp_rank, layout.data_parallel)]
             batch = collate_sft(rows, tokenizer.pad_token_id, cfg.train.pad_to_multiple_of)
-            batch = {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]}
-            batch = _pad_to_global_width(batch, tokenizer.pad_token_id)
-            normalizer = data_parallel_sum(batch["loss_mask"][:, 1:].sum())
+            inputs, labels, loss_mask = shift_for_next_token(batch["tokens"], batch["loss_mask"])
+            normalizer = data_parallel_sum(loss_mask.sum())
             policy.trainable.model.train()
             policy.trainable.zero_grad()
-            metrics = run_forward_backward(policy.trainable.model, batch, forward_fn=_sft_forward, loss_fn=_sft_loss,
-                                           normalizer=normalizer, micro_batch_size=cfg.train.micro_batch_size,
-                                           seq_length=batch["tokens"].shape[1] - 1)
+            metrics = run_forward_backward(policy.trainable.model,
+                                           {"tokens": inputs, "labels": labels, "loss_mask": loss_mask},
+                                           loss_fn=_sft_loss(len(tokenizer)), normalizer=normalizer,
+                                           micro_batch_size=cfg.train.micro_batch_size)
             ok, grad_norm = policy.trainable.step()
             step += 1
             logger.log(step, {"loss": metrics["loss"], "lr": policy.trainable.lr, "grad_norm": grad_norm,
@@ -206,24 +201,3 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _pad_to_global_width(batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad every DP rank's batch to the widest one: pipeline p2p buffers need one shape per step."""
-    width = torch.tensor([batch["tokens"].shape[1]])
-    from megatron.core import parallel_state as ps
-
-    if ps.get_data_parallel_world_size() > 1:
-        width = width.to(_dev())
-        torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group())
-    extra = int(width.item()) - batch["tokens"].shape[1]
-    if extra <= 0:
-        return batch
-    return {"tokens": torch.nn.functional.pad(batch["tokens"], (0, extra), value=pad_id),
-            "loss_mask": torch.nn.functional.pad(batch["loss_mask"], (0, extra), value=0.0)}
-
-
-def _dev() -> torch.device:
-    from carft_nemo.distributed import device
-
-    return device.local_device()
