@@ -1,30 +1,24 @@
 """KV-cached batched generation on megatron-core's GPTModel, tensor- and pipeline-parallel.
 
-Why a direct loop over ``GPTModel.forward(inference_context=StaticInferenceContext(...))``
-and not megatron's inference engines: on megatron-core 0.16.1 both engines run on CPU only
-with further patches (the dynamic one replaces its flash-attention call), the static engine
-allows one sampling setting per batch and treats the tokenizer's ``eod`` as both pad and stop
-token, and neither returns log-probs of the tempered/filtered distribution that PPO needs.
-The direct loop was also the fastest on CPU (see ../shared/reference/README.md: ~1,650 tok/s
-KV-cached vs 223 tok/s full recompute, 4 layers / hidden 256 / batch 8).
+Why a direct loop and not megatron's inference engines: on megatron-core 0.16.1 both engines
+run on CPU only with further patches (the dynamic one replaces its flash-attention call), the
+static engine allows one sampling setting per batch and treats the tokenizer's ``eod`` as both
+pad and stop token, and neither returns log-probs of the tempered/filtered distribution that
+PPO needs.
 
-Measured against HF ``generate`` on the same weights (``benchmarks/generation.py``, 2 shared
-CPU cores, batch 8, 64 new tokens, prompts of 16-48 tokens): 0.17x (tiny) and 0.68x
-(small_100m). Per step megatron's static-cache attention is the cost: it stores keys before
-RoPE and re-rotates the whole key cache every step (O(S) per step, ~30% of the time),
-repeats the cached K/V for GQA, and the unfused local attention runs on CPU; the
-teacher-forced steps below add ``max_len - min_len`` steps. On GPU the TE spec and
-``flash_decode`` remove most of this; a vLLM backend behind the same interface is the
-route for fast rollouts.
+Why not ``GPTModel.forward(inference_context=StaticInferenceContext(...))`` either (the first
+version of this loop): profiled on CPU it was 0.17x (tiny) / 0.68x (small_100m) the speed of
+HF ``generate``, because megatron's static cache stores keys before RoPE and re-rotates the
+whole key cache every step, repeats cached K/V for GQA, runs unfused attention, and shares one
+cache offset across the batch, which forced teacher-forcing longer prompts column by column.
+The stage forward now lives in :mod:`carft_nemo.generation.kv_cache`: the same megatron
+submodules in the same order, with a cache of rotated keys, per-row positions and SDPA.
 
-Batching prompts of different lengths: prompts are right-padded in one static batch. The
-prefill runs up to the shortest prompt; from there every step feeds one column, and rows
-whose prompt is longer are teacher-forced with their own tokens until it ends. This keeps
-every token at its true position with a plain causal mask, which matters because megatron
-applies RoPE by cache offset (``position_ids`` are ignored for RoPE), and during decode it
-switches attention to ``no_mask`` (Transformer Engine would then ignore a left-padding mask
-on GPU). The teacher-forced steps cost ``max_len - min_len`` extra steps per batch, so
-prompts are sorted by length and split into ``micro_batch_size`` groups of similar length.
+Batching prompts of different lengths: prompts are right-padded; one causal prefill fills the
+cache for every prompt; the logits at each row's own last prompt token give its first new
+token; from then on each step feeds one token per row at that row's own position, and
+attention masks cache positions beyond it. Prompts are still sorted by length and split into
+``micro_batch_size`` groups so a group's padding and cache stay small.
 
 Parallelism: each step the first pipeline stage embeds the new column, stages pass hidden
 states ``[s, b, h]`` with point-to-point send/recv, and the last stage gathers only the last
@@ -41,10 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.inference.contexts import StaticInferenceContext
 
 from carft_nemo.distributed import cpu_compat, device
 from carft_nemo.generation.config import GenerationConfig
+from carft_nemo.generation.kv_cache import KVCacheStage, check_supported
 from carft_nemo.generation.rollout import Rollout
 from carft_nemo.generation.sampling import choose_tokens
 from carft_nemo.models.forward import unwrap
@@ -88,7 +82,8 @@ class MegatronGenerator:
         self._hidden_size = config.hidden_size
         self._act_dtype = config.pipeline_dtype or config.params_dtype
         self._device = device.local_device()
-        cpu_compat.apply()  # no-op on GPU; megatron allocates the KV cache on current_device()
+        cpu_compat.apply()  # no-op on GPU; megatron builds RoPE tables on current_device()
+        check_supported(self.gpt)
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Rollout:
         """Continue each prompt; see the module docstring for batching and parallelism.
@@ -97,7 +92,7 @@ class MegatronGenerator:
         caller's train/eval mode is restored afterwards.
         """
         self._check_prompts(prompts)
-        replica = _Replica.current()
+        replica = self._replica = _Replica.current()
         rng = torch.Generator(device=self._device).manual_seed(cfg.seed + _DP_SEED_STRIDE * replica.dp_rank)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         size = cfg.micro_batch_size or len(prompts)
@@ -132,57 +127,56 @@ class MegatronGenerator:
 
     def _static_batch(self, prompts: list[list[int]], cfg: GenerationConfig, rng: torch.Generator,
                       replica: _Replica) -> list[tuple[list[int], list[float], bool]]:
-        """One right-padded static batch: prefill to the shortest prompt, then one column per step."""
+        """One right-padded batch: one causal prefill of every prompt, then one token per row per step."""
         dev = self._device
         B = len(prompts)
         lens = torch.tensor([len(p) for p in prompts], device=dev)
         budget = (self.max_sequence_length - lens).clamp(max=cfg.max_new_tokens)
-        S = int((lens + budget).max())
-        tokens = torch.full((B, S), cfg.pad_token_id, dtype=torch.long, device=dev)
+        width, steps = int(lens.max()), int(budget.max())
+        S = int((lens + budget).max())  # the last chosen token is never fed back: S - 1 cached positions suffice
+        prompt = torch.full((B, width), cfg.pad_token_id, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
-        logprobs = torch.zeros(B, S, dtype=torch.float32, device=dev)
-        positions = torch.arange(S, device=dev).unsqueeze(0).expand(B, -1)
-        hidden_mask = torch.ones(S, S, dtype=torch.bool, device=dev).triu(1).view(1, 1, S, S)  # True = hidden
+            prompt[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+        new_tok = torch.full((B, steps), cfg.pad_token_id, dtype=torch.long, device=dev)
+        new_lp = torch.zeros(B, steps, dtype=torch.float32, device=dev)
         eos = torch.tensor(cfg.eos_token_ids or [-1], device=dev)
         n_new = torch.zeros(B, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         hit_eos = torch.zeros(B, dtype=torch.bool, device=dev)
-        ctx = StaticInferenceContext(max_batch_size=B, max_sequence_length=S)
-        start, end = 0, int(lens.min())
-        while end < S:
-            logits = self._stage_forward(tokens[:, start:end], positions[:, start:end],
-                                         hidden_mask[..., start:end, :end], ctx, replica)
-            ctx.sequence_len_offset += end - start  # megatron's static wrapper does this after each forward
-            next_tok, next_lp = self._choose(logits, B, cfg, rng, replica)
-            write = (lens <= end) & ~done  # prompt consumed and still generating
-            tokens[write, end] = next_tok[write]
-            logprobs[write, end] = next_lp[write]
-            n_new += write.long()
-            hit_eos |= write & torch.isin(next_tok, eos)
+        stage = KVCacheStage(self.gpt, B, S)
+        logits = self._stage_call(stage.prefill, prompt, (width, B), lens - 1)
+        positions = lens.clone()  # where each row's next input token sits
+        for step in range(steps):
+            tok, lp = self._choose(logits, B, cfg, rng, replica)
+            live = ~done
+            new_tok[:, step] = torch.where(live, tok, new_tok[:, step])
+            new_lp[:, step] = torch.where(live, lp, new_lp[:, step])
+            n_new += live.long()
+            hit_eos |= live & torch.isin(tok, eos)
             done |= hit_eos | (n_new >= budget)
-            if bool(done.all()):
+            if step + 1 == steps or bool(done.all()):
                 break
-            if end + 1 >= int(lens.max()):  # every prompt is in the cache from the next step on
-                ctx.enable_decode_mode()
-            start, end = end, end + 1
-        return [(tokens[i, len(p) : len(p) + int(n_new[i])].tolist(),
-                 logprobs[i, len(p) : len(p) + int(n_new[i])].tolist(), bool(hit_eos[i]))
-                for i, p in enumerate(prompts)]
+            # finished rows keep decoding (cheaper than compacting the batch); their outputs are
+            # dropped and their positions clamped so they stay inside the cache
+            kv_len = min(width + step + 1, S)
+            logits = self._stage_call(stage.decode, tok[:, None], (1, B), positions, kv_len)
+            positions = (positions + 1).clamp_(max=S - 1)
+        counts = n_new.tolist()
+        toks, lps, eos_hit = new_tok.tolist(), new_lp.tolist(), hit_eos.tolist()
+        return [(toks[i][: counts[i]], lps[i][: counts[i]], bool(eos_hit[i])) for i in range(B)]
 
-    def _stage_forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                       ctx: StaticInferenceContext, replica: _Replica) -> torch.Tensor | None:
-        """This stage's forward of one column block; last-position logits ``[b, V]`` on the last stage."""
+    def _stage_call(self, fn, tokens: torch.Tensor, seq_batch: tuple[int, int], *args) -> torch.Tensor | None:
+        """Run this stage's ``fn`` (prefill/decode); hidden states ``[s, b, h]`` travel between stages."""
+        replica = self._replica
+        x = tokens
         if not replica.first_stage:
-            recv = torch.empty(tokens.shape[1], tokens.shape[0], self._hidden_size, dtype=self._act_dtype,
-                               device=self._device)
-            dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank())
-            self.gpt.set_input_tensor(recv)
-        out = self.model(tokens, positions, mask, inference_context=ctx, runtime_gather_output=True)
+            x = torch.empty(*seq_batch, self._hidden_size, dtype=self._act_dtype, device=self._device)
+            dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
+        out = fn(x, *args)
         if not replica.last_stage:
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             return None
-        return out[:, -1, :]
+        return out
 
     def _choose(self, logits: torch.Tensor | None, B: int, cfg: GenerationConfig, rng: torch.Generator,
                 replica: _Replica) -> tuple[torch.Tensor, torch.Tensor]:
