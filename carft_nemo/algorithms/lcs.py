@@ -3,39 +3,62 @@
 CARFT's negative signal splits a wrong on-policy CoT and the annotated CoT of the same
 question into their common part (the LCS) and their remainders. The paper code
 (``cl.py``) runs a pure-Python O(nm) dynamic programme per pair, once per micro-batch; here
-every pair of the batch is solved at once with tensor operations that run on CPU and GPU.
+every pair of the batch is solved at once with bit-parallel tensor operations that run on
+CPU and GPU. No Python loop over cells or pairs: ``n + W`` iterations of 8 small tensor ops
+for the forward pass and as many for the traceback, each over ``[B, W]`` words
+(``W = ceil(m / 16)``; the shorter sequence gives the rows); everything else is a handful of
+whole-tensor ops. On CPU the cost is dominated by per-op dispatch (~5-10 us per op on a
+loaded host), not by the O(B n m / 16) word operations.
 
-Recurrence (1-based, ``L[0, j] = L[i, 0] = 0``)::
+DP (1-based, ``L[0, j] = L[i, 0] = 0``)::
 
     L[i, j] = L[i-1, j-1] + 1                  if a_i == b_j
             = max(L[i-1, j], L[i, j-1])        otherwise
 
-Row-wise vectorisation: let ``c_j = max(L[i-1, j], L[i-1, j-1] + [a_i == b_j])``. Because
-``L[i, j] = max(c_j, L[i, j-1])`` and ``L[i, 0] = 0 <= c_j``, the whole row is a prefix
-maximum, ``L[i, :] = cummax_j(c_j)``: one Python iteration per row of ``a`` (never per
-cell), each a handful of tensor ops over ``[batch, m]``. The full table is kept
-(``(n+1) * batch * (m+1)`` int16/int32 entries: 33 MB for 64 pairs of 512 tokens, plus
-``n * batch * m`` match flags computed in one op).
+Forward pass, bit-parallel (Hyyro 2004, "Bit-parallel LCS-length computation revisited",
+after Allison & Dix 1986 and Crochemore et al. 2001). Row ``i`` of ``L`` is encoded by an
+m-bit vector ``V_i`` whose bit ``j-1`` is 0 exactly where the row steps up,
+``L[i, j] = L[i, j-1] + 1``; so ``L[i, j]`` is the number of zeros among bits ``< j``. With
+``V_0 = ~0`` and ``M_i`` the bits of the columns where ``b_j == a_i``::
 
-Traceback, also one iteration per row and vectorised over the batch: rows of ``L`` are
-non-decreasing, so from cell ``(i, j)`` with value ``v`` the path walks left along the
-plateau to ``j0 = searchsorted(L[i, :], v)``, the first column where row ``i`` reaches
-``v``. There either ``L[i-1, j0] == v`` (``a_i`` is not needed: go up) or, since both the
-left and upper neighbours are ``v - 1``, the value came from a match on the diagonal:
-``a_i`` and ``b_{j0}`` are in the LCS. Every step keeps "value still to collect =
-``L[i, j]``", so the marked pairs form a common subsequence of length ``L[n, m]``.
+    U = V_{i-1} & M_i
+    V_i = (V_{i-1} + U) | (V_{i-1} & ~M_i)                              (Hyyro, eq. 2)
 
-Why rows and not anti-diagonals: n Python iterations instead of n + m, each on contiguous
-rows; the prefix maximum (``torch.cummax``) is the dominant cost. A bit-parallel
-(Hyyro) forward pass would cut that work ~64x but needs multi-word carries and a
-bit-level traceback; not done here.
+``L[n, m]`` is the number of zeros of ``V_n``. Words hold 16 bits in int64 lanes, so a
+word's sum keeps its carry in bit 16. The multi-word addition runs as a wavefront: word
+``w`` handles row ``i = t - w + 1`` at iteration ``t``, taking the carry that word ``w-1``
+produced for the same row one iteration earlier (inputs and outputs are stored
+"skewed": ``X[t, :, w]`` belongs to row ``t - w + 1``). Rows past ``a_lengths`` have no
+matches and leave ``V`` unchanged; columns past ``b_lengths`` never match, stay 1 and
+never carry into real columns (carries only move up).
 
-Differences from the paper code (``cl.py``): same DP, but batched and in torch (no Python
-loop over cells); the paper ran it on decoded token *strings* of the whole sequence
-(prompt and padding included), we run it on token ids of whatever span the caller
-selects (the contrastive module passes CoT tokens only, see
-``carft_nemo.algorithms.contrastive.lcs_spans``). Among several LCSs the two
-tracebacks may pick different (equally long) ones.
+Traceback without searching. Per row, the update moves each zero of ``V_{i-1}`` down to
+the lowest match of the run of ones below it (if any); a zero of ``V_i`` at bit ``p`` whose
+bit is 1 in ``V_{i-1}`` ("moved in") is therefore a match ``a_i == b_{p+1}``, and ``L`` is
+the same in rows ``i`` and ``i-1`` up to column ``p+1`` when the zero at ``p`` is in both.
+Walking back from the highest zero of ``V_n``: at row ``i`` with the path on zero ``p``,
+if ``p`` moved in, ``(a_i, b_{p+1})`` joins the LCS and the path jumps to the highest
+zero of ``V_{i-1}`` below ``p`` (one level lower); otherwise it stays on ``p`` and goes
+up. Each level is collected once, so exactly ``L[n, m]`` pairs are marked, in order.
+
+"The highest zero below ``p``" is a carry too, if the bit order is reversed: in
+``R = reverse(V_{i-1})`` it is the lowest zero above ``p'``, and ``R + 2 * onehot(p')``
+carries through ones and stops on it, so ``(R + 2 * T) & ~R`` is the new one-hot
+position (a carry out of the top word means no zero is left: the path is complete). The
+traceback is the same skewed wavefront over the bit-reversed history (each 16-bit word
+reversed by one table lookup as the forward pass stores it), with a one-hot "token" per
+pair instead of ``V``: ``T = P & R``; ``P = (P | (R + 2T + carry)) & ~R``. Read backwards,
+the forward history is already skewed the way the traceback needs (module code,
+:func:`_traceback`).
+
+Memory: ``[n + W, B, W]`` buffers (int64 match words, int32 history), O(B n m / 16) words
+(about 9 MB and 4 MB for 64 pairs of 512 tokens).
+
+Differences from the paper code (``cl.py``): same DP, but batched and in torch; the paper
+ran it on decoded token *strings* of the whole sequence (prompt and padding included), we
+run it on token ids of whatever span the caller selects (the contrastive module passes
+CoT tokens only, see ``carft_nemo.algorithms.contrastive.lcs_spans``). Among several LCSs
+the two tracebacks may pick different (equally long) ones.
 """
 
 from __future__ import annotations
@@ -46,6 +69,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["LcsResult", "lcs_masks", "lcs_table"]
+
+_BITS = 16  # payload bits per int64 lane: bit 16 holds a word's carry; 16-bit reversal is one lookup
+_FULL = (1 << _BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -71,72 +97,171 @@ def _lengths_or_full(x: Tensor, lengths: Tensor | None) -> Tensor:
     return lengths.to(device=x.device, dtype=torch.long)
 
 
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"expected a [B, n] and b [B, m], got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+# --- packed bit vectors --------------------------------------------------------------------------
+#
+# Words are stored highest first: lane x holds bits 16 (W-1-x) .. 16 (W-1-x) + 15 of a row. The
+# forward carry then moves from lane x+1 to lane x, and the bit-reversed row of the traceback is
+# the same lanes with each 16-bit word reversed (one table lookup): no reordering anywhere.
+#
+# Both loops run a fixed list of out= ops into preallocated [B, W] buffers (no allocation per
+# step). Whole-tensor ops are kept to the few that build the match words: on a CPU whose cores
+# are shared, each op over more than 32k elements wakes the intra-op thread pool (milliseconds).
+
+
+def _reversal_table(device: torch.device) -> Tensor:
+    """``[2^16]``: every 16-bit word with its bits in reverse order."""
+    table = _REVERSED.get(device)
+    if table is None:
+        bits = (torch.arange(1 << _BITS, device=device)[:, None] >> torch.arange(_BITS, device=device)) & 1
+        table = _REVERSED[device] = (bits << torch.arange(_BITS - 1, -1, -1, device=device)).sum(1).int()
+    return table
+
+
+_REVERSED: dict[torch.device, Tensor] = {}
+
+
+def _match_table(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor, words: int) -> tuple[Tensor, Tensor]:
+    """Match words per distinct token of ``b`` and the token class of every row of ``a``.
+
+    Returns ``table [B, m+1, W]`` (lanes highest word first; row ``m`` is all zeros) and
+    ``row_class [B, n]`` with ``table[k, row_class[k, i]]`` = the columns where
+    ``b[k, j] == a[k, i]``. Built with one sort and one scatter-add over ``b`` instead of
+    comparing all ``n * m`` pairs; padding never matches (its bits and rows are zero).
+    """
+    batch, n = a.shape
+    m = b.shape[1]
+    pos = torch.arange(m, device=b.device)
+    bit = torch.where(pos < b_len[:, None], 1 << (pos % _BITS), 0)  # [B, m]
+    lane = words - 1 - pos // _BITS
+    sorted_b, order = b.sort(dim=1)
+    token_class = torch.searchsorted(sorted_b, sorted_b)  # first index of each run of equal ids
+    table = torch.zeros(batch, (m + 1) * words, dtype=torch.long, device=b.device)
+    table.scatter_add_(1, token_class * words + lane.gather(0, order.flatten()).view(batch, m),
+                       bit.gather(1, order))  # distinct bits: + is |
+    a = a.to(b.dtype)
+    slot = torch.searchsorted(sorted_b, a.contiguous()).clamp_(max=m - 1)  # [B, n]
+    found = (sorted_b.gather(1, slot) == a) & (torch.arange(n, device=a.device) < a_len[:, None])
+    return table.view(batch, m + 1, words), torch.where(found, slot, m)
+
+
+def _forward(table: Tensor, row_class: Tensor, words: int) -> tuple[Tensor, Tensor]:
+    """Hyyro's recurrence over all rows as a wavefront; returns ``V_n`` and the reversed history.
+
+    At step ``t`` lane ``x`` (word ``w = W-1-x``) processes row ``t - w``. Returns
+    ``v [B, W]`` (``V_n``) and ``reversed [n + W, B, W]``: entry ``t + 1`` holds the
+    bit-reversed words of step ``t``'s output (entry 0: ``V_0``, all ones).
+    """
+    batch, n = row_class.shape
+    m = table.shape[1] - 1
+    steps = n + words - 1
+    device = table.device
+    # Match words in step order (lane x at step t: row t + x - (W-1); rows outside 0..n-1 use the
+    # zero class m), gathered once so each step reads one contiguous [B, W] block.
+    padded = torch.full((batch, n + 2 * words - 2), m, dtype=torch.long, device=device)
+    padded[:, words - 1:words - 1 + n] = row_class
+    lanes = torch.arange(words, device=device)
+    offsets = (padded + torch.arange(batch, device=device)[:, None] * (m + 1)) * words
+    index = offsets.unfold(1, words, 1).transpose(0, 1) + lanes  # [steps, B, W]
+    matches = table.take(index).unbind(0)
+    reverse = _reversal_table(device)
+    # int32 halves the memory the loop first touches (page faults are a large share of its cost).
+    history = torch.empty(steps + 1, batch, words, dtype=torch.int32, device=device)
+    history[0] = _FULL
+    used = torch.empty(batch, words, dtype=torch.long, device=device)
+    kept = torch.empty_like(used)
+    total = torch.empty_like(used)
+    carry = torch.zeros(batch, words + 1, dtype=torch.long, device=device)
+    carry_in, carry_out = carry[:, 1:], carry[:, :-1]  # lane x reads lane x+1 (the word below)
+    v = torch.full((batch, words), _FULL, dtype=torch.long, device=device)
+    for match, out in zip(matches, history[1:].unbind(0)):
+        torch.bitwise_and(v, match, out=used)             # U = V & M
+        torch.sub(v, used, out=kept)                      # V & ~M
+        torch.add(v, used, out=total)                     # V + U (+ carry below)
+        total.add_(carry_in)
+        torch.bitwise_right_shift(total, _BITS, out=carry_out)
+        total.bitwise_and_(_FULL)
+        torch.bitwise_or(total, kept, out=v)              # Hyyro eq. 2
+        torch.take(reverse, v, out=out)                   # reversed words for the traceback
+    return v, history
+
+
+def _traceback(history: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Rows ``[B, n]`` and reversed-domain column words ``[B, W]`` of one LCS (module docstring).
+
+    Walks :func:`_forward`'s history backwards: lane ``x`` handles path step ``u`` (row
+    ``n - u + 1``) at iteration ``u + x``, which reads history entry ``n + W - 1 - u - x``
+    for all lanes alike. Step 0 only places the token on the highest zero of ``V_n``.
+    """
+    steps, batch, words = history.shape
+    device = history.device
+    token = torch.zeros(batch, words, dtype=torch.long, device=device)
+    taken = torch.empty_like(token)
+    zeros = torch.empty_like(token)
+    total = torch.empty_like(token)
+    columns = torch.zeros_like(token)
+    # rows[:, i + W - 2] collects the token taken on row i; lane x of entry k adds to column k + x.
+    rows = torch.zeros(batch, steps + words - 1, dtype=torch.long, device=device)
+    row_views = rows.unfold(1, words, 1).unbind(1)
+    carry = torch.zeros(batch, words + 1, dtype=torch.long, device=device)
+    carry_in, carry_out = carry[:, :-1], carry[:, 1:]  # lane x reads lane x-1 (reversed: the word above)
+    carry[:, 0] = 1  # step 0: carry from bit -1 stops on the first zero of reverse(V_n)
+    rows_at = history.unbind(0)
+    for k in range(steps - 1, -1, -1):
+        ones = rows_at[k]
+        torch.bitwise_xor(ones, _FULL, out=zeros)
+        torch.bitwise_and(token, ones, out=taken)         # T: the token's zero moved in: a match
+        torch.add(ones, taken, alpha=2, out=total)        # R + 2T (+ carry) runs to the next zero
+        total.add_(carry_in)
+        torch.bitwise_right_shift(total, _BITS, out=carry_out)
+        token.bitwise_or_(total).bitwise_and_(zeros)      # drop T, keep the landing bit
+        row_views[k].add_(taken)
+        columns.add_(taken)
+        if k == steps - 1:
+            carry[:, 0] = 0
+    return rows[:, words - 1:words - 1 + n] != 0, columns
+
+
+def _bits(x: Tensor) -> Tensor:
+    """``[B, W]`` words -> ``[B, 16 W]`` 0/1 ints, lowest bit of word 0 first."""
+    return ((x[..., None] >> torch.arange(_BITS, device=x.device)) & 1).flatten(-2)
+
+
+def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward pass and traceback on unpadded-width inputs: length, mask_a, mask_b, ``V_n`` bits."""
+    m = b.shape[1]
+    words = -(-m // _BITS)
+    table, row_class = _match_table(a, b, a_len, b_len, words)
+    v, history = _forward(table, row_class, words)
+    mask_a, columns = _traceback(history, a.shape[1])
+    v_bits = _bits(v.flip(-1))[:, :m]
+    length = (1 - v_bits).sum(-1)  # L[n, m] = zeros of V_n (padding bits stay 1)
+    return length, mask_a, _bits(columns).flip(-1)[:, :m] != 0, v_bits
+
+
 def lcs_table(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
               b_lengths: Tensor | None = None) -> Tensor:
     """The LCS dynamic-programming table of each pair, ``L[i, k, j]``, shape ``[n+1, B, m+1]``.
 
-    ``a [B, n]`` and ``b [B, m]`` are integer token ids; positions at or beyond
-    ``a_lengths[k]`` / ``b_lengths[k]`` are padding and never match, so
-    ``L[n, k, m]`` is the LCS length of the unpadded pair. Row ``i`` holds
-    ``L[i, j] = cummax_j(max(L[i-1, j], L[i-1, j-1] + [a_i == b_j]))`` (module docstring).
+    Decoded from the bit-parallel rows: ``L[i, j]`` is the number of zero bits below ``j``
+    in ``V_i`` (module docstring). One forward pass per prefix of ``a``: for tests and
+    inspection only.
     """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
-        raise ValueError(f"expected a [B, n] and b [B, m], got {tuple(a.shape)} and {tuple(b.shape)}")
+    _check_pair(a, b)
     batch, n = a.shape
     m = b.shape[1]
     a_len = _lengths_or_full(a, a_lengths)
     b_len = _lengths_or_full(b, b_lengths)
-    # int16 halves memory traffic; LCS values never exceed min(n, m).
-    dtype = torch.int16 if min(n, m) < torch.iinfo(torch.int16).max else torch.int32
-    # Only the boundary needs zeros; every other cell is written once below.
-    table = torch.empty(n + 1, batch, m + 1, dtype=dtype, device=a.device)
-    table[0].zero_()
-    table[:, :, 0].zero_()
-    if n == 0 or m == 0:
-        return table
-    valid_b = torch.arange(m, device=a.device)[None, :] < b_len[:, None]  # [B, m]
-    valid_a = torch.arange(n, device=a.device)[:, None] < a_len[None, :]  # [n, B]
-    # All match rows at once ([n, B, m] bools): one dispatch instead of one per row. Padding is
-    # masked explicitly (no sentinel id), so any id value, negative included, is allowed.
-    matches = (a.t()[:, :, None] == b[None, :, :]) & valid_a[:, :, None] & valid_b[None, :, :]
-    boost = torch.empty(batch, m, dtype=dtype, device=a.device)
-    # Preallocated outputs: cummax without ``out=`` also zero-fills fresh buffers every row.
-    values = torch.empty(batch, m, dtype=dtype, device=a.device)
-    indices = torch.empty(batch, m, dtype=torch.long, device=a.device)
-    for i in range(n):
-        prev = table[i]
-        torch.add(prev[:, :-1], matches[i], out=boost)  # bool promotes to the table dtype
-        torch.maximum(boost, prev[:, 1:], out=boost)
-        torch.cummax(boost, dim=1, out=(values, indices))
-        table[i + 1, :, 1:] = values
+    table = torch.zeros(n + 1, batch, m + 1, dtype=torch.long, device=a.device)
+    if m:
+        for i in range(1, n + 1):
+            v_bits = _solve(a[:, :i], b, a_len.clamp(max=i), b_len)[3]
+            table[i, :, 1:] = (1 - v_bits).cumsum(-1)
     return table
-
-
-def _traceback(table: Tensor) -> tuple[Tensor, Tensor]:
-    """Membership masks ``[B, n]``, ``[B, m]`` of one LCS per pair from :func:`lcs_table`'s table."""
-    n_plus_1, batch, m_plus_1 = table.shape
-    n, m = n_plus_1 - 1, m_plus_1 - 1
-    device = table.device
-    # Per row: did the path take the diagonal there, and at which column (1-based)?
-    diag_rows = torch.zeros(n, batch, 1, dtype=torch.bool, device=device)
-    first_rows = torch.zeros(n, batch, 1, dtype=torch.long, device=device)
-    col = torch.full((batch, 1), m, dtype=torch.long, device=device)
-    for i in range(n, 0, -1):
-        row = table[i]
-        value = row.gather(1, col)  # [B, 1] LCS length still to collect
-        if i % 32 == 0 and not bool(value.any()):
-            break  # every pair has collected its whole LCS (checked now and then: it syncs on GPU)
-        first = torch.searchsorted(row, value)  # first column where row i reaches `value`
-        # Diagonal iff the cell above differs (value 0: column 0 above is 0 too, so "up").
-        diag = table[i - 1].gather(1, first) != value
-        diag_rows[i - 1] = diag
-        first_rows[i - 1] = first
-        col = first - diag.long()
-    mask_a = diag_rows[:, :, 0].t().contiguous()
-    chosen = torch.where(diag_rows, first_rows - 1, m)[:, :, 0].t()  # m: a dummy column
-    mask_b = torch.zeros(batch, m + 1, dtype=torch.bool, device=device)
-    mask_b.scatter_(1, chosen, True)
-    return mask_a, mask_b[:, :m]
 
 
 def lcs_masks(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
@@ -150,19 +275,23 @@ def lcs_masks(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
 
     Returns:
         :class:`LcsResult` with ``length [B]`` and masks ``[B, n]`` / ``[B, m]``, false on
-        padding. Work: O(B n m) tensor ops in O(n) Python iterations; memory O(B n m).
+        padding. Work: O(B n m / 16) word ops in 2 (min(n, m) + max(n, m) / 16) Python
+        iterations of 8 small tensor ops each; memory O(B n m / 16) words.
     """
+    _check_pair(a, b)
     a_len = _lengths_or_full(a, a_lengths)
     b_len = _lengths_or_full(b, b_lengths)
     batch, n = a.shape
     m = b.shape[1]
-    # Trim shared padding so the O(n m) work only covers the longest real sequences.
-    n_used = int(a_len.max()) if batch else 0
-    m_used = int(b_len.max()) if batch else 0
-    table = lcs_table(a[:, :n_used], b[:, :m_used], a_len, b_len)
-    mask_a_used, mask_b_used = _traceback(table)
     mask_a = torch.zeros(batch, n, dtype=torch.bool, device=a.device)
     mask_b = torch.zeros(batch, m, dtype=torch.bool, device=a.device)
-    mask_a[:, :n_used] = mask_a_used
-    mask_b[:, :m_used] = mask_b_used
-    return LcsResult(length=table[-1, :, -1].long(), mask_a=mask_a, mask_b=mask_b)
+    # Trim shared padding so the work only covers the longest real sequences.
+    n_used = int(a_len.max()) if batch else 0
+    m_used = int(b_len.max()) if batch else 0
+    if n_used == 0 or m_used == 0:
+        return LcsResult(length=torch.zeros(batch, dtype=torch.long, device=a.device), mask_a=mask_a, mask_b=mask_b)
+    if n_used <= m_used:  # iterations follow the rows (a), words the columns (b): loop over the shorter
+        length, mask_a[:, :n_used], mask_b[:, :m_used], _ = _solve(a[:, :n_used], b[:, :m_used], a_len, b_len)
+    else:
+        length, mask_b[:, :m_used], mask_a[:, :n_used], _ = _solve(b[:, :m_used], a[:, :n_used], b_len, a_len)
+    return LcsResult(length=length, mask_a=mask_a, mask_b=mask_b)

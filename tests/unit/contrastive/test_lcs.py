@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from carft_nemo.algorithms.lcs import lcs_masks
+from carft_nemo.algorithms.lcs import lcs_masks, lcs_table
 
 
 def python_lcs_length(x: list[int], y: list[int]) -> int:
@@ -103,3 +103,12 @@ def test_unpadded_call_and_validation():
     assert result.mask_b.tolist() == [[True, True, False]]
     with pytest.raises(ValueError):
         lcs_masks(a, b, torch.tensor([5]), None)
+
+
+def test_lcs_table_matches_python_dp():
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 3, 9), rng.integers(0, 3, 7)
+    table = lcs_table(torch.from_numpy(x)[None], torch.from_numpy(y)[None])
+    for i in range(len(x) + 1):
+        for j in range(len(y) + 1):
+            assert int(table[i, 0, j]) == python_lcs_length(x[:i].tolist(), y[:j].tolist())
