@@ -43,7 +43,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=True)
+    # Not daemonic: megatron's torch_dist checkpoint writer starts worker processes of its
+    # own, which Python forbids in daemons. Ranks are joined, or killed, below.
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -69,6 +71,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         p.join(timeout=10)
         if p.is_alive():
             p.kill()
+            p.join(timeout=10)
     if errors:
         raise RuntimeError("\n".join(errors))
     missing = [r for r in range(world_size) if r not in results]

@@ -22,16 +22,14 @@ group's tensors are keyed ``<name>.<megatron key>`` so they cannot collide.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import multiprocessing
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -195,24 +193,6 @@ def _sharded_state(models: Trainables, *, is_loading: bool, with_optimizer: bool
     return state
 
 
-@contextlib.contextmanager
-def _allow_worker_processes() -> Iterator[None]:
-    """Let megatron's ``torch_dist`` writer start its worker processes from a daemonic process.
-
-    The writer always hands the shards to child processes (and a ``Manager`` queue) and
-    joins them before ``save`` returns. Python refuses children to daemonic processes,
-    which is what test launchers and some process pools start; the flag only exists so
-    that such children die with the parent, and these are joined anyway.
-    """
-    proc = multiprocessing.current_process()
-    daemon = proc._config.get("daemon", False)  # noqa: SLF001 - the flag Process.start() checks
-    proc._config["daemon"] = False  # noqa: SLF001
-    try:
-        yield
-    finally:
-        proc._config["daemon"] = daemon  # noqa: SLF001
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -244,8 +224,7 @@ def save_checkpoint(root: str | Path, step: int, models: Trainables, *, data_sta
     _barrier()
     has_optimizer = any(isinstance(m, TrainableModel) for m in models.values())
     state = _sharded_state(models, is_loading=False, with_optimizer=True, with_rng=True, data_state=data_state)
-    with _allow_worker_processes():
-        dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
         info = {"step": step, "format": FORMAT, "megatron_core": str(compat.MEGATRON_VERSION),
