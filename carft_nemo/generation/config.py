@@ -26,6 +26,11 @@ class GenerationConfig:
     pad_token_id: int = 0  # fills the right-padded tensors of a Rollout
     seed: int = 0  # same seed, prompts and layout -> same samples
     micro_batch_size: int = 0  # prompts per static batch (sorted by length); 0 = all at once
+    # torch intra-op threads while generating on CPU (restored after); 0 = leave torch's setting.
+    # Decode steps are [b, h] x [h, h'] matmuls too small to split, and an OpenMP thread whose
+    # partner is descheduled spins: on a loaded 2-core host 2 threads were 6-20x slower than 1
+    # (benchmarks/generation.py). Ignored on GPU.
+    cpu_threads: int = 1
 
     def __post_init__(self) -> None:
         require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "generation.max_new_tokens",
@@ -44,5 +49,7 @@ class GenerationConfig:
                 f"must be a non-negative token id, got {self.pad_token_id!r}")
         require(isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0,
                 "generation.micro_batch_size", f"must be an integer >= 0, got {self.micro_batch_size!r}")
+        require(isinstance(self.cpu_threads, int) and self.cpu_threads >= 0, "generation.cpu_threads",
+                f"must be an integer >= 0 (0 = torch's setting), got {self.cpu_threads!r}")
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)

@@ -89,7 +89,7 @@ class MegatronGenerator:
         """Continue each prompt; see the module docstring for batching and parallelism.
 
         Every rank of a model replica must call this with the same prompts and config. The
-        caller's train/eval mode is restored afterwards.
+        caller's train/eval mode and torch's CPU thread count are restored afterwards.
         """
         self._check_prompts(prompts)
         replica = self._replica = _Replica.current()
@@ -98,6 +98,9 @@ class MegatronGenerator:
         size = cfg.micro_batch_size or len(prompts)
         out: dict[int, tuple[list[int], list[float], bool]] = {}
         was_training = self.model.training
+        threads = torch.get_num_threads()
+        if cfg.cpu_threads and self._device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)  # why: see GenerationConfig.cpu_threads
         self.model.eval()
         try:
             # no_grad, not inference_mode: megatron lru-caches RoPE tables built here, and the
@@ -109,6 +112,7 @@ class MegatronGenerator:
                     out.update(zip(chunk, results))
         finally:
             self.model.train(was_training)
+            torch.set_num_threads(threads)
         return Rollout(prompts=[list(p) for p in prompts], responses=[out[i][0] for i in range(len(prompts))],
                        logprobs=[out[i][1] for i in range(len(prompts))], finished=[out[i][2] for i in range(len(prompts))])
 

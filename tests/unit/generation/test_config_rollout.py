@@ -11,7 +11,8 @@ from carft_nemo.generation import GenerationConfig, Generator, Rollout
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", 0.0), ("top_k", -1),
                                          ("top_p", 0.0), ("top_p", 1.5), ("eos_token_ids", [-2]),
-                                         ("pad_token_id", -1), ("micro_batch_size", -1)])
+                                         ("pad_token_id", -1), ("micro_batch_size", -1),
+                                         ("cpu_threads", -1)])
 def test_bad_values_name_the_key(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"generation.{field}"):
         GenerationConfig(**{field: value})
