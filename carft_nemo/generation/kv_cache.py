@@ -52,6 +52,9 @@ def check_supported(gpt: torch.nn.Module) -> None:
         "sequence_parallel": bool(c.sequence_parallel),
         "context_parallel_size > 1": c.context_parallel_size > 1,
     }
+    rope = getattr(gpt, "rotary_pos_emb", None)
+    # YaRN / multimodal RoPE need mscale or 3-D positions that this forward does not pass
+    unsupported["RoPE variant " + type(rope).__name__] = rope is not None and type(rope) is not RotaryEmbedding
     bad = [name for name, flag in unsupported.items() if flag]
     if bad:
         raise NotImplementedError(f"cached generation does not support: {', '.join(bad)}")
@@ -81,11 +84,10 @@ class KVCacheStage:
         # [S, 1, dim] RoPE angles, built once (megatron lru-caches the same table)
         self.freqs = gpt.rotary_pos_emb(gpt.max_sequence_length)[:, 0]
         # cos/sin once per step instead of per layer and tensor: Llama-style RoPE on the full head
-        self.plain_rope = (type(gpt.rotary_pos_emb) is RotaryEmbedding and not config.rotary_interleaved
+        self.plain_rope = (not config.rotary_interleaved
                            and self.freqs.shape[-1] == head_dim and not config.apply_rope_fusion)
         self.batch_index = torch.arange(batch, device=dev)
         self.tp = config.tensor_model_parallel_size
-        self.capacity = capacity
 
     def prefill(self, hidden_or_tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Causal pass over right-padded prompts ``[b, s]`` (or hidden ``[s, b, h]`` from the previous stage).
