@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-README_ACCURACY_FLOOR = 0.15  # README: "reaches at least 15% greedy accuracy" (measured value there)
+README_ACCURACY_FLOOR = 0.25  # README states 35% measured (seed 1234); the floor leaves room for CPU float noise
 
 
 @pytest.mark.slow
