@@ -17,7 +17,8 @@ With it, and one torch thread while generating on CPU (``GenerationConfig.cpu_th
 ``benchmarks/generation.py`` measured (shared 2-core host, load average 5-10) 1.14x HF's
 best (tiny, 654 vs 576 tok/s) and 0.89x (small_100m, 57 vs 64 tok/s; there each decode step
 streams ~400 MB of fp32 weights and 80% of the time is in ``F.linear``, so both sides are
-memory-bound and the remaining gap is within run-to-run noise of ~10%).
+memory-bound; a second run gave 0.82x: the 10-20% gap is consistent and not yet explained,
+candidates are the prefill and the fused fc1 weight's cache behaviour).
 
 Batching prompts of different lengths: prompts are right-padded; one causal prefill fills the
 cache for every prompt; the logits at each row's own last prompt token give its first new
