@@ -1,7 +1,8 @@
 """Clean stop on SIGTERM / SIGUSR1 (Slurm preemption and time limits).
 
 The handler only records the signal; the training loop asks :meth:`should_stop` at step
-boundaries, saves a checkpoint and exits with :data:`REQUEUE_EXIT_CODE`. The flag is
+boundaries, saves a checkpoint and returns normally (exit 0; ``slurm/run.sbatch`` then
+requeues the job, which resumes from that checkpoint). The flag is
 OR-reduced across all ranks so every rank stops at the same step (a rank that saved alone
 would leave an incomplete checkpoint and a hung collective).
 """
@@ -16,7 +17,6 @@ import torch.distributed as dist
 
 from carft_nemo.distributed import device
 
-REQUEUE_EXIT_CODE = 0  # Slurm requeues on its own (scontrol requeue in the sbatch trap)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
