@@ -20,6 +20,8 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from carft_nemo.distributed.collectives import all_reduce_max_no_grad, all_reduce_sum_no_grad
+
 
 def _mask_padded_vocab(scaled: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     """Set logits of global ids >= ``vocab_size`` to -inf in this TP rank's shard (in place)."""
@@ -50,15 +52,10 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: in
     """Entropy H_t = logsumexp(l/T) - sum_v p_v l_v/T of the vocab-parallel distribution, ``[b, s]``."""
     scaled = _mask_padded_vocab(logits.detach().float() / temperature, vocab_size)
     group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
-    world = ps.get_tensor_model_parallel_world_size() if group is not None else 1
-    local_max = scaled.max(dim=-1).values
-    if world > 1:
-        torch.distributed.all_reduce(local_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    shifted = scaled - local_max.unsqueeze(-1)
+    global_max = all_reduce_max_no_grad(scaled.max(dim=-1).values, group)
+    shifted = scaled - global_max.unsqueeze(-1)
     exp = shifted.exp()
-    sum_exp = exp.sum(-1)
-    sum_exp_logit = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(-1)  # 0 * -inf on padding
-    if world > 1:
-        torch.distributed.all_reduce(sum_exp, group=group)
-        torch.distributed.all_reduce(sum_exp_logit, group=group)
+    sum_exp = all_reduce_sum_no_grad(exp.sum(-1), group)
+    # 0 * -inf on padded columns: those terms are 0
+    sum_exp_logit = all_reduce_sum_no_grad(torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(-1), group)
     return sum_exp.log() - sum_exp_logit / sum_exp

@@ -21,6 +21,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from carft_nemo.distributed import device
+from carft_nemo.distributed.collectives import all_reduce_sum_no_grad
 from carft_nemo.models.step import forward_backward
 
 Batch = Mapping[str, torch.Tensor]
@@ -42,10 +43,9 @@ def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, to
 
 def data_parallel_sum(value: torch.Tensor | float) -> float:
     """Sum a scalar over the data-parallel group (1 rank: itself)."""
-    tensor = torch.as_tensor(value, dtype=torch.float64).clone().to(device.local_device())
-    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(tensor, group=ps.get_data_parallel_group())
-    return float(tensor)
+    tensor = torch.as_tensor(value, dtype=torch.float64).to(device.local_device())
+    group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+    return float(all_reduce_sum_no_grad(tensor, group))
 
 
 def run_forward_backward(
@@ -92,8 +92,8 @@ def _share_last_stage_metrics(outputs: Sequence[dict[str, torch.Tensor]], normal
         if local is None:
             local = torch.zeros(len(keys), dtype=torch.float64, device=device.local_device())
         torch.distributed.broadcast(local, src=last, group=group)
-    if ps.get_data_parallel_world_size() > 1 and local is not None and local.numel():
-        torch.distributed.all_reduce(local, group=ps.get_data_parallel_group())
+    if local is not None and local.numel():
+        local = all_reduce_sum_no_grad(local, ps.get_data_parallel_group())
     result = {k: float(v) for k, v in zip(keys, local.tolist())} if local is not None else {}
     if "loss_sum" in result:
         result["loss"] = result["loss_sum"] / max(normalizer, 1e-12)
