@@ -7,6 +7,7 @@ Rerunning the same command resumes from the newest complete checkpoint in output
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def main() -> None:
     cfg = parse(SFTConfig, __doc__)
     summary = guarded(lambda: run_sft(cfg))
     shutdown()
-    print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # one line per job, not per process
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ recipes), so a user names only the checkpoint, the data and the sampling setting
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     examples = load_examples(cfg.data)
     prompts, _, stats = encode_prompts(examples, tokenizer, cfg.encoding)
     require(stats.dropped == 0, "encoding.long_prompts", f"{stats.dropped} prompts were dropped as too long")
-    gen_cfg = GenerationConfig(**{**cfg.generation.__dict__, "eos_token_ids": (tokenizer.eos_token_id,),
-                                  "pad_token_id": tokenizer.pad_token_id, "seed": cfg.seed})
+    gen_cfg = dataclasses.replace(cfg.generation, eos_token_ids=(tokenizer.eos_token_id,),
+                                  pad_token_id=tokenizer.pad_token_id, seed=cfg.seed)
     generator = MegatronGenerator(gpt, vocab_size=len(tokenizer))
     result = evaluate(generator, tokenizer, examples, prompts, gen_cfg, vote_k=cfg.vote_k,
                       vote_temperature=cfg.vote_temperature)

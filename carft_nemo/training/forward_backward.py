@@ -78,23 +78,23 @@ def run_forward_backward(
 def _share_last_stage_metrics(outputs: Sequence[dict[str, torch.Tensor]], normalizer: float) -> dict[str, float]:
     """Sum the micro-batch metrics on the last stage, all-reduce over DP, broadcast over PP."""
     keys = sorted(outputs[0].keys()) if outputs else []
-    if ps.is_pipeline_last_stage():
-        local = (torch.stack([sum(o[k] for o in outputs) for k in keys]).double() if keys
-                 else torch.zeros(0, dtype=torch.float64)).to(device.local_device())
-    else:
-        local = None
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage has outputs
         last = ps.get_pipeline_model_parallel_last_rank()
         group = ps.get_pipeline_model_parallel_group()
         names = [keys]
         torch.distributed.broadcast_object_list(names, src=last, group=group)
         keys = names[0]
-        if local is None:
-            local = torch.zeros(len(keys), dtype=torch.float64, device=device.local_device())
-        torch.distributed.broadcast(local, src=last, group=group)
-    if local is not None and local.numel():
+    if ps.is_pipeline_last_stage():
+        local = torch.tensor([float(sum(o[k] for o in outputs)) for k in keys], dtype=torch.float64)
+    else:
+        local = torch.zeros(len(keys), dtype=torch.float64)
+    local = local.to(device.local_device())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+    if local.numel():
         local = all_reduce_sum_no_grad(local, ps.get_data_parallel_group())
-    result = {k: float(v) for k, v in zip(keys, local.tolist())} if local is not None else {}
+    result = dict(zip(keys, local.tolist()))
     if "loss_sum" in result:
         result["loss"] = result["loss_sum"] / max(normalizer, 1e-12)
     return result

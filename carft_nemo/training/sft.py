@@ -10,6 +10,7 @@ distributed checkpoint. Rerunning the same command resumes from the newest compl
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     model_cfg = cfg.model.with_vocab(len(tokenizer)) if not cfg.model.vocab_size else cfg.model
     policy = build_policy(model_cfg, cfg.parallel, cfg.optim, cfg.train.steps, init_from_hf=cfg.init_from_hf)
-    gen_cfg = GenerationConfig(**{**cfg.generation.__dict__, "eos_token_ids": (tokenizer.eos_token_id,),
-                                  "pad_token_id": tokenizer.pad_token_id})
+    gen_cfg = dataclasses.replace(cfg.generation, eos_token_ids=(tokenizer.eos_token_id,),
+                                  pad_token_id=tokenizer.pad_token_id)
     generator = policy.generator(len(tokenizer))
     ckpt_dir = out / "checkpoints"
     start_step = 0
@@ -180,11 +181,13 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             last = step == cfg.train.steps
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
                 run_eval(step, f"step_{step}")
-            if last or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            saved = last or (cfg.train.save_every and step % cfg.train.save_every == 0)
+            if saved:
                 save(step)
             if not last and preemption.should_stop():
                 LOG.warning("stop signal %s: saving at step %d and exiting", preemption.received, step)
-                save(step)
+                if not saved:
+                    save(step)
                 stopped_early = True
                 break
     finally:
@@ -197,7 +200,5 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer),
                "wall_time_s": time.perf_counter() - started}
     if layout.is_logging_rank:
-        import json
-
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
