@@ -26,11 +26,16 @@ def parse(schema: type[T], description: str, argv: Sequence[str] | None = None,
 
 
 def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; user errors print ``error: ...`` and exit 2."""
+    """Run ``fn``; user errors print ``error: ...`` and exit 2, a failed worker exits 1."""
+    from carft_nemo.checkpoint.dist_checkpoint import CheckpointError
     from carft_nemo.data.datasets import DataError
+    from carft_nemo.distributed.ray_group import WorkerFailure
 
     try:
         return fn()
-    except (*USER_ERRORS, DataError) as err:
+    except (*USER_ERRORS, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except WorkerFailure as err:  # a worker died or hung: the run stopped, its last checkpoint stands
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

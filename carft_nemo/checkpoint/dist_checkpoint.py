@@ -291,6 +291,40 @@ def load_checkpoint(path: str | Path, models: Trainables, *, load_optimizer: boo
                           metadata=meta, restored_rng=with_rng, restored_optimizer=restored_optimizer)
 
 
+def load_model_weights(path: str | Path, name: str, model: torch.nn.Module, *,
+                       skip_prefixes: tuple[str, ...] = ()) -> Path:
+    """Initialise ``model`` from group ``name`` of a checkpoint, weights only (collective).
+
+    For a new stage started from an earlier one (PPO actor and critic from SFT): the
+    optimizer, RNG and data position are not restored, and parameters whose key starts with
+    one of ``skip_prefixes`` (heads the checkpoint does not have, e.g. a fresh value head
+    ``output_layer.`` of a critic) keep their initialisation. Every other parameter must be
+    in the checkpoint. Returns the resolved ``step_N`` folder.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(path)
+    meta = read_metadata(path)
+    if name not in meta["models"]:
+        raise CheckpointError(f"checkpoint {path}: has no model group {name!r}; it holds {meta['models']}")
+    gpt = unwrap(model)
+    wanted = {k: v for k, v in gpt.sharded_state_dict(prefix=f"{name}.").items()
+              if not k.startswith(tuple(f"{name}.{p}" for p in skip_prefixes))}
+    try:
+        loaded = dist_checkpointing.load({"models": {name: {"model": wanted}}}, str(path))
+    except (Exception, TorchCheckpointException) as err:
+        summary = str(err).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path}: could not initialise {name!r} from it "
+                              f"(different architecture?): {' | '.join(summary[-3:])}") from err
+    result = gpt.load_state_dict(_strip(f"{name}.", loaded["models"][name]["model"]), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes) and not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {path}: {name!r} lacks {missing[:5]} / has unexpected "
+                              f"{list(result.unexpected_keys)[:5]}")
+    _barrier()
+    return path
+
+
 __all__ = ["CheckpointConfig", "CheckpointError", "CheckpointInfo", "ConfigError", "current_layout",
-           "find_latest_checkpoint", "is_complete", "list_checkpoints", "load_checkpoint", "prune_checkpoints",
+           "find_latest_checkpoint", "is_complete", "list_checkpoints", "load_checkpoint", "load_model_weights", "prune_checkpoints",
            "read_metadata", "resolve_checkpoint", "save_checkpoint"]

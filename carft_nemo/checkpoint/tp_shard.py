@@ -54,15 +54,18 @@ def split_rule(full_key: str) -> tuple[Optional[int], int]:
 def local_to_full_keys(model: torch.nn.Module, model_cfg: ModelConfig) -> dict[str, str]:
     """Local state-dict key -> full-state-dict key, for the keys that carry LM weights.
 
-    Keys without a full counterpart (``_extra_state``, a critic's value head) are left out.
+    Keys without a full counterpart (``_extra_state``, a critic's value head,
+    the RL heads on a policy) are left out.
     """
     from carft_nemo.models.forward import unwrap
+    from carft_nemo.models.heads import POLICY_HEADS, ValueHead
 
     gpt = unwrap(model)
+    heads = POLICY_HEADS + (("output_layer.",) if isinstance(getattr(gpt, "output_layer", None), ValueHead) else ())
     layer_numbers = [layer.layer_number - 1 for layer in gpt.decoder.layers] if hasattr(gpt, "decoder") else []
     out: dict[str, str] = {}
     for key in gpt.state_dict():
-        if key.endswith("_extra_state") or key.startswith("output_layer.linear."):
+        if key.endswith("_extra_state") or key.startswith(heads):
             continue
         full = key
         if key.startswith("decoder.layers."):

@@ -20,6 +20,10 @@ def schema_for(path: str | Path) -> type:
         from carft_nemo.training.sft import SFTConfig
 
         return SFTConfig
+    if kind in ("reft", "carft", "grpo"):
+        from carft_nemo.rl.config import RLConfig
+
+        return RLConfig
     if kind == "main":
         from carft_nemo.pipeline.main_job import MainConfig
 

@@ -18,7 +18,8 @@ On GPU nodes Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so each actor's local 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import time
+from typing import Any, Mapping, Sequence
 
 from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import device
@@ -70,6 +71,9 @@ class ParallelWorker:
         self.layout = initialize(parallel, seed=seed, process=process, **(model_dims or {}))
         return self.layout
 
+    def process_id(self) -> int:
+        return os.getpid()
+
     def shutdown_parallel(self) -> None:
         from carft_nemo.distributed.layout import shutdown
 
@@ -113,15 +117,29 @@ class RayWorkerGroup:
         """Call ``method(*args, **kwargs)`` on every rank; results in rank order."""
         import ray
 
-        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+        return ray.get(self.submit(method, *args, **kwargs))
 
     def run_per_rank(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
         """Call ``method(*per_rank_args[r])`` on rank ``r`` (e.g. each DP rank its own shard)."""
         import ray
 
+        return ray.get(self.submit_per_rank(method, per_rank_args))
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Start ``method`` on every rank without waiting; returns the futures (see :func:`wait_all`)."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def submit_per_rank(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
+        """:meth:`run_per_rank` without waiting."""
         require(len(per_rank_args) == self.world_size, "per_rank_args",
                 f"{len(per_rank_args)} argument tuples for {self.world_size} ranks")
-        return ray.get([getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args)])
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args)]
+
+    def pids(self) -> list[int]:
+        """Process ids of the actors, in rank order (logs, fault-injection tests)."""
+        import ray
+
+        return ray.get([actor.process_id.remote() for actor in self.actors])
 
     def kill(self) -> None:
         """Stop the actors without a collective (also after a failure)."""
@@ -141,4 +159,48 @@ class RayWorkerGroup:
             self.kill()
 
 
-__all__ = ["ParallelWorker", "RayWorkerGroup", "start_local_ray"]
+class WorkerFailure(RuntimeError):
+    """A worker of a named role died, raised, or did not answer in time."""
+
+
+def wait_all(calls: Mapping[str, Sequence[Any]], timeout_s: float, *, poll_s: float = 0.1,
+             finished_at: dict[str, float] | None = None) -> dict[str, list[Any]]:
+    """Results of several roles' pending calls (``{role: [future per rank]}``), in rank order.
+
+    Why not ``ray.get(all)``: it waits in list order, so with a dead critic rank and its
+    peers blocked in a collective it could wait forever. Here every finished future is
+    fetched as soon as it is ready, so the first failure surfaces within ``poll_s`` of Ray
+    noticing it, and :class:`WorkerFailure` names the role and rank. A call still pending
+    after ``timeout_s`` is a failure too. ``finished_at`` (optional) receives each role's
+    completion time (``time.perf_counter()``, within ``poll_s``), for per-phase timings.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    where = {ref: (role, rank) for role, refs in calls.items() for rank, ref in enumerate(refs)}
+    results: dict[str, list[Any]] = {role: [None] * len(refs) for role, refs in calls.items()}
+    pending = list(where)
+    left_per_role = {role: len(refs) for role, refs in calls.items()}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            role, rank = where[pending[0]]
+            raise WorkerFailure(f"{role} worker (rank {rank}) did not answer within {timeout_s:.0f} s "
+                                f"(rl.call_timeout_s); stopping the run")
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(poll_s, left))
+        for ref in ready:
+            role, rank = where[ref]
+            try:
+                results[role][rank] = ray.get(ref, timeout=poll_s)
+            except (RayError, GetTimeoutError) as err:
+                first = str(err).strip().splitlines()
+                reason = first[-1] if first else type(err).__name__
+                raise WorkerFailure(f"{role} worker (rank {rank}) failed: {type(err).__name__}: {reason}") from err
+            left_per_role[role] -= 1
+            if finished_at is not None and left_per_role[role] == 0:
+                finished_at[role] = time.perf_counter()
+    return results
+
+
+__all__ = ["ParallelWorker", "RayWorkerGroup", "WorkerFailure", "start_local_ray", "wait_all"]

@@ -18,10 +18,42 @@ class ValueHead(torch.nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.linear = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=config.params_dtype)
-        torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
+        # ``weight``/``bias`` directly on the module (not a nested Linear): megatron's
+        # LanguageModule.sharded_state_dict looks up ``output_layer.weight`` by name.
+        self.weight = torch.nn.Parameter(torch.zeros(1, config.hidden_size, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
         self.sequence_parallel = False
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, **_: object):
-        return self.linear(hidden.to(self.linear.weight.dtype)), None
+        return torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias), None
+
+
+SHARED_VALUE_HEAD = "value_head"
+CONTRASTIVE_HEAD = "contrastive_head"
+POLICY_HEADS = (SHARED_VALUE_HEAD, CONTRASTIVE_HEAD)
+
+
+def attach_policy_heads(gpt: torch.nn.Module, *, shared_value_head: bool, contrastive_dim: int) -> None:
+    """Add the RL heads that read the policy's final hidden states (last pipeline stage only).
+
+    ``value_head``: the critic sharing the policy backbone (ReFT / CARFT paper layout).
+    ``contrastive_head``: CARFT's projection e_t = W h_t (``contrastive_dim`` > 0).
+    They become submodules of the GPTModel before it is wrapped for training, so megatron's
+    DDP, optimizer and distributed checkpoints treat them like any other parameter.
+    """
+    from carft_nemo.models.contrastive_head import ContrastiveHead
+
+    if not getattr(gpt, "post_process", True):
+        return
+    config = gpt.config
+    if shared_value_head:
+        setattr(gpt, SHARED_VALUE_HEAD, ValueHead(config))
+    if contrastive_dim > 0:
+        head = ContrastiveHead(config.hidden_size, contrastive_dim, sequence_parallel=config.sequence_parallel)
+        setattr(gpt, CONTRASTIVE_HEAD, head.to(next(gpt.parameters()).device))
+
+
+def shared_values(gpt: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Values ``[s, b]`` of the shared value head on final hidden states ``[s, b, h]``."""
+    out, _ = getattr(gpt, SHARED_VALUE_HEAD)(hidden)
+    return out.squeeze(-1).float()

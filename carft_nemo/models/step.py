@@ -26,11 +26,12 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _forward_step(loss_fn: LossFn, capture_hidden: bool, batches: Iterator[Batch], model: torch.nn.Module):
+def _forward_step(loss_fn: LossFn, capture_hidden: bool, hidden_to_loss: bool, batches: Iterator[Batch],
+                  model: torch.nn.Module):
     batch = next(batches)
     tokens = batch["tokens"]
     positions, mask = causal_inputs(tokens)
-    if capture_hidden:
+    if capture_hidden or hidden_to_loss:
         with capture_final_hidden(model) as cap:
             output = model(tokens, positions, mask)
         hidden = cap.get("hidden")
@@ -38,9 +39,9 @@ def _forward_step(loss_fn: LossFn, capture_hidden: bool, batches: Iterator[Batch
         output, hidden = model(tokens, positions, mask), None
 
     def score(out: torch.Tensor):
-        loss, metrics = loss_fn(out, batch)
+        loss, metrics = loss_fn(out, batch, hidden) if hidden_to_loss else loss_fn(out, batch)
         metrics = {k: v.detach().clone() for k, v in metrics.items()}
-        if hidden is not None:
+        if capture_hidden and hidden is not None:
             metrics["hidden"] = hidden.detach().transpose(0, 1).clone()  # [b, s, h]
         return loss, metrics
 
@@ -48,19 +49,22 @@ def _forward_step(loss_fn: LossFn, capture_hidden: bool, batches: Iterator[Batch
 
 
 def forward_backward(model: torch.nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn, *,
-                     forward_only: bool = False, capture_hidden: bool = False) -> list[dict[str, torch.Tensor]]:
+                     forward_only: bool = False, capture_hidden: bool = False,
+                     hidden_to_loss: bool = False) -> list[dict[str, torch.Tensor]]:
     """Run the layout's schedule over ``micro_batches`` (each with ``tokens [b, s]``).
 
     Gradients accumulate into the model (call ``TrainableModel.zero_grad()`` first and
     ``.step()`` after). Returns one metrics dict per micro-batch on the last pipeline stage
     (``[]`` on other stages); ``capture_hidden`` adds the final normed hidden states
-    ``"hidden" [b, s, h]``.
+    ``"hidden" [b, s, h]``. ``hidden_to_loss`` calls ``loss_fn(output, batch, hidden)`` with the
+    final hidden states ``[s, b, h]`` still in the graph (heads on them, e.g. CARFT's projection
+    and a shared value head, then train with the model).
     """
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     b, s = micro_batches[0]["tokens"].shape
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_fn, capture_hidden),
+        forward_step_func=partial(_forward_step, loss_fn, capture_hidden, hidden_to_loss),
         data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches),
         seq_length=s, micro_batch_size=b, forward_only=forward_only)
 

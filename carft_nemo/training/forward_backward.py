@@ -56,22 +56,25 @@ def run_forward_backward(
     normalizer: float,
     micro_batch_size: int,
     forward_only: bool = False,
+    hidden_to_loss: bool = False,
 ) -> dict[str, float]:
     """Forward (and backward unless ``forward_only``) of this rank's batch (``tokens [B, S]``, ...).
 
     ``loss_fn(output, micro_batch)`` returns a loss *sum* and metric sums; the batch-level
     result (identical on every rank of the model group: the last pipeline stage's values
     are broadcast, then summed over data parallel) has every metric sum plus
-    ``"loss"`` = loss sum / ``normalizer``.
+    ``"loss"`` = loss sum / ``normalizer``. With ``hidden_to_loss`` the loss function also
+    receives the final hidden states ``[s, b, h]`` (see :func:`~carft_nemo.models.step.forward_backward`).
     """
     microbatches = split_microbatches(batch, micro_batch_size)
     scale = ps.get_data_parallel_world_size() * len(microbatches) / max(normalizer, 1e-12)
 
-    def scaled_loss(output: torch.Tensor, micro: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss_sum, metrics = loss_fn(output, micro)
-        return loss_sum * scale, {**metrics, "loss_sum": loss_sum}
+    def scaled_loss(output: torch.Tensor, micro: Batch, *hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss_sum, metrics = loss_fn(output, micro, *hidden)
+        return loss_sum * scale, {**metrics, "loss_sum": loss_sum.detach()}
 
-    outputs = forward_backward(model, microbatches, scaled_loss, forward_only=forward_only)
+    outputs = forward_backward(model, microbatches, scaled_loss, forward_only=forward_only,
+                               hidden_to_loss=hidden_to_loss)
     return _share_last_stage_metrics(outputs, normalizer)
 
 

@@ -67,8 +67,8 @@ def _train_once(model_overrides: dict, layout: dict, critic: bool, seed: int, in
         if critic:  # the head starts at zero; give it weights so values are not trivially equal
             gen = torch.Generator().manual_seed(7)
             with torch.no_grad():
-                gpt.output_layer.linear.weight.copy_(0.1 * torch.randn(gpt.output_layer.linear.weight.shape, generator=gen))
-                gpt.output_layer.linear.bias.fill_(0.3)
+                gpt.output_layer.weight.copy_(0.1 * torch.randn(gpt.output_layer.weight.shape, generator=gen))
+                gpt.output_layer.bias.fill_(0.3)
         init_sd = full_state_dict(gpt)
     else:
         load_full_state_dict(gpt, init_sd)

@@ -1,0 +1,206 @@
+"""Typed configuration of the RL stages (ReFT's PPO, CARFT, Dr.GRPO), validated at start-up.
+
+One schema serves the three methods: ``algorithm: ppo`` with ``contrastive.enabled: false``
+is ReFT, with ``contrastive.enabled: true`` it is CARFT, and ``algorithm: grpo`` is Dr.GRPO
+(no critic). Every role (actor, critic, reference, reward) has its own parallel layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from carft_nemo.algorithms.contrastive.config import ContrastiveConfig
+from carft_nemo.config import require
+from carft_nemo.data.datasets import DatasetConfig
+from carft_nemo.data.tokenization import EncodingConfig
+from carft_nemo.distributed.layout import ParallelConfig
+from carft_nemo.generation.config import GenerationConfig
+from carft_nemo.models.config import ModelConfig
+from carft_nemo.rewards.sandbox import SandboxConfig
+from carft_nemo.training.optim import OptimConfig
+
+ALGORITHMS = ("ppo", "grpo")
+CRITIC_LAYOUTS = ("separate", "shared")
+REFERENCE_MODES = ("swap", "group")
+
+
+def _rl_optim() -> OptimConfig:
+    return OptimConfig(lr=3e-7, schedule="constant", clip_grad=1.0)
+
+
+@dataclass
+class ActorConfig:
+    """The policy group: training, generation, old/ref log-probs."""
+
+    num_workers: int = 1  # ranks (GPUs) of the group: tensor x pipeline x data parallel
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=_rl_optim)
+    micro_batch_size: int = 8  # sequences per forward/backward micro-batch
+    cpu_threads: int = 1  # torch threads per worker process on CPU (several workers share the cores)
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "actor.num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.micro_batch_size >= 1, "actor.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.cpu_threads >= 1, "actor.cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+
+
+@dataclass
+class CriticConfig:
+    """The value model: a separate server group, or a head on the policy backbone.
+
+    ``layout: separate`` (default at scale): its own model, initialised from the SFT
+    checkpoint with a fresh value head, with infer / train / save calls and its own layout.
+    ``layout: shared``: ReFT's and CARFT's code, a value head on the policy's final hidden
+    states trained with the policy loss (``value_loss_coef`` 5 in the paper's code).
+    """
+
+    layout: str = "separate"
+    num_workers: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=_rl_optim)
+    micro_batch_size: int = 8
+    value_loss_coef: float = 1.0  # weight of the value loss (shared layout; the separate critic trains on it alone)
+    value_clip: float = 0.2
+    cpu_threads: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.layout in CRITIC_LAYOUTS, "critic.layout", f"must be one of {CRITIC_LAYOUTS}, got {self.layout!r}")
+        require(self.num_workers >= 1, "critic.num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.micro_batch_size >= 1, "critic.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.value_loss_coef >= 0, "critic.value_loss_coef", f"must be >= 0, got {self.value_loss_coef}")
+        require(self.value_clip > 0, "critic.value_clip", f"must be > 0, got {self.value_clip}")
+        require(self.cpu_threads >= 1, "critic.cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the frozen SFT policy for the KL penalty lives.
+
+    ``swap``: its weights stay in the actor's CPU memory and are swapped in for the
+    reference pass (no extra GPUs; NeMo-Aligner's default). ``group``: its own Ray group
+    with its own ``parallel`` layout, running concurrently with the actor.
+    """
+
+    mode: str = "swap"
+    num_workers: int = 1  # group mode only
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # group mode only
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "reference.num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.mode in REFERENCE_MODES, "reference.mode", f"must be one of {REFERENCE_MODES}, got {self.mode!r}")
+
+
+@dataclass
+class RewardServerConfig:
+    """The reward pool: answer checking and the P-CoT sandbox; scales by adding workers."""
+
+    num_workers: int = 1
+    tolerance: float = 1e-2
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "reward.num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.tolerance >= 0, "reward.tolerance", f"must be >= 0, got {self.tolerance}")
+
+
+@dataclass
+class RLLoopConfig:
+    """Rollout, advantage and update settings (ReFT's PPO defaults; ``grpo`` for Dr.GRPO)."""
+
+    algorithm: str = "ppo"
+    steps: int = 100  # rollout + update rounds
+    questions_per_step: int = 32  # distinct training questions per rollout
+    samples_per_question: int = 1  # n (ReFT 1; Dr.GRPO's group size G, default 8 in its configs)
+    ppo_epochs: int = 2  # passes over each rollout
+    mini_batch_size: int = 32  # samples per optimizer step (global); rollout size must be a multiple
+    kl_coef: float = 0.05  # per-token KL to the reference inside the reward (ReFT: 0.05 N-CoT, 0.01 P-CoT)
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_ratio: float = 0.2
+    whiten_advantages: bool = True  # across the whole rollout batch (all data-parallel ranks)
+    # ReFT scores a response that hit the length limit without EOS like any other (its text
+    # usually has no answer line -> 0). A number here overrides that score instead.
+    unfinished_score: Optional[float] = None
+    eval_every: int = 10  # greedy held-out evaluation every N steps (and before/after); 0 = only before/after
+    eval_examples: int = 200
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 1234
+    call_timeout_s: float = 3600.0  # a worker call taking longer than this stops the run (no silent hang)
+
+    def __post_init__(self) -> None:
+        require(self.algorithm in ALGORITHMS, "rl.algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        for name in ("steps", "questions_per_step", "samples_per_question", "ppo_epochs", "mini_batch_size",
+                     "keep_checkpoints"):
+            require(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_examples", "save_every", "kl_coef"):
+            require(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
+        require(0 < self.gamma <= 1, "rl.gamma", f"must be in (0, 1], got {self.gamma}")
+        require(0 <= self.lam <= 1, "rl.lam", f"must be in [0, 1], got {self.lam}")
+        require(self.clip_ratio > 0, "rl.clip_ratio", f"must be > 0, got {self.clip_ratio}")
+        require(self.call_timeout_s > 0, "rl.call_timeout_s", f"must be > 0, got {self.call_timeout_s}")
+        require(self.rollout_size % self.mini_batch_size == 0, "rl.mini_batch_size",
+                f"rollout size questions_per_step*samples_per_question = {self.rollout_size} must be a "
+                f"multiple of mini_batch_size={self.mini_batch_size}")
+        if self.algorithm == "grpo":
+            require(self.samples_per_question >= 2, "rl.samples_per_question",
+                    "Dr.GRPO needs a group of >= 2 samples per question")
+
+    @property
+    def rollout_size(self) -> int:
+        return self.questions_per_step * self.samples_per_question
+
+
+def _rl_generation() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=96, temperature=1.0, micro_batch_size=64)
+
+
+def _default_eval_data() -> DatasetConfig:
+    return DatasetConfig(name="synthetic", split="test")
+
+
+@dataclass
+class RLConfig:
+    """An RL stage from an SFT checkpoint: ``recipes/{reft,carft,grpo}.py --config configs/...``."""
+
+    output_dir: str = "outputs/rl"
+    sft_checkpoint: str = ""  # SFT output dir (holds checkpoints/ and tokenizer/) or a step_N folder
+    tokenizer_path: Optional[str] = None  # default: <sft output dir>/tokenizer
+    model: ModelConfig = field(default_factory=ModelConfig)  # default: the SFT checkpoint's model
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    reward: RewardServerConfig = field(default_factory=RewardServerConfig)
+    contrastive: ContrastiveConfig = field(default_factory=lambda: ContrastiveConfig(enabled=False))
+    encoding: EncodingConfig = field(default_factory=lambda: EncodingConfig(max_prompt_tokens=128, max_total_tokens=256))
+    train_data: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_data: DatasetConfig = field(default_factory=_default_eval_data)
+    generation: GenerationConfig = field(default_factory=_rl_generation)
+    eval_generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=96, greedy=True,
+                                                                                       micro_batch_size=64))
+    rl: RLLoopConfig = field(default_factory=RLLoopConfig)
+    ray_address: Optional[str] = None  # an existing Ray cluster; default: start one on this host
+
+    def __post_init__(self) -> None:
+        require(bool(self.output_dir), "output_dir", "must be set")
+        require(self.train_data.split == "train", "train_data.split", "must be 'train'")
+        require(not self.generation.greedy, "generation.greedy", "rollouts must sample (set greedy: false)")
+        if self.rl.algorithm == "grpo":
+            require(not self.contrastive.enabled, "contrastive.enabled",
+                    "the contrastive signal needs a critic's values; it is not defined for Dr.GRPO")
+
+    @property
+    def uses_critic_group(self) -> bool:
+        return self.rl.algorithm == "ppo" and self.critic.layout == "separate"
+
+    @property
+    def uses_shared_value_head(self) -> bool:
+        return self.rl.algorithm == "ppo" and self.critic.layout == "shared"
+
+    @property
+    def method(self) -> str:
+        """Name used in reports: reft, carft or grpo."""
+        if self.rl.algorithm == "grpo":
+            return "grpo"
+        return "carft" if self.contrastive.enabled else "reft"

@@ -1,0 +1,142 @@
+"""The actor: one rank of the policy group (generation, log-probs, PPO / Dr.GRPO / CARFT updates).
+
+Also serves as the reference policy, either inside the actor (``swap``: the SFT weights
+stay in CPU memory and are swapped in for the reference pass) or as its own frozen group
+(``ActorSpec.optim = None``). With the shared critic layout the value head sits on the
+policy backbone and is trained here; with CARFT the contrastive projection too.
+
+Plain class (testable in-process under one torch.distributed group); the controller wraps
+it in Ray through :class:`~carft_nemo.distributed.ray_group.RayWorkerGroup`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from carft_nemo.algorithms.contrastive import ContrastiveConfig
+from carft_nemo.checkpoint.dist_checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from carft_nemo.data.records import Example
+from carft_nemo.data.tokenization import load_tokenizer
+from carft_nemo.distributed.layout import ParallelConfig
+from carft_nemo.generation.config import GenerationConfig
+from carft_nemo.generation.megatron import MegatronGenerator
+from carft_nemo.generation.rollout import Rollout
+from carft_nemo.models.config import ModelConfig
+from carft_nemo.models.forward import unwrap
+from carft_nemo.models.gpt import build_gpt_model
+from carft_nemo.models.heads import CONTRASTIVE_HEAD, POLICY_HEADS, attach_policy_heads
+from carft_nemo.models.logprobs import token_logprobs
+from carft_nemo.training.optim import OptimConfig, make_trainable
+from carft_nemo.workers.actor_loss import ActorLossSettings, actor_loss, policy_outputs
+from carft_nemo.workers.model_worker import Batch, ModelWorker
+
+POLICY_GROUP = "policy"  # model group name inside checkpoints (as SFT writes it)
+
+
+@dataclass
+class ActorSpec:
+    """Everything a policy rank needs to build itself."""
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    init_checkpoint: str  # SFT checkpoint (root or step_N) holding group "policy"
+    tokenizer_path: str
+    optim: Optional[OptimConfig] = None  # None: frozen (reference group)
+    total_steps: int = 1
+    shared_value_head: bool = False
+    contrastive_dim: int = 0  # > 0: CARFT projection head of that size
+    keep_reference: bool = False  # swap mode: keep the initial weights in CPU memory
+    micro_batch_size: int = 8
+    cpu_threads: int = 1
+    temperature: float = 1.0  # the sampling temperature: log-probs are of the sampling distribution
+
+
+class ActorWorker(ModelWorker):
+    def setup(self, spec: ActorSpec) -> dict[str, Any]:
+        self.spec = spec
+        self.set_cpu_threads(spec.cpu_threads)
+        self.tokenizer = load_tokenizer(spec.tokenizer_path)
+        self.vocab_size = len(self.tokenizer)
+        gpt = build_gpt_model(spec.model, spec.parallel)
+        attach_policy_heads(gpt, shared_value_head=spec.shared_value_head, contrastive_dim=spec.contrastive_dim)
+        load_model_weights(spec.init_checkpoint, POLICY_GROUP, gpt, skip_prefixes=POLICY_HEADS)
+        self.reference_state = None
+        if spec.keep_reference:
+            self.reference_state = {k: v.detach().to("cpu", copy=True) for k, v in gpt.state_dict().items()
+                                    if torch.is_tensor(v) and not k.startswith(POLICY_HEADS)}
+        if spec.optim is not None:
+            self.trainable = make_trainable(gpt, spec.model, spec.parallel, spec.optim, spec.total_steps)
+            self.model = self.trainable.model
+        else:
+            self.model = gpt.eval().requires_grad_(False)
+        self.generator = MegatronGenerator(self.model, vocab_size=self.vocab_size)
+        params = sum(p.numel() for p in gpt.parameters())
+        return {"parameters_this_rank": params, "vocab_size": self.vocab_size}
+
+    # ------------------------------------------------------------------ rollout side
+
+    def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Rollout:
+        return self.generator.generate(prompts, cfg)
+
+    def forward(self, batch: Batch, *, outputs: tuple[str, ...] = ("logprobs",),
+                reference: bool = False) -> dict[str, torch.Tensor] | None:
+        """Per-token outputs of this replica's rows (last stage; ``None`` elsewhere).
+
+        ``outputs`` from: ``logprobs`` ``[B, S-1]`` (log p of tokens[:, 1:] at the sampling
+        temperature), ``values`` ``[B, S]`` (shared value head), ``embeddings`` ``[B, S, d]``
+        (CARFT projection). ``reference`` runs the frozen SFT weights (swap mode).
+        """
+        fn = policy_outputs(unwrap(self.model), outputs, self.spec.temperature, self.vocab_size)
+        if not reference:
+            return self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
+        if self.reference_state is None:
+            raise RuntimeError("reference log-probs asked of an actor built without keep_reference")
+        gpt = unwrap(self.model)
+        current = {k: v.detach().to("cpu", copy=True) for k, v in gpt.state_dict().items() if k in self.reference_state}
+        gpt.load_state_dict(self.reference_state, strict=False)
+        try:
+            return self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
+        finally:
+            gpt.load_state_dict(current, strict=False)
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, batch: Batch, settings: ActorLossSettings) -> dict[str, float]:
+        """PPO / Dr.GRPO (+ shared value, + contrastive) epochs over this replica's rows."""
+        gpt = unwrap(self.model)
+        dp_group = self.layout.group("dp") if self.layout is not None else None
+
+        def make_loss(mini: dict[str, torch.Tensor], num_micro: int):
+            normalizer = (settings.constant_normalizer if settings.constant_normalizer
+                          else self.global_count(mini["action_mask"]))
+            dp = self.layout.data_parallel if self.layout is not None else 1
+            return actor_loss(gpt, settings, self.vocab_size, dp_group,
+                              mean_term_weight=normalizer / (dp * num_micro)), normalizer
+
+        return self.train_epochs(batch, epochs=settings.epochs, mini_batch_rows=settings.mini_batch_rows,
+                                 micro_batch_size=self.spec.micro_batch_size, seed=settings.seed,
+                                 make_loss=make_loss, hidden_to_loss=True)
+
+    # ------------------------------------------------------------------ evaluation and state
+
+    def evaluate(self, examples: list[Example], prompts: list[list[int]], cfg: GenerationConfig) -> dict[str, Any]:
+        from carft_nemo.evaluation.runner import evaluate
+
+        result = evaluate(self.generator, self.tokenizer, examples, prompts, cfg)
+        return {"summary": result.summary(), "records": result.records}
+
+    def save(self, root: str, step: int, data_state: dict[str, Any], metadata: dict[str, Any]) -> str:
+        path = save_checkpoint(root, step, {POLICY_GROUP: self.trainable}, data_state=data_state,
+                               metadata=metadata, keep_last=0)
+        return str(path)
+
+    def load(self, path: str) -> int:
+        return load_checkpoint(path, {POLICY_GROUP: self.trainable}).step
+
+
+__all__ = ["ActorSpec", "ActorWorker", "POLICY_GROUP"]

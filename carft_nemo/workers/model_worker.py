@@ -1,0 +1,147 @@
+"""What the actor and critic workers share: one rank of a megatron model group in a Ray actor.
+
+A worker holds its stage/shard of one model and answers calls from the controller with
+plain CPU tensors (Ray moves them between processes). Batches arrive as this rank's
+data-parallel shard, a dict of ``[B, ...]`` tensors; every rank of a model replica gets
+the same shard. Forward results exist on the last pipeline stage only: other stages
+return ``None`` and the controller reads the last stage (see :class:`ReplicaMap`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from carft_nemo.distributed.layout import ParallelLayout
+from carft_nemo.distributed.ray_group import ParallelWorker
+from carft_nemo.models.step import forward_backward
+from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward, split_microbatches
+from carft_nemo.training.optim import TrainableModel
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReplicaMap:
+    """Which rank of a group answers for each data-parallel replica (built from the layouts)."""
+
+    data_parallel: int
+    rank_dp: tuple[int, ...]  # data-parallel rank of every global rank
+    answering: tuple[int, ...]  # per DP rank: the global rank on the last stage with TP rank 0
+
+    @classmethod
+    def from_layouts(cls, layouts: list[ParallelLayout]) -> "ReplicaMap":
+        dp = layouts[0].data_parallel
+        answering = [-1] * dp
+        for lay in layouts:
+            if lay.is_last_stage and lay.tp_rank == 0:
+                answering[lay.dp_rank] = lay.rank
+        return cls(dp, tuple(lay.dp_rank for lay in layouts), tuple(answering))
+
+    def per_rank(self, shards: list[Any]) -> list[Any]:
+        """Spread per-DP-replica items over all ranks (every rank gets its replica's item)."""
+        if len(shards) != self.data_parallel:
+            raise ValueError(f"{len(shards)} shards for {self.data_parallel} data-parallel replicas")
+        return [shards[d] for d in self.rank_dp]
+
+    def answers(self, results: list[Any]) -> list[Any]:
+        """The answering rank's result of each replica, in DP order."""
+        return [results[r] for r in self.answering]
+
+
+def shard_rows(batch: Batch, num_shards: int) -> list[dict[str, torch.Tensor]]:
+    """Split every ``[B, ...]`` tensor into ``num_shards`` contiguous equal parts."""
+    sizes = {v.shape[0] for v in batch.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"batch tensors disagree on the batch dimension: {sorted(sizes)}")
+    total = sizes.pop()
+    if total % num_shards:
+        raise ValueError(f"{total} rows cannot be split evenly over {num_shards} data-parallel replicas")
+    per = total // num_shards
+    return [{k: v[i * per:(i + 1) * per] for k, v in batch.items()} for i in range(num_shards)]
+
+
+def concat_rows(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`shard_rows`."""
+    return {k: torch.cat([s[k] for s in shards], dim=0) for k in shards[0]}
+
+
+class ModelWorker(ParallelWorker):
+    """Shared plumbing of the actor and critic: forward passes and epochs of mini-batch updates."""
+
+    trainable: TrainableModel | None = None
+    model: torch.nn.Module | None = None
+
+    def set_cpu_threads(self, threads: int) -> None:
+        from carft_nemo.distributed import device
+
+        if not device.has_cuda():
+            torch.set_num_threads(threads)
+
+    def collect_forward(self, batch: Batch, outputs_fn: Callable[..., dict[str, torch.Tensor]], micro_batch_size: int,
+                        *, hidden_to_loss: bool = False) -> dict[str, torch.Tensor] | None:
+        """Forward-only pass; ``outputs_fn(output, micro[, hidden])`` -> per-row tensors, concatenated.
+
+        Returns CPU tensors on the last pipeline stage, ``None`` elsewhere.
+        """
+        def loss_fn(output, micro, *hidden):
+            produced = outputs_fn(output, micro, *hidden)
+            return torch.zeros((), device=output.device), {k: v.float() for k, v in produced.items()}
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                per_micro = forward_backward(model, split_microbatches(batch, micro_batch_size), loss_fn,
+                                             forward_only=True, hidden_to_loss=hidden_to_loss)
+        finally:
+            model.train(was_training)
+        if not per_micro:
+            return None
+        return {k: torch.cat([m[k] for m in per_micro], dim=0).cpu() for k in per_micro[0]}
+
+    def train_epochs(self, batch: Batch, *, epochs: int, mini_batch_rows: int, micro_batch_size: int, seed: int,
+                     make_loss: Callable[[dict[str, torch.Tensor], int], tuple[Callable, float]],
+                     hidden_to_loss: bool = False) -> dict[str, float]:
+        """``epochs`` passes over this rank's rows in ``mini_batch_rows`` mini-batches, one optimizer step each.
+
+        ``make_loss(mini_batch, num_microbatches)`` returns ``(loss_fn, normalizer)`` for
+        :func:`run_forward_backward`. The row order of each epoch is a function of ``seed``
+        and the epoch (the same on every rank of a replica). Returns the metric sums of all
+        mini-batches plus ``grad_norm`` (mean) and ``updates_skipped``.
+        """
+        rows = next(iter(batch.values())).shape[0]
+        if rows % mini_batch_rows:
+            raise ValueError(f"{rows} rows per replica do not split into mini-batches of {mini_batch_rows}")
+        totals: dict[str, float] = {}
+        grad_norms, skipped = [], 0
+        self.model.train()
+        for epoch in range(epochs):
+            order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+            for lo in range(0, rows, mini_batch_rows):
+                idx = order[lo:lo + mini_batch_rows]
+                mini = {k: v[idx] for k, v in batch.items()}
+                loss_fn, normalizer = make_loss(mini, mini_batch_rows // micro_batch_size)
+                self.trainable.zero_grad()
+                metrics = run_forward_backward(self.model, mini, loss_fn=loss_fn, normalizer=normalizer,
+                                               micro_batch_size=micro_batch_size, hidden_to_loss=hidden_to_loss)
+                ok, grad_norm = self.trainable.step()
+                grad_norms.append(grad_norm)
+                skipped += int(not ok)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        totals["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+        totals["updates_skipped"] = float(skipped)
+        totals["updates"] = float(len(grad_norms))
+        return totals
+
+    @staticmethod
+    def global_count(mask: torch.Tensor) -> float:
+        """Number of True entries of ``mask`` over the data-parallel group (the loss normaliser)."""
+        return data_parallel_sum(mask.sum())
+
+
+__all__ = ["Batch", "ModelWorker", "ReplicaMap", "concat_rows", "shard_rows"]
