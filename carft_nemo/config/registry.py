@@ -24,6 +24,10 @@ def schema_for(path: str | Path) -> type:
         from carft_nemo.rl.config import RLConfig
 
         return RLConfig
+    if kind == "study":
+        from carft_nemo.pipeline.study import StudyConfig
+
+        return StudyConfig
     if kind == "main":
         from carft_nemo.pipeline.main_job import MainConfig
 

@@ -1,10 +1,16 @@
-"""The main job: SFT (with held-out evaluation before and after) and a report.
+"""The main job: SFT, then the RL methods from the same SFT checkpoint, evaluation and a report.
 
-Later stages (ReFT, CARFT, Dr.GRPO from the same SFT checkpoint) join here as they land.
+    SFT (held-out accuracy before/after) -> ReFT, CARFT (and Dr.GRPO when listed in
+    ``methods``), each from the SFT checkpoint, each evaluated on the same held-out split
+    -> report.md: comparison table, accuracy / reward / loss curves (one line per method).
+
+Every stage resumes from its own newest complete checkpoint when the command is rerun;
+a finished stage (its ``summary.json`` exists and is not a preempted one) is not rerun.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +18,34 @@ from pathlib import Path
 from carft_nemo.config import require, save_resolved
 from carft_nemo.distributed.layout import shutdown
 from carft_nemo.reporting.report import StageResult, write_report
+from carft_nemo.rl.config import RLConfig
 from carft_nemo.training.run_log import LOG
 from carft_nemo.training.sft import SFTConfig, run_sft
+
+RL_METHODS = ("reft", "carft", "grpo")
 
 
 @dataclass
 class MainConfig:
     output_dir: str = "outputs/main"
     sft: SFTConfig = field(default_factory=SFTConfig)
+    reft: RLConfig = field(default_factory=RLConfig)
+    carft: RLConfig = field(default_factory=RLConfig)
+    grpo: RLConfig = field(default_factory=RLConfig)
+    methods: list[str] = field(default_factory=lambda: ["reft", "carft"])  # RL stages, in order
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")
+        for m in self.methods:
+            require(m in RL_METHODS, "methods", f"unknown method {m!r}; choose from {RL_METHODS}")
+        for m in RL_METHODS:
+            require(getattr(self, m).method == m, f"{m}", f"the {m} section configures {getattr(self, m).method}")
+
+
+def _finished(summary_path: Path) -> bool:
+    if not summary_path.is_file():
+        return False
+    return not json.loads(summary_path.read_text()).get("stopped_early", False)
 
 
 def run_main(cfg: MainConfig) -> Path:
@@ -30,12 +53,28 @@ def run_main(cfg: MainConfig) -> Path:
     out = Path(cfg.output_dir)
     cfg.sft.output_dir = str(out / "sft")
     started = time.perf_counter()
+    save_resolved(cfg, out / "config.yaml")
     summary = run_sft(cfg.sft)
     shutdown()
-    save_resolved(cfg, out / "config.yaml")
+    if summary["stopped_early"]:
+        raise SystemExit(0)  # preempted: rerun the command to resume
+    stages = [StageResult("sft", out / "sft")]
+    for method in cfg.methods:
+        rl_cfg: RLConfig = getattr(cfg, method)
+        rl_cfg.sft_checkpoint = str(out / "sft")
+        rl_cfg.output_dir = str(out / method)
+        if _finished(out / method / "summary.json"):
+            LOG.info("%s: finished earlier, not rerun", method)
+        else:
+            from carft_nemo.rl.controller import run_rl
+
+            if run_rl(rl_cfg)["stopped_early"]:
+                raise SystemExit(0)
+        stages.append(StageResult(method, out / method))
     notes = [f"total wall time {time.perf_counter() - started:.0f} s (this invocation; a resumed run counts only itself)",
              f"seed {cfg.sft.train.seed}; model preset {cfg.sft.model.preset}; resolved config: config.yaml",
+             "RL stages start from the final SFT checkpoint; 'accuracy before' of an RL stage is that checkpoint's",
              f"SFT checkpoints: {summary['final_checkpoint']}"]
-    report = write_report(out, [StageResult("sft", out / "sft")], title="carft-nemo main job", notes=notes)
+    report = write_report(out, stages, title="carft-nemo main job", notes=notes)
     LOG.info("report: %s", report)
     return report

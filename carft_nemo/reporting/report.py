@@ -48,9 +48,11 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
     for stage in stages:
         s = stage.summary
         rows.append([stage.name, _fmt(s.get("accuracy_before")), _fmt(s.get("accuracy_after")),
+                     _fmt(s.get("reward_first_steps")), _fmt(s.get("reward_last_steps")),
                      _fmt(s.get("steps")), _fmt(s.get("wall_time_s"))])
     lines = [f"# {title}", "", "## Held-out accuracy (greedy)", "",
-             table(["stage", "accuracy before", "accuracy after", "steps", "wall time (s)"], rows), ""]
+             table(["stage", "accuracy before", "accuracy after", "train reward, first 5 steps",
+                    "train reward, last 5 steps", "steps", "wall time (s)"], rows), ""]
     curves = {
         "loss.png": ("training loss", "loss", 5),
         "eval_accuracy.png": ("held-out accuracy (greedy)", "eval_accuracy", 1),
