@@ -100,7 +100,9 @@ class RayWorkerGroup:
         validate_layout(parallel, world_size, **(model_dims or {}))
         if not ray.is_initialized():
             raise ConfigError("ray: not initialised; call start_local_ray() or ray.init() first")
-        gpus = (1 if device.has_cuda() else 0) if num_gpus_per_worker is None else num_gpus_per_worker
+        # GPUs of the cluster, not of the driver: the driver may run on a node without one.
+        cluster_gpus = ray.cluster_resources().get("GPU", 0) > 0 or device.has_cuda()
+        gpus = (1 if cluster_gpus else 0) if num_gpus_per_worker is None else num_gpus_per_worker
         remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=gpus)(worker_cls)
         self.world_size = world_size
         self.actors = [remote_cls.remote(*worker_args, **(worker_kwargs or {})) for _ in range(world_size)]

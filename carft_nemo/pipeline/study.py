@@ -1,7 +1,8 @@
 """The reproduction study: SFT vs ReFT vs Dr.GRPO vs CARFT ablations, several seeds, on one task.
 
-For each seed: SFT (its own seed), then every RL method from that SFT checkpoint with the
-same seed. Per run we keep the held-out accuracy curve (greedy, every ``rl.eval_every``
+One SFT checkpoint (``shared_sft``, the default: as in the paper, every RL method starts
+from the same SFT model, and the seeds vary the RL runs) or one SFT per seed; then for each
+seed every RL method from that SFT checkpoint with that seed. Per run we keep the held-out accuracy curve (greedy, every ``rl.eval_every``
 steps, step 0 = the SFT model) and report per method
 
 - final held-out accuracy: mean, sample standard deviation, min and max over seeds;
@@ -77,6 +78,7 @@ class StudyConfig:
     output_dir: str = "outputs/study"
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    shared_sft: bool = True  # one SFT (seed sft.train.seed) for all seeds; False: one SFT per seed
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # the ReFT settings every method starts from
 
@@ -86,6 +88,10 @@ class StudyConfig:
         require(len(set(self.seeds)) == len(self.seeds), "seeds", f"repeated seeds in {self.seeds}")
         for m in self.methods:
             require(m in METHODS, "methods", f"unknown method {m!r}; choose from {sorted(METHODS)}")
+
+
+def sft_dir(out: Path, seed: int, cfg: StudyConfig) -> Path:
+    return out / "sft" if cfg.shared_sft else out / f"seed_{seed}" / "sft"
 
 
 def _done(out: Path) -> bool:
@@ -102,8 +108,9 @@ def run_study(cfg: StudyConfig) -> Path:
 
     for seed in cfg.seeds:
         sft_cfg = copy.deepcopy(cfg.sft)
-        sft_cfg.output_dir = str(out / f"seed_{seed}" / "sft")
-        sft_cfg.train = dataclasses.replace(sft_cfg.train, seed=seed)
+        sft_cfg.output_dir = str(sft_dir(out, seed, cfg))
+        if not cfg.shared_sft:
+            sft_cfg.train = dataclasses.replace(sft_cfg.train, seed=seed)
         if not _done(Path(sft_cfg.output_dir)):
             LOG.info("study: SFT, seed %d", seed)
             run_sft(sft_cfg)
@@ -116,7 +123,7 @@ def run_study(cfg: StudyConfig) -> Path:
                                        rl=dataclasses.replace(cfg.rl.rl, seed=seed))
             LOG.info("study: %s, seed %d", method, seed)
             run_rl(METHODS[method](base))
-    results = collect_results(out, cfg.seeds, cfg.methods)
+    results = collect_results(out, cfg.seeds, cfg.methods, shared_sft=cfg.shared_sft)
     results["wall_time_s_this_invocation"] = time.perf_counter() - started
     return write_results(out, results)
 
@@ -146,13 +153,17 @@ def _stats(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def collect_results(out: Path, seeds: list[int], methods: list[str]) -> dict[str, Any]:
+def collect_results(out: Path, seeds: list[int], methods: list[str], *, shared_sft: bool = False) -> dict[str, Any]:
     per_run: dict[str, dict[int, dict[str, Any]]] = {"sft": {}}
     for seed in seeds:
-        sft = json.loads((out / f"seed_{seed}" / "sft" / "summary.json").read_text())
-        per_run["sft"][seed] = {"accuracy": sft["accuracy_after"], "largest_drop": None}
+        sft_path = (out / "sft" if shared_sft else out / f"seed_{seed}" / "sft") / "summary.json"
+        if not (shared_sft and per_run["sft"]):
+            per_run["sft"][seed] = {"accuracy": json.loads(sft_path.read_text())["accuracy_after"],
+                                    "largest_drop": None}
         for method in methods:
             run_dir = out / f"seed_{seed}" / method
+            if not _done(run_dir):
+                continue  # an unfinished study reports what has finished (n per method in the table)
             summary = json.loads((run_dir / "summary.json").read_text())
             curve = eval_curve(run_dir)
             per_run.setdefault(method, {})[seed] = {
@@ -168,8 +179,8 @@ def collect_results(out: Path, seeds: list[int], methods: list[str]) -> dict[str
             entry["largest_drop"] = _stats(drops)
             entry["reward_last_steps"] = _stats([r["reward_last_steps"] for r in runs.values()])
         aggregate[method] = entry
-    return {"seeds": seeds, "methods": methods, "per_run": per_run, "aggregate": aggregate,
-            "claims": check_claims(aggregate)}
+    return {"seeds": seeds, "methods": methods, "shared_sft": shared_sft, "per_run": per_run,
+            "aggregate": aggregate, "claims": check_claims(aggregate)}
 
 
 def _compare(aggregate: dict, a: str, b: str, key: str, higher_is_better: bool = True) -> dict[str, Any] | None:
@@ -213,15 +224,18 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
         acc = agg["accuracy"]
         drop = agg.get("largest_drop")
         rew = agg.get("reward_last_steps")
-        rows.append([method, f"{_pct(acc['mean'])} ± {_pct(acc['std'])}", f"{_pct(acc['min'])} – {_pct(acc['max'])}",
+        rows.append([method, str(acc["n"]), f"{_pct(acc['mean'])} ± {_pct(acc['std'])}",
+                     f"{_pct(acc['min'])} – {_pct(acc['max'])}",
                      f"{_pct(drop['mean'])} (max {_pct(drop['max'])})" if drop else "–",
                      f"{rew['mean']:.3f}" if rew else "–"])
     claims = [[c["claim"], c["verdict"], f"{100 * c['difference']:+.1f}", f"{100 * c['standard_error']:.1f}"]
               for c in results["claims"]]
     seeds = results["seeds"]
+    sft_note = ("one SFT checkpoint shared by all seeds (the sft row is that single run)" if results.get("shared_sft")
+                else "one SFT run per seed")
     lines = ["# Reproduction study results", "",
-             f"Seeds: {seeds}. Held-out accuracy in % (greedy), mean ± sample std over seeds.", "",
-             table(["method", "final accuracy", "range", "largest drop below running best", "train reward (last 5)"],
+             f"Seeds: {seeds}; {sft_note}. Held-out accuracy in % (greedy), mean ± sample std over seeds.", "",
+             table(["method", "runs", "final accuracy", "range", "largest drop below running best", "train reward (last 5)"],
                    rows), "",
              "## What holds", "",
              "A claim holds when the mean difference is positive and larger than the standard error of the "
@@ -230,7 +244,9 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
              table(["claim", "verdict", "difference (points)", "standard error (points)"], claims), ""]
     series = {}
     for method in results["methods"]:
-        runs = results["per_run"][method]
+        runs = results["per_run"].get(method, {})
+        if not runs:
+            continue
         steps = sorted({s for r in runs.values() for s, _ in r["curve"]})
         mean_curve = []
         for s in steps:

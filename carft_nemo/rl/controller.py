@@ -120,9 +120,12 @@ class RLRun:
         save_resolved(cfg, self.out / "config.yaml")
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.tokenizer_dir = tokenizer_dir
-        if self.model_cfg.vocab_size and self.model_cfg.vocab_size != len(self.tokenizer):
-            raise ConfigError(f"model.vocab_size {self.model_cfg.vocab_size} != tokenizer size {len(self.tokenizer)}")
-        self.model_cfg = self.model_cfg.with_vocab(len(self.tokenizer))
+        # A model's embedding may have more rows than its tokenizer has ids (Qwen2.5: 152,064 vs
+        # 151,665); the extra ids are never sampled (log-probs mask them by the tokenizer size).
+        if self.model_cfg.vocab_size and self.model_cfg.vocab_size < len(self.tokenizer):
+            raise ConfigError(f"model.vocab_size {self.model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
+        if not self.model_cfg.vocab_size:
+            self.model_cfg = self.model_cfg.with_vocab(len(self.tokenizer))
         self._load_data()
         self.ckpt_roots = {"actor": self.out / "checkpoints" / "actor"}
         if cfg.uses_critic_group:

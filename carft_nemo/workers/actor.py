@@ -59,7 +59,7 @@ class ActorSpec:
 class ActorWorker(ModelWorker):
     def setup(self, spec: ActorSpec) -> dict[str, Any]:
         self.spec = spec
-        self.set_cpu_threads(spec.cpu_threads)
+        self.configure_process(spec.cpu_threads)
         self.tokenizer = load_tokenizer(spec.tokenizer_path)
         self.vocab_size = len(self.tokenizer)
         gpt = build_gpt_model(spec.model, spec.parallel)

@@ -50,7 +50,7 @@ def _values(output: torch.Tensor, micro: dict[str, torch.Tensor]) -> dict[str, t
 class CriticWorker(ModelWorker):
     def setup(self, spec: CriticSpec) -> dict[str, Any]:
         self.spec = spec
-        self.set_cpu_threads(spec.cpu_threads)
+        self.configure_process(spec.cpu_threads)
         gpt = build_gpt_model(spec.model, spec.parallel, value_head=True)
         load_model_weights(spec.init_checkpoint, POLICY_GROUP, gpt, skip_prefixes=("output_layer.",))
         self.trainable = make_trainable(gpt, spec.model, spec.parallel, spec.optim, spec.total_steps)

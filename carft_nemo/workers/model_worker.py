@@ -74,11 +74,16 @@ class ModelWorker(ParallelWorker):
     trainable: TrainableModel | None = None
     model: torch.nn.Module | None = None
 
-    def set_cpu_threads(self, threads: int) -> None:
+    def configure_process(self, cpu_threads: int) -> None:
+        """Torch threads on CPU (several workers share the cores; see GenerationConfig.cpu_threads),
+        and no per-load deprecation notices of torch.distributed.checkpoint in every actor's log."""
+        import warnings
+
         from carft_nemo.distributed import device
 
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch\.distributed\.checkpoint|megatron)")
         if not device.has_cuda():
-            torch.set_num_threads(threads)
+            torch.set_num_threads(cpu_threads)
 
     def collect_forward(self, batch: Batch, outputs_fn: Callable[..., dict[str, torch.Tensor]], micro_batch_size: int,
                         *, hidden_to_loss: bool = False) -> dict[str, torch.Tensor] | None:

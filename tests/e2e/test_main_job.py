@@ -1,8 +1,11 @@
-"""The README's main job, exactly as the first Quick-start command runs it (tiny, CPU).
+"""The README's main job (tiny, CPU): its quick variant in CI, the full one on demand.
 
-Checks the claims the README makes about it: held-out accuracy after SFT (seed 1234) is at
-least the stated floor and above the untrained model's, and the report has its table and
-PNG curves.
+``test_quick_main_job`` (CI): SFT -> ReFT, CARFT, Dr.GRPO -> report, on a few-minute budget:
+every stage finishes, writes its summary and predictions, and the report has one row and
+one curve per stage. ``test_main_job_trains_evaluates_and_reports`` (marked ``full``: about
+20 minutes, not in CI) runs the first Quick-start command exactly and checks the README's
+claims: held-out accuracy after SFT (seed 1234) is at least the stated floor and above the
+untrained model's, and the RL stages start from it.
 """
 
 from __future__ import annotations
@@ -19,12 +22,37 @@ ROOT = Path(__file__).resolve().parents[2]
 README_ACCURACY_FLOOR = 0.25  # README states 35% measured (seed 1234); the floor leaves room for CPU float noise
 
 
+def _run_main(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "recipes" / "main.py"), *args], cwd=ROOT, env=env,
+                          timeout=timeout, capture_output=True, text=True)
+
+
 @pytest.mark.slow
+def test_quick_main_job(tmp_path: Path) -> None:
+    out = tmp_path / "main-quick"
+    result = _run_main(["--config", str(ROOT / "configs" / "main-quick.yaml"), f"output_dir={out}"], timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sft = json.loads((out / "sft" / "summary.json").read_text())
+    assert sft["steps"] == 60
+    report = (out / "report.md").read_text()
+    for method in ("reft", "carft", "grpo"):
+        summary = json.loads((out / method / "summary.json").read_text())
+        assert summary["method"] == method and summary["steps"] == 3 and not summary["stopped_early"], summary
+        assert summary["accuracy_before"] == pytest.approx(sft["accuracy_after"]), (method, summary, sft)
+        assert 0.0 <= summary["reward_last_steps"] <= 1.0
+        assert len((out / method / "eval" / "final_predictions.jsonl").read_text().splitlines()) == 16
+        assert f"| {method} |" in report
+    carft_rows = [json.loads(line) for line in (out / "carft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("contrastive/loss" in r for r in carft_rows), "CARFT logged no contrastive loss"
+    assert (out / "reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.full
 def test_main_job_trains_evaluates_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "main"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "main.py"), f"output_dir={out}"], cwd=ROOT,
-                            env=env, timeout=2400, capture_output=True, text=True)
+    result = _run_main([f"output_dir={out}"], timeout=3600)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "sft" / "summary.json").read_text())
     assert summary["steps"] == 300
@@ -36,3 +64,7 @@ def test_main_job_trains_evaluates_and_reports(tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     predictions = (out / "sft" / "eval" / "final_predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 200
+    for method in ("reft", "carft"):
+        rl = json.loads((out / method / "summary.json").read_text())
+        assert rl["steps"] == 40 and rl["accuracy_before"] == pytest.approx(summary["accuracy_after"])
+        assert f"| {method} |" in report

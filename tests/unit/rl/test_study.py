@@ -57,7 +57,7 @@ def test_collect_and_write_results_from_run_folders(tmp_path):
     assert results["aggregate"]["reft"]["accuracy"]["std"] == pytest.approx(0.0282843, rel=1e-5)
     results["wall_time_s_this_invocation"] = 1.0
     md = write_results(tmp_path, results).read_text()
-    assert "| reft | 34.0 ± 2.8 | 32.0 – 36.0 | 8.0 (max 8.0) | 0.500 |" in md
+    assert "| reft | 2 | 34.0 ± 2.8 | 32.0 – 36.0 | 8.0 (max 8.0) | 0.500 |" in md
     assert "RL (ReFT) improves on SFT" in md
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [1, 2]
 
