@@ -113,8 +113,10 @@ def run_study(cfg: StudyConfig) -> Path:
             sft_cfg.train = dataclasses.replace(sft_cfg.train, seed=seed)
         if not _done(Path(sft_cfg.output_dir)):
             LOG.info("study: SFT, seed %d", seed)
-            run_sft(sft_cfg)
+            stopped = run_sft(sft_cfg)["stopped_early"]
             shutdown()
+            if stopped:
+                raise SystemExit(0)  # a stop signal ends the study, not just this run: rerun to continue
         for method in cfg.methods:
             run_out = out / f"seed_{seed}" / method
             if _done(run_out):
@@ -122,7 +124,8 @@ def run_study(cfg: StudyConfig) -> Path:
             base = dataclasses.replace(cfg.rl, sft_checkpoint=sft_cfg.output_dir, output_dir=str(run_out),
                                        rl=dataclasses.replace(cfg.rl.rl, seed=seed))
             LOG.info("study: %s, seed %d", method, seed)
-            run_rl(METHODS[method](base))
+            if run_rl(METHODS[method](base))["stopped_early"]:
+                raise SystemExit(0)
     results = collect_results(out, cfg.seeds, cfg.methods, shared_sft=cfg.shared_sft)
     results["wall_time_s_this_invocation"] = time.perf_counter() - started
     return write_results(out, results)
