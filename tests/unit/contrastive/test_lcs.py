@@ -112,3 +112,36 @@ def test_lcs_table_matches_python_dp():
     for i in range(len(x) + 1):
         for j in range(len(y) + 1):
             assert int(table[i, 0, j]) == python_lcs_length(x[:i].tolist(), y[:j].tolist())
+
+
+def test_split_halves_and_orientation():
+    """Odd, one-token and swapped (n > m) pairs: the Hirschberg halves meet at the right column."""
+    rng = np.random.default_rng(7)
+    seqs_a = [rng.integers(0, 3, n) for n in (1, 2, 3, 5, 17, 33, 64, 1, 0, 40)]
+    seqs_b = [rng.integers(0, 3, m) for m in (1, 1, 7, 2, 16, 65, 3, 30, 4, 40)]
+    for x, y in ((seqs_a, seqs_b), (seqs_b, seqs_a)):
+        a, a_len = _pad(x)
+        b, b_len = _pad(y)
+        result = lcs_masks(a, b, a_len, b_len)
+        assert result.length.tolist() == [python_lcs_length(p.tolist(), q.tolist()) for p, q in zip(x, y)]
+        _check_masks(a, b, a_len, b_len, result)
+
+
+def test_cpu_thread_count_is_restored():
+    before = torch.get_num_threads()
+    lcs_masks(torch.tensor([[1, 2, 3]]), torch.tensor([[3, 2, 1, 2]]))
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(11)
+    seqs_a = [rng.integers(0, 20, rng.integers(0, 300)) for _ in range(16)]
+    seqs_b = [rng.integers(0, 20, rng.integers(0, 300)) for _ in range(16)]
+    a, a_len = _pad(seqs_a)
+    b, b_len = _pad(seqs_b)
+    cpu = lcs_masks(a, b, a_len, b_len)
+    gpu = lcs_masks(a.cuda(), b.cuda(), a_len.cuda(), b_len.cuda())
+    assert gpu.mask_a.device.type == "cuda"
+    assert gpu.length.cpu().tolist() == cpu.length.tolist()
+    _check_masks(a, b, a_len, b_len, type(cpu)(gpu.length.cpu(), gpu.mask_a.cpu(), gpu.mask_b.cpu()))
