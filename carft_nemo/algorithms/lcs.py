@@ -11,11 +11,13 @@ everything else is a few dozen whole-tensor ops. The cost is per-op dispatch (~2
 on an idle CPU core, several times that on a loaded one), not the O(B n m / 16) word operations.
 
 Measured (``benchmarks/contrastive.py``, 64 pairs of 512 tokens, vocabulary 1,000, 70% shared
-tokens, on 2 CPU cores shared with other jobs, 1-minute load average 13-20): 147x less CPU
-time than a straightforward Python O(nm) DP with traceback for the median call (42 ms against
-6.2 s), 174x for the best call; 306x in wall time. The 200x target was not reached at that
-load; the figure moves with the load because the torch side is ~3,700 dependent small ops
-plus a few memory-bound whole-tensor ops (``benchmarks/results/contrastive.json``).
+tokens, on 2 CPU cores shared with other jobs, 1-minute load average 26-32): 147x less CPU
+time than a straightforward Python O(nm) DP with traceback for the median of 21 calls (39 ms
+against 5.8 s), 195x for the best call (30 ms); 433x in wall time. The 200x CPU-time target was
+not reached at that load; the figure moves with the load because the torch side is ~3,700
+dependent small ops plus a few memory-bound whole-tensor ops (sort, row gather, skew copy,
+complements), which slow down most when the cores are shared
+(``benchmarks/results/contrastive.json``).
 
 DP (1-based, ``L[0, j] = L[i, 0] = 0``)::
 
@@ -95,6 +97,7 @@ __all__ = ["LcsResult", "lcs_masks", "lcs_table"]
 
 _BITS = 16  # payload bits per int32 lane; bit 16 is where a lane's carry lands
 _FULL = (1 << _BITS) - 1
+_SHIFT = 4  # log2(_BITS)
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,9 @@ def _reversed_bits(words: Tensor, m: int) -> Tensor:
 
 def _bit_table(b_class: Tensor, positions: Tensor, valid: Tensor, classes: int, words: int) -> Tensor:
     """``[classes + 1, W]`` match words: bit ``positions[k, j]`` set in row ``b_class[k, j]``."""
-    bit = torch.where(valid, torch.bitwise_left_shift(1, positions % _BITS), 0).to(torch.int32)
-    lane = words - 1 - positions // _BITS
+    # positions >= 0: shifts and masks instead of // and % (integer division is slow on CPU)
+    bit = torch.where(valid, torch.bitwise_left_shift(1, positions & (_BITS - 1)), 0).to(torch.int32)
+    lane = words - 1 - (positions >> _SHIFT)
     table = torch.zeros((classes + 1) * words, dtype=torch.int32, device=b_class.device)
     table.scatter_add_(0, (b_class * words + lane).flatten(), bit.flatten())  # distinct bits: + is |
     return table.view(classes + 1, words)
@@ -309,7 +313,7 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     device = a.device
     words = -(-m // _BITS)
     consts = _constants(device)
-    top_len = a_len // 2
+    top_len = a_len >> 1
     bottom_len = a_len - top_len
     half = int(bottom_len.max())
     a_class, b_class, classes = _token_classes(a, b)
@@ -339,8 +343,8 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     start = torch.where(below, j + 1, 0).amax(1) - 1  # -1: no zero, empty half
     position = _BITS * words - 1 - start  # reversed-domain bit
     lanes = torch.arange(words, device=device)
-    token = torch.where((lanes == position[:, None] // _BITS) & (start[:, None] >= 0),
-                        torch.bitwise_left_shift(1, position[:, None] % _BITS), 0).to(torch.int32)
+    token = torch.where((lanes == position[:, None] >> _SHIFT) & (start[:, None] >= 0),
+                        torch.bitwise_left_shift(1, position[:, None] & (_BITS - 1)), 0).to(torch.int32)
     matched_rows, columns = _traceback(history, token, consts)
     matched_cols = _reversed_bits(columns, m) != 0  # [2B, m]
     # Back to the pair's coordinates: the bottom half counts rows and columns from the end.
