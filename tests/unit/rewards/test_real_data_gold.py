@@ -63,6 +63,7 @@ def test_pcot_gold_programs_subset(shared_data):
 
 
 @pytest.mark.slow
+@pytest.mark.full  # ~2.5 min of sandboxed programs; CI checks every 10th program in the default suite
 def test_pcot_gold_programs_all(shared_data):
     examples = _pcot(shared_data)
     assert len(examples) == 3043
