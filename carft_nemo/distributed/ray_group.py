@@ -106,11 +106,18 @@ class RayWorkerGroup:
         remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=gpus)(worker_cls)
         self.world_size = world_size
         self.actors = [remote_cls.remote(*worker_args, **(worker_kwargs or {})) for _ in range(world_size)]
+        from ray.exceptions import RayError
+
         try:
             host, port = ray.get(self.actors[0].rendezvous_address.remote())
             self.layouts: list[ParallelLayout] = ray.get([
                 actor.init_parallel.remote(parallel, ProcessInfo(rank, world_size, 0, host, port), seed, model_dims)
                 for rank, actor in enumerate(self.actors)])
+        except RayError as err:
+            self.kill()
+            lines = str(err).strip().splitlines()
+            raise WorkerFailure(f"{worker_cls.__name__} group could not form its process group "
+                                f"({lines[-1] if lines else type(err).__name__}); rerun the command") from err
         except BaseException:
             self.kill()
             raise

@@ -197,12 +197,19 @@ class RLRun:
                  ", ".join(f"{role} x{len(g.actors)}" for role, g in self.groups.items()))
 
     def stop_workers(self) -> None:
+        """Kill every role's actors, then the Ray instance this run started (not a given cluster)."""
+        import os
+
+        import ray
+
         for group in self.groups.values():
             try:
                 group.kill()
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self.groups = {}
+        if ray.is_initialized() and not (self.cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+            ray.shutdown()
 
     def _sharded(self, role: str, method: str, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> list:
         group, rmap = self.groups[role], self.maps[role]
@@ -400,6 +407,7 @@ class RLRun:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        logger = None
         try:
             self.start_workers()
             start = self.resume_step()
@@ -438,12 +446,13 @@ class RLRun:
             finally:
                 preemption.restore()
             after = None if stopped_early else self.evaluate(step, "final", logger)
-            logger.close()
         except WorkerFailure as err:
             LOG.error("%s; the newest complete checkpoint under %s is usable: rerun the same command to resume",
                       err, self.out / "checkpoints")
             raise
         finally:
+            if logger is not None:
+                logger.close()  # no progress bar redrawn after the error line at exit
             self.stop_workers()
         summary = {"method": cfg.method, "steps": step, "stopped_early": stopped_early,
                    "final_checkpoint": str(self.ckpt_roots["actor"]),

@@ -90,11 +90,6 @@ def test_critic_sigkill_stops_run_with_named_error(killed_run: KilledRun) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "carft_nemo/rl/controller.py RLRun.run: on WorkerFailure the RunLogger is never closed (logger.close() only on "
-    "the success path), so its tqdm bar is re-drawn at interpreter exit, after cli.guarded's 'error:' line; and "
-    "Ray is only shut down by atexit, so the raylet's '(raylet) A worker died or was killed ...' notice is "
-    "forwarded after it too"))
 def test_critic_sigkill_error_is_last_stderr_line(killed_run: KilledRun) -> None:
     lines = [line for line in killed_run.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: critic worker (rank 0) failed"), lines[-3:]
