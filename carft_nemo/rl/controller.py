@@ -251,15 +251,14 @@ class RLRun:
 
         t0 = time.perf_counter()
         calls: dict[str, list] = {"reward": self.reward.submit(texts, examples)}
+        # CARFT: the annotated sequences ride in the same actor / critic calls as the on-policy
+        # ones (rows appended, right-padded to a common width; causal attention makes the padding
+        # invisible), so they cost their FLOPs but no extra round trip or schedule set-up.
+        both = {"tokens": _stack_rows(batch.tokens, annotated.tokens, pad)} if carft else tokens
         if cfg.uses_critic_group:
-            calls["critic"] = self._sharded("critic", "infer", tokens)
-            if carft:
-                calls["critic_annotated"] = self._sharded("critic", "infer", {"tokens": annotated.tokens})
+            calls["critic"] = self._sharded("critic", "infer", both)
         outputs = ("logprobs",) + (("values",) if cfg.uses_shared_value_head else ()) + (("embeddings",) if carft else ())
-        calls["actor"] = self._sharded("actor", "forward", tokens, outputs=outputs)
-        if carft:
-            ann_out = ("embeddings",) + (("values",) if cfg.uses_shared_value_head else ())
-            calls["actor_annotated"] = self._sharded("actor", "forward", {"tokens": annotated.tokens}, outputs=ann_out)
+        calls["actor"] = self._sharded("actor", "forward", both, outputs=outputs)
         if cfg.rl.kl_coef > 0:
             if cfg.reference.mode == "group":
                 calls["reference"] = self._sharded("reference", "forward", tokens)
@@ -267,14 +266,20 @@ class RLRun:
                 calls["reference"] = self._sharded("actor", "forward", tokens, reference=True)
         finished: dict[str, float] = {}
         results = wait_all(calls, cfg.rl.call_timeout_s, finished_at=finished)
-        phases["logprobs"] = max(finished.get("actor", t0), finished.get("reference", t0),
-                                 finished.get("actor_annotated", t0)) - t0
-        phases["critic"] = max(finished.get("critic", t0), finished.get("critic_annotated", t0)) - t0
+        phases["logprobs"] = max(finished.get("actor", t0), finished.get("reference", t0)) - t0
+        phases["critic"] = finished.get("critic", t0) - t0
         phases["reward"] = finished["reward"] - t0
 
-        role_of = {"actor": "actor", "actor_annotated": "actor", "critic": "critic", "critic_annotated": "critic",
+        role_of = {"actor": "actor", "critic": "critic",
                    "reference": "reference" if cfg.reference.mode == "group" else "actor"}
         out = {k: self._joined(role_of[k], v) for k, v in results.items() if k != "reward"}
+        if carft:
+            rows, width, ann_width = batch.tokens.shape[0], batch.tokens.shape[1], annotated.tokens.shape[1]
+            for role in ("actor", "critic"):
+                if role in out:
+                    joined = out.pop(role)
+                    out[role] = {k: _columns(v[:rows], k, width) for k, v in joined.items()}
+                    out[f"{role}_annotated"] = {k: _columns(v[rows:], k, ann_width) for k, v in joined.items()}
         scored = RewardPool.join(results["reward"])
         rewards = torch.tensor([s.reward for s in scored], dtype=torch.float32)
         correct = torch.tensor([s.correct for s in scored])
@@ -462,6 +467,18 @@ class RLRun:
                    "wall_time_s": time.perf_counter() - self.started}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _stack_rows(a: torch.Tensor, b: torch.Tensor, pad: int) -> torch.Tensor:
+    """Rows of ``a`` then ``b`` (``[B, S]`` token ids), right-padded to the wider of the two."""
+    width = max(a.shape[1], b.shape[1])
+    grow = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad)  # noqa: E731
+    return torch.cat([grow(a), grow(b)], dim=0)
+
+
+def _columns(t: torch.Tensor, key: str, width: int) -> torch.Tensor:
+    """Cut a padded per-token output back to ``width`` positions (log-probs have one fewer)."""
+    return t[:, : width - 1] if key == "logprobs" else t[:, :width]
 
 
 def _mean(xs: list[float]) -> Optional[float]:
