@@ -36,7 +36,7 @@ import torch
 from carft_nemo.algorithms.contrastive import embedding_partial_reward
 from carft_nemo.algorithms.grpo import drgrpo_normalizer, group_advantages, token_advantages
 from carft_nemo.algorithms.ppo import gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten
-from carft_nemo.checkpoint.dist_checkpoint import is_complete, list_checkpoints, read_metadata, resolve_checkpoint
+from carft_nemo.checkpoint.dist_checkpoint import list_checkpoints, read_metadata, resolve_checkpoint
 from carft_nemo.config import ConfigError, require, save_resolved
 from carft_nemo.data.datasets import load_examples
 from carft_nemo.data.tokenization import encode_prompts, encode_sft, load_tokenizer

@@ -55,9 +55,4 @@ def pooled_embeddings(embeddings: torch.Tensor, values: torch.Tensor, mask: torc
         return pool_cot_embedding(embeddings.transpose(0, 1), values.t(), mask.t()).z
 
 
-def group_rows(rows: int, samples_per_question: int) -> list[int]:
-    """Question index of each sample (samples of one question are contiguous)."""
-    return [i // samples_per_question for i in range(rows)]
-
-
-__all__ = ["AnnotatedBatch", "action_mask", "group_rows", "join_rollouts", "lcs_split", "pooled_embeddings"]
+__all__ = ["AnnotatedBatch", "action_mask", "join_rollouts", "lcs_split", "pooled_embeddings"]

@@ -11,14 +11,11 @@ it in Ray through :class:`~carft_nemo.distributed.ray_group.RayWorkerGroup`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from carft_nemo.algorithms.contrastive import ContrastiveConfig
 from carft_nemo.checkpoint.dist_checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from carft_nemo.data.records import Example
 from carft_nemo.data.tokenization import load_tokenizer
@@ -29,8 +26,7 @@ from carft_nemo.generation.rollout import Rollout
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.forward import unwrap
 from carft_nemo.models.gpt import build_gpt_model
-from carft_nemo.models.heads import CONTRASTIVE_HEAD, POLICY_HEADS, attach_policy_heads
-from carft_nemo.models.logprobs import token_logprobs
+from carft_nemo.models.heads import POLICY_HEADS, attach_policy_heads
 from carft_nemo.training.optim import OptimConfig, make_trainable
 from carft_nemo.workers.actor_loss import ActorLossSettings, actor_loss, policy_outputs
 from carft_nemo.workers.model_worker import Batch, ModelWorker
