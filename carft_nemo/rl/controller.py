@@ -99,10 +99,10 @@ def check_layouts(cfg: RLConfig, model: ModelConfig) -> dict[str, int]:
     return dps
 
 
-def _latest_common_step(roots: list[Path]) -> int:
+def _common_steps(roots: list[Path]) -> list[int]:
+    """Steps with a complete checkpoint under every root, ascending."""
     steps = [set(s for s, _ in list_checkpoints(r)) for r in roots]
-    common = set.intersection(*steps) if steps else set()
-    return max(common, default=0)
+    return sorted(set.intersection(*steps)) if steps else []
 
 
 # ---------------------------------------------------------------------------- the run
@@ -390,15 +390,14 @@ class RLRun:
     def _prune(self) -> None:
         """Keep the newest ``keep_checkpoints`` steps complete for every role (never break a common step)."""
         roots = list(self.ckpt_roots.values())
-        common = sorted(set.intersection(*[set(s for s, _ in list_checkpoints(r)) for r in roots]))
-        keep = set(common[-self.cfg.rl.keep_checkpoints:])
+        keep = set(_common_steps(roots)[-self.cfg.rl.keep_checkpoints:])
         for root in roots:
             for s, path in list_checkpoints(root):
                 if s not in keep and s < max(keep, default=0):
                     shutil.rmtree(path, ignore_errors=True)
 
     def resume_step(self) -> int:
-        step = _latest_common_step(list(self.ckpt_roots.values()))
+        step = max(_common_steps(list(self.ckpt_roots.values())), default=0)
         if step == 0:
             return 0
         calls = {"actor": self.groups["actor"].submit("load", str(self.ckpt_roots["actor"] / f"step_{step}"))}
@@ -502,10 +501,8 @@ def _train_metrics(actor: dict[str, float], critic: Optional[dict[str, float]]) 
         out["value_clip_fraction"] = value_source["value/clipped_tokens"] / vt
     if critic is not None:
         out["critic_grad_norm"] = critic["grad_norm"]
-    for key in ("contrastive/loss", "contrastive/positive_loss", "contrastive/negative_loss"):
-        if key in actor:
-            out[key] = actor[key] / micro
-    for key in ("contrastive/num_positive", "contrastive/num_negative"):
+    for key in ("contrastive/loss", "contrastive/positive_loss", "contrastive/negative_loss",
+                "contrastive/num_positive", "contrastive/num_negative"):
         if key in actor:
             out[key] = actor[key] / micro
     return out
