@@ -5,10 +5,11 @@ question into their common part (the LCS) and their remainders. The paper code
 (``cl.py``) runs a pure-Python O(nm) dynamic programme per pair, once per micro-batch; here
 every pair of the batch is solved at once with bit-parallel tensor operations that run on
 CPU and GPU. No Python loop over cells or pairs: for ``n <= m`` (the shorter sequence gives
-the rows) there are ``ceil(n / 2) + W - 1`` iterations of 6 small tensor ops for the forward
-pass and as many of 7 for the traceback, each over ``[2B, W]`` words (``W = ceil(m / 16)``);
-everything else is a few dozen whole-tensor ops. The cost is per-op dispatch (~2-3 us per op
-on an idle CPU core, several times that on a loaded one), not the O(B n m / 16) word operations.
+the rows) there are ``ceil(n / 2) + W - 1`` iterations of 5 small tensor ops for the forward
+pass and as many of 6 for the traceback, each over ``[W, 2B]`` words (``W = ceil(m / 16)``);
+everything else is a few dozen whole-tensor ops. The cost is per-op dispatch (~2-4 us per op
+on an idle CPU core, several times that on a loaded one) and the memory traffic of the
+whole-tensor ops, not the O(B n m / 16) word operations.
 
 Measured (``benchmarks/contrastive.py``, 64 pairs of 512 tokens, vocabulary 1,000, 70% shared
 tokens, on 2 CPU cores shared with other jobs, 1-minute load average 26-32): 147x less CPU
@@ -63,21 +64,23 @@ up. Each level is collected once, so exactly ``L[h, s]`` pairs are marked, in or
 carries through ones and stops on it, so ``(R + 2 * T) & ~R`` is the new one-hot
 position (a carry out of the top word means no zero is left: the path is complete). The
 traceback is the same skewed wavefront over the bit-reversed history (each 16-bit word
-reversed by one table lookup as the forward pass stores it), with a one-hot "token" per
+reversed by one table lookup over the whole history once the forward pass is done), with a one-hot "token" per
 problem instead of ``V``: ``T = P & R``; ``P = (P | (R + 2T + carry)) & ~R``. Read backwards,
 the forward history is already skewed the way the traceback needs (:func:`_traceback`).
 
-Match words come from one stable sort of ``token * B + pair`` over both sequences (token
-classes), a scatter-add of the column bits per class and one row gather, not from ``n * m``
-comparisons.
+Match words come from one sort of ``token * B + pair`` over both sequences (token classes),
+a scatter-add of the column bits per class, one row gather and one skew copy, not from
+``n * m`` comparisons.
 
 CPU threads: on CPU the call runs with one intra-op thread (the caller's setting is restored
 afterwards). Its loops are chains of small dependent ops and its few whole-tensor ops are
 memory-bound; on the 2 shared cores of the benchmark host the OpenMP pool's wake-ups made the
 same call about 6x slower in CPU time (186 ms against 32 ms for 64 pairs of 512 tokens).
 
-Memory: ``[n / 2 + W, 2B, W]`` buffers (int32 match words and their complements, history),
-O(B n m / 16) words (about 10 MB and 5 MB for 64 pairs of 512 tokens).
+Memory: ``[n / 2 + W, W, 2B]`` buffers (int32 match words and their complements, history,
+reversed history, traceback record) and the ``[classes, W]`` match table, O(B n m / 16) words:
+about 27 MB for 64 pairs of 512 tokens. On CPU they are kept between calls, per thread
+(:class:`_Scratch`: re-faulting freshly allocated pages cost more than the computation).
 
 Differences from the paper code (``cl.py``): same DP, but batched and in torch; the paper
 ran it on decoded token *strings* of the whole sequence (prompt and padding included), we
@@ -88,6 +91,8 @@ the two tracebacks may pick different (equally long) ones.
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -130,12 +135,12 @@ def _check_pair(a: Tensor, b: Tensor) -> None:
 
 # --- packed bit vectors --------------------------------------------------------------------------
 #
-# A row of a problem is W = ceil(m / 16) int32 lanes, stored [P, W] for P problems: lane x holds
+# A row of a problem is W = ceil(m / 16) int32 lanes, stored [W, P] for P problems: lane x holds
 # columns 16 (W-1-x) .. 16 (W-1-x) + 15, highest word first. The forward carry then moves from
 # lane x+1 to lane x, and the bit-reversed row the traceback needs is the same lanes with each
 # 16-bit word reversed (one table lookup): no reordering anywhere.
 #
-# Both loops run a fixed list of out= / in-place ops on preallocated [P, W] blocks and views made
+# Both loops run a fixed list of out= / in-place ops on preallocated [W, P] blocks and views made
 # before the loop (no allocation per step; 0-dim tensor constants instead of Python scalars, which
 # cost a wrapping per call): each op costs a few microseconds of dispatch, which is the run time.
 
@@ -160,17 +165,47 @@ def _constants(device: torch.device) -> _Constants:
     return _CONSTANTS[device]
 
 
+class _Scratch(threading.local):
+    """Per-thread int32 buffers kept between calls on CPU, one per slot, grown on demand.
+
+    Why: the big buffers (match table, match words, history, traceback record: ~27 MB for 64
+    pairs of 512 tokens) are freed back to the OS after each call by the C allocator, and
+    faulting them in again cost more than the computation (9,000 page faults, a third of the
+    CPU time, per call on the benchmark host). CUDA's caching allocator already reuses memory.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=torch.int32, device=device)
+        numel = math.prod(shape)
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[slot] = torch.empty(numel, dtype=torch.int32)
+        return buffer[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
 def _token_classes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
     """Per-pair token classes: ``(a_class [B, n], b_class [B, m], classes)``.
 
     Equal tokens of the same pair share a class; classes are dense over the batch. One
-    stable sort of ``token * B + pair`` over both sequences, no ``n * m`` comparison.
+    sort of ``token * B + pair`` over both sequences (int32 keys when they fit, which sort
+    faster), no ``n * m`` comparison.
     """
     batch, n = a.shape
     m = b.shape[1]
+    low = int(torch.minimum(a.min(), b.min()))
+    span = int(torch.maximum(a.max(), b.max())) - low + 1
+    key_type = torch.int32 if span * batch < 2**31 else torch.long
     pair = torch.arange(batch, device=a.device)[:, None]
-    keys = torch.cat([(b.long() * batch + pair).flatten(), (a.long() * batch + pair).flatten()])
-    sorted_keys, order = keys.sort(stable=True)
+    keys = torch.cat([((b.long() - low) * batch + pair).flatten(),
+                      ((a.long() - low) * batch + pair).flatten()]).to(key_type)
+    sorted_keys, order = keys.sort()  # equal keys share a class: their order does not matter
     new_run = torch.ones_like(sorted_keys, dtype=torch.long)
     torch.ne(sorted_keys[1:], sorted_keys[:-1], out=new_run[1:])
     run = new_run.cumsum_(0).sub_(1)
@@ -180,90 +215,88 @@ def _token_classes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
 
 
 def _match_words(table: Tensor, row_class: Tensor) -> Tensor:
-    """Match words and their complements in wavefront order, ``[P, n + W - 1, 2, W]`` int32.
+    """Match words and their complements in wavefront order, ``[2, n + W - 1, W, P]`` int32.
 
     ``table [C, W]`` holds the match words of each class (lanes highest word first);
     ``row_class [P, n]`` the class of every row (padding: the zero last row of ``table``).
-    Entry ``[k, t, 0, x]`` is lane ``x`` of ``M`` for row ``t + x - (W-1)`` of problem ``k``
-    (zero outside the rows), entry ``[k, t, 1, x]`` the same lane of ``~M`` (16 bits): one
-    row gather and one strided copy within each problem's block (module docstring).
+    Entry ``[0, t, x, k]`` is lane ``x`` of ``M`` for row ``t + x - (W-1)`` of problem ``k``
+    (zero outside the rows), entry ``[1, t, x, k]`` the same lane of ``~M`` (16 bits). One row
+    gather in row-major order ``[rows, P, W]``, then the skew: step ``t`` reads the ``W``
+    consecutive ``[P, W]`` blocks from row ``t`` on, which the steps before it read too, so
+    the copy runs from cache. Step ``t`` of :func:`_forward` reads two contiguous ``[W, P]`` blocks.
     """
     problems, n = row_class.shape
-    words = table.shape[1]
+    classes, words = table.shape
     steps = n + words - 1
-    padded = torch.nn.functional.pad(row_class, (words - 1, words - 1), value=table.shape[0] - 1)
-    gathered = table.index_select(0, padded.flatten())  # [P * (n + 2W - 2), W]
-    out = torch.empty(problems, steps, 2, words, dtype=torch.int32, device=table.device)
-    out[:, :, 0] = gathered.as_strided((problems, steps, words), ((n + 2 * words - 2) * words, words, words + 1))
-    torch.bitwise_xor(out[:, :, 0], _FULL, out=out[:, :, 1])
+    padded = torch.nn.functional.pad(row_class, (words - 1, words - 1), value=classes - 1).t().flatten()
+    gathered = torch.index_select(table, 0, padded, out=_SCRATCH.take("per_step", (padded.numel(), words),
+                                                                      table.device))
+    block = problems * words
+    out = _SCRATCH.take("pair", (2, steps, words, problems), table.device)
+    out[0] = gathered.as_strided((steps, words, problems), (block, block + 1, words))
+    torch.bitwise_xor(out[0], _FULL, out=out[1])
     return out
 
 
-def _forward(matches: Tensor, consts: _Constants, history: Tensor | None) -> Tensor:
-    """Hyyro's recurrence over all rows as a wavefront; returns the last row ``[P, W]`` (bit 16 junk).
+def _forward(matches: Tensor, history: Tensor) -> None:
+    """Hyyro's recurrence over all rows as a wavefront, into ``history [steps + 1, W, P]`` int32.
 
-    At step ``t`` lane ``x`` (word ``W-1-x``) processes row ``t + x - (W-1)``. With ``history``
-    (``[steps + 1, P, W]`` int32) entry ``t + 1`` receives the bit-reversed words of step
-    ``t``'s output and entry 0 those of ``V_0`` (all ones).
+    At step ``t`` lane ``x`` (word ``W-1-x``) processes row ``t + x - (W-1)``; entry ``t + 1``
+    receives step ``t``'s output (bit 16 of every lane is junk: a carry), entry 0 is ``V_0``
+    (all ones). The last entry holds every problem's last row.
     """
-    problems, steps, _, words = matches.shape
+    _, steps, words, problems = matches.shape
     device = matches.device
-    v = torch.full((problems, words), _FULL, dtype=torch.int32, device=device)
-    parts = torch.empty(problems, 2, words, dtype=torch.int32, device=device)
-    used, kept = parts.unbind(1)
-    total = torch.empty_like(v)
-    carry = torch.zeros(problems, words + 1, dtype=torch.int32, device=device)
-    carry_in, carry_out = carry[:, 1:], carry[:, :-1]  # lane x reads lane x+1 (the word below)
-    v_both, flat_v = v[:, None], v.view(-1)
-    reverse, shift = consts.reverse, consts.shift
-    outs: tuple[Tensor, ...] | list[None] = [None] * steps
-    if history is not None:
-        history[0] = _FULL
-        outs = history[1:].view(steps, -1).unbind(0)
-    for match, out in zip(matches.unbind(1), outs):
-        torch.bitwise_and(v_both, match, out=parts)       # U = V & M, K = V & ~M (V's junk bit 16 drops)
+    parts = torch.empty(2, words, problems, dtype=torch.int32, device=device)
+    used, kept = parts.unbind(0)
+    total = torch.empty(words, problems, dtype=torch.int32, device=device)
+    carry = torch.zeros(words + 1, problems, dtype=torch.int32, device=device)
+    carry_in, carry_out = carry[1:], carry[:-1]  # lane x reads lane x+1 (the word below)
+    shift = _constants(device).shift
+    history[0] = _FULL
+    rows = history.unbind(0)
+    for match, v, v_next in zip(matches.unbind(1), rows[:-1], rows[1:]):
+        torch.bitwise_and(v, match, out=parts)           # U = V & M, K = V & ~M (V's junk bit 16 drops)
         torch.add(kept, used, alpha=2, out=total)         # K + 2U = V + U
         total.add_(carry_in)                              # + carry from the word below
         torch.bitwise_right_shift(total, shift, out=carry_out)
-        torch.bitwise_or(total, kept, out=v)              # Hyyro eq. 2 (bit 16 keeps the carry: ignored)
-        if out is not None:
-            torch.index_select(reverse, 0, flat_v, out=out)  # reversed words for the traceback
-    return v
+        torch.bitwise_or(total, kept, out=v_next)         # Hyyro eq. 2 (bit 16 keeps the carry: ignored)
 
 
 def _traceback(history: Tensor, token: Tensor, consts: _Constants) -> tuple[Tensor, Tensor]:
     """Rows ``[P, n]`` (bool) and reversed-domain column words ``[P, W]`` of one LCS per problem.
 
-    ``token [P, W]``: one-hot reversed-domain start position per problem (zero: empty LCS), on
-    a zero of the last row. Walks :func:`_forward`'s history backwards: at iteration ``k``
-    every lane reads entry ``k``; lane ``x`` handles row ``k + x - W + 2`` (1-based), so a
-    carry leaving lane ``x`` reaches lane ``x+1`` exactly when that lane handles the same row.
+    ``history``: :func:`_forward`'s output; ``token [W, P]``: one-hot reversed-domain start
+    position per problem (zero: empty LCS), on a zero of the last row. Walks the
+    bit-reversed history backwards: at iteration ``k`` every lane reads entry ``k``; lane
+    ``x`` handles row ``k + x - W + 2`` (1-based), so a carry leaving lane ``x`` reaches lane
+    ``x+1`` exactly when that lane handles the same row.
     """
-    entries, problems, words = history.shape
+    entries, words, problems = history.shape
     n = entries - words
     device = history.device
-    zeros = history ^ consts.full
-    taken = torch.empty(problems, words, dtype=torch.int32, device=device)
-    total = torch.empty_like(taken)
-    # Per problem: [rows | columns]. Lane x's match at iteration k is added to rows[k + x] (row
-    # k + x - (W-1), 0-based) and to columns[x] by one broadcast add into a [P, 2, W] view.
-    width = entries + words - 1
-    found = torch.zeros(problems, width + words, dtype=torch.int32, device=device)
-    sinks = [found.as_strided((problems, 2, words), (width + words, width - k, 1), k) for k in range(entries)]
-    carry = torch.zeros(problems, words + 1, dtype=torch.int32, device=device)
-    carry_in, carry_out = carry[:, :-1], carry[:, 1:]  # lane x reads lane x-1 (reversed: the word above)
+    reversed_both = _SCRATCH.take("pair", (2, entries, words, problems), device)  # the match words are done
+    ones_all, zeros_all = reversed_both.unbind(0)
+    torch.index_select(consts.reverse, 0, history.flatten(), out=ones_all.view(-1))  # R = reverse(V), all rows
+    torch.bitwise_xor(ones_all, consts.full, out=zeros_all)
+    taken = _SCRATCH.take("per_step", (entries - 1, words, problems), device)  # T of every step
+    total = torch.empty(words, problems, dtype=torch.int32, device=device)
+    carry = torch.zeros(words + 1, problems, dtype=torch.int32, device=device)
+    carry_in, carry_out = carry[:-1], carry[1:]  # lane x reads lane x-1 (reversed: the word above)
     shift = consts.shift
-    ones_at, zeros_at = history.unbind(0), zeros.unbind(0)
-    taken_both = taken[:, None]
-    for k in range(entries - 2, -1, -1):
-        ones = ones_at[k]
-        torch.bitwise_and(token, ones, out=taken)         # T: the token's zero moved in: a match
-        torch.add(ones, taken, alpha=2, out=total)        # R + 2T (+ carry) runs to the next zero
+    for ones, zeros, match in zip(reversed(ones_all.unbind(0)[:-1]), reversed(zeros_all.unbind(0)[:-1]),
+                                  reversed(taken.unbind(0))):
+        torch.bitwise_and(token, ones, out=match)         # T: the token's zero moved in: a match
+        torch.add(ones, match, alpha=2, out=total)        # R + 2T (+ carry) runs to the next zero
         total.add_(carry_in)
         torch.bitwise_right_shift(total, shift, out=carry_out)
-        token.bitwise_or_(total).bitwise_and_(zeros_at[k])  # drop T, keep the landing bit
-        sinks[k].add_(taken_both)                         # each column is taken once: + is |
-    return found[:, words - 1:words - 1 + n] != 0, found[:, width:]
+        token.bitwise_or_(total).bitwise_and_(zeros)      # drop T, keep the landing bit
+    # Step k, lane x matched row k + x - (W-1) (0-based); with lanes flipped (x' = W-1-x) that is
+    # step k = row + x': a strided view [n, W, P] of every row's W candidate lanes, P innermost.
+    plane = words * problems
+    candidates = taken.as_strided((n, words, problems), (plane, plane - problems, 1), (words - 1) * problems)
+    rows = candidates.amax(1) != 0  # T >= 0: one-hot words
+    return rows.t(), taken.sum(0, dtype=torch.int32).t()  # each column is taken once: + is |
 
 
 def _bits(words: Tensor, m: int) -> Tensor:
@@ -284,7 +317,7 @@ def _bit_table(b_class: Tensor, positions: Tensor, valid: Tensor, classes: int, 
     # positions >= 0: shifts and masks instead of // and % (integer division is slow on CPU)
     bit = torch.where(valid, torch.bitwise_left_shift(1, positions & (_BITS - 1)), 0).to(torch.int32)
     lane = words - 1 - (positions >> _SHIFT)
-    table = torch.zeros((classes + 1) * words, dtype=torch.int32, device=b_class.device)
+    table = _SCRATCH.take("table", (words * (classes + 1),), b_class.device).zero_()
     table.scatter_add_(0, (b_class * words + lane).flatten(), bit.flatten())  # distinct bits: + is |
     return table.view(classes + 1, words)
 
@@ -297,8 +330,10 @@ def _last_row_zeros(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> Tenso
     j = torch.arange(m, device=b.device)
     table = _bit_table(b_class, j.expand_as(b_class), j < b_len[:, None], classes, words)
     row_class = torch.where(torch.arange(a.shape[1], device=a.device) < a_len[:, None], a_class, classes)
-    v = _forward(_match_words(table, row_class), _constants(b.device), None)
-    return 1 - _bits(v, m)
+    matches = _match_words(table, row_class)
+    history = _SCRATCH.take("history", (matches.shape[1] + 1, *matches.shape[2:]), b.device)
+    _forward(matches, history)
+    return 1 - _bits(history[-1].t(), m)
 
 
 def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -329,8 +364,9 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     bottom_rows = torch.where(i < bottom_len[:, None],
                               a_class.gather(1, (a_len[:, None] - 1 - i).clamp(min=0)) + classes, none)
     matches = _match_words(table, torch.cat([top_rows, bottom_rows]))
-    history = torch.empty(matches.shape[1] + 1, 2 * batch, words, dtype=torch.int32, device=device)
-    zeros = 1 - _bits(_forward(matches, consts, history), m)  # [2B, m]
+    history = _SCRATCH.take("history", (matches.shape[1] + 1, words, 2 * batch), device)
+    _forward(matches, history)
+    zeros = 1 - _bits(history[-1].t(), m)  # [2B, m]
     # LCS(a_top, b[:s]) + LCS(a_bottom, b[s:]) for every split column s = 0..b_len (Hirschberg).
     prefix = torch.nn.functional.pad(zeros.cumsum(1), (1, 0))  # [2B, m + 1]
     s = torch.arange(m + 1, device=device)
@@ -345,7 +381,7 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     lanes = torch.arange(words, device=device)
     token = torch.where((lanes == position[:, None] >> _SHIFT) & (start[:, None] >= 0),
                         torch.bitwise_left_shift(1, position[:, None] & (_BITS - 1)), 0).to(torch.int32)
-    matched_rows, columns = _traceback(history, token, consts)
+    matched_rows, columns = _traceback(history, token.t().contiguous(), consts)
     matched_cols = _reversed_bits(columns, m) != 0  # [2B, m]
     # Back to the pair's coordinates: the bottom half counts rows and columns from the end.
     ia = torch.arange(n, device=device)

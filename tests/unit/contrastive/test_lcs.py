@@ -145,3 +145,36 @@ def test_cuda_matches_cpu():
     assert gpu.mask_a.device.type == "cuda"
     assert gpu.length.cpu().tolist() == cpu.length.tolist()
     _check_masks(a, b, a_len, b_len, type(cpu)(gpu.length.cpu(), gpu.mask_a.cpu(), gpu.mask_b.cpu()))
+
+
+def test_concurrent_threads_and_shrinking_calls_keep_their_answers():
+    """CPU scratch buffers are per thread and reused across calls of other sizes."""
+    import threading
+
+    rng = np.random.default_rng(11)
+    jobs = []
+    for size in (300, 40, 180, 7):  # large then smaller: reused buffers must not leak old words
+        seqs_a = [rng.integers(0, 20, rng.integers(0, size + 1)) for _ in range(6)]
+        seqs_b = [rng.integers(0, 20, rng.integers(0, size + 1)) for _ in range(6)]
+        jobs.append((seqs_a, seqs_b))
+    expected = [[numpy_lcs_length(x, y) for x, y in zip(sa, sb)] for sa, sb in jobs]
+    failures: list[str] = []
+
+    def work(order: list[int]) -> None:
+        for index in order:
+            a, a_len = _pad(jobs[index][0])
+            b, b_len = _pad(jobs[index][1])
+            result = lcs_masks(a, b, a_len, b_len)
+            if result.length.tolist() != expected[index]:
+                failures.append(f"job {index}: {result.length.tolist()} != {expected[index]}")
+            try:
+                _check_masks(a, b, a_len, b_len, result)
+            except AssertionError as error:  # a thread's exception would not fail the test
+                failures.append(f"job {index}: masks: {error}")
+
+    threads = [threading.Thread(target=work, args=(order,)) for order in ([0, 1, 2, 3] * 3, [3, 2, 1, 0] * 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
