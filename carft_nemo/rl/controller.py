@@ -243,7 +243,8 @@ class RLRun:
         cfg = self.cfg
         pad = self.tokenizer.pad_token_id
         batch = rollout.to_batch(pad)
-        tokens = {"tokens": batch.tokens}
+        # lengths: each forward micro-batch stops at its longest row (ModelWorker.collect_forward)
+        tokens = {"tokens": batch.tokens, "lengths": batch.prompt_lengths + batch.response_lengths}
         texts = self.tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
         examples = [self.train_examples[q] for q in sample_q]
         carft = cfg.contrastive.enabled
@@ -254,7 +255,8 @@ class RLRun:
         # CARFT: the annotated sequences ride in the same actor / critic calls as the on-policy
         # ones (rows appended, right-padded to a common width; causal attention makes the padding
         # invisible), so they cost their FLOPs but no extra round trip or schedule set-up.
-        both = {"tokens": _stack_rows(batch.tokens, annotated.tokens, pad)} if carft else tokens
+        both = ({"tokens": _stack_rows(batch.tokens, annotated.tokens, pad),
+                 "lengths": torch.cat([tokens["lengths"], annotated.lengths])} if carft else tokens)
         if cfg.uses_critic_group:
             calls["critic"] = self._sharded("critic", "infer", both)
         outputs = ("logprobs",) + (("values",) if cfg.uses_shared_value_head else ()) + (("embeddings",) if carft else ())

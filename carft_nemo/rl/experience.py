@@ -31,15 +31,16 @@ def action_mask(batch: RolloutBatch) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AnnotatedBatch:
-    """Prompt + annotated CoT (+ EOS) of each sample's question: ``tokens``/``cot_mask`` ``[B, Sa]``."""
+    """Prompt + annotated CoT (+ EOS) of each sample's question: ``tokens``/``cot_mask`` ``[B, Sa]``, ``lengths [B]``."""
 
     tokens: torch.Tensor
     cot_mask: torch.Tensor
+    lengths: torch.Tensor
 
     @classmethod
     def build(cls, encoded: Sequence[EncodedExample], pad_id: int) -> "AnnotatedBatch":
         batch = collate([e.tokens for e in encoded], pad_id, loss_masks=[e.loss_mask for e in encoded])
-        return cls(batch["tokens"], batch["loss_mask"].bool())
+        return cls(batch["tokens"], batch["loss_mask"].bool(), batch["lengths"])
 
 
 def lcs_split(annotated: AnnotatedBatch, rollout: RolloutBatch) -> dict[str, torch.Tensor]:

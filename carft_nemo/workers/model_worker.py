@@ -9,12 +9,13 @@ return ``None`` and the controller reads the last stage (see :class:`ReplicaMap`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
-from carft_nemo.distributed.layout import ParallelLayout
+from carft_nemo.distributed.layout import ParallelConfig, ParallelLayout
 from carft_nemo.distributed.ray_group import ParallelWorker
 from carft_nemo.models.step import forward_backward
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward, split_microbatches
@@ -63,6 +64,25 @@ def shard_rows(batch: Batch, num_shards: int) -> list[dict[str, torch.Tensor]]:
     return [{k: v[i * per:(i + 1) * per] for k, v in batch.items()} for i in range(num_shards)]
 
 
+def trim_microbatches(micro_batches: list[dict[str, torch.Tensor]], lengths: torch.Tensor, micro_batch_size: int,
+                      multiple: int = 1, *, same_width: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Cut the ``[b, S]`` tensors of each micro-batch after its longest row (see ``collect_forward``)."""
+    width = micro_batches[0]["tokens"].shape[1]
+    longest = [int(lengths[i:i + micro_batch_size].max()) for i in range(0, len(lengths), micro_batch_size)]
+    if same_width:
+        longest = [max(longest)] * len(longest)
+    cut = [min(width, -(-max(n, 1) // multiple) * multiple) for n in longest]
+    return [{k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == width else v for k, v in micro.items()}
+            for micro, keep in zip(micro_batches, cut)]
+
+
+def _pad_columns(t: torch.Tensor, cut: int) -> torch.Tensor:
+    """Zero-pad dim 1 of a per-token output ``[b, s, ...]`` by the ``cut`` columns its micro-batch lost."""
+    if cut == 0 or t.dim() < 2:
+        return t
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, cut))
+
+
 def concat_rows(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`shard_rows`."""
     return {k: torch.cat([s[k] for s in shards], dim=0) for k in shards[0]}
@@ -73,6 +93,7 @@ class ModelWorker(ParallelWorker):
 
     trainable: TrainableModel | None = None
     model: torch.nn.Module | None = None
+    spec: Any = None  # the role's spec (``.parallel``, ``.micro_batch_size``), set by ``setup``
 
     def configure_process(self, cpu_threads: int) -> None:
         """Torch threads on CPU (several workers share the cores; see GenerationConfig.cpu_threads),
@@ -89,24 +110,58 @@ class ModelWorker(ParallelWorker):
                         *, hidden_to_loss: bool = False) -> dict[str, torch.Tensor] | None:
         """Forward-only pass; ``outputs_fn(output, micro[, hidden])`` -> per-row tensors, concatenated.
 
-        Returns CPU tensors on the last pipeline stage, ``None`` elsewhere.
+        With a ``lengths [B]`` entry (real tokens per row), rows are grouped into micro-batches
+        by length and each micro-batch runs only up to its longest row (rounded up to the
+        layout's sequence multiple; with pipeline parallelism every micro-batch must have one
+        width, so rows keep their order and all stop at the call's longest row): causal
+        attention makes the cut columns invisible to the kept ones. Outputs come back in the
+        caller's row order, zero-padded to the batch width; they are defined up to each row's
+        length. Returns CPU tensors on the last pipeline stage, ``None`` elsewhere.
         """
         def loss_fn(output, micro, *hidden):
             produced = outputs_fn(output, micro, *hidden)
             return torch.zeros((), device=output.device), {k: v.float() for k, v in produced.items()}
 
+        batch = dict(batch)
+        lengths = batch.pop("lengths", None)
+        width = batch["tokens"].shape[1]
+        same_width = self._pipeline_parallel() > 1
+        order = None
+        if lengths is not None and not same_width:  # rows of similar length share micro-batches
+            order = torch.argsort(lengths, descending=True, stable=True)
+            batch, lengths = {k: v[order] for k, v in batch.items()}, lengths[order]
+        micro_batches = split_microbatches(batch, micro_batch_size)
+        if lengths is not None:
+            micro_batches = trim_microbatches(micro_batches, lengths, micro_batch_size, self._sequence_multiple(),
+                                              same_width=same_width)
+        cut_columns = [width - micro["tokens"].shape[1] for micro in micro_batches]
         model = self.model
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                per_micro = forward_backward(model, split_microbatches(batch, micro_batch_size), loss_fn,
+                per_micro = forward_backward(model, micro_batches, loss_fn,
                                              forward_only=True, hidden_to_loss=hidden_to_loss)
         finally:
             model.train(was_training)
         if not per_micro:
             return None
-        return {k: torch.cat([m[k] for m in per_micro], dim=0).cpu() for k in per_micro[0]}
+        joined = {k: torch.cat([_pad_columns(m[k], cut) for m, cut in zip(per_micro, cut_columns)], dim=0).cpu()
+                  for k in per_micro[0]}
+        if order is not None:
+            joined = {k: torch.empty_like(v).index_copy_(0, order, v) for k, v in joined.items()}
+        return joined
+
+    def _pipeline_parallel(self) -> int:
+        return self.layout.pipeline_parallel if self.layout is not None else 1
+
+    def _sequence_multiple(self) -> int:
+        """Sequence lengths must divide by TP (sequence parallel) and 2 x CP (context parallel)."""
+        parallel = self.spec.parallel if self.spec is not None else ParallelConfig()
+        multiple = parallel.tensor_parallel if parallel.sequence_parallel else 1
+        if parallel.context_parallel > 1:
+            multiple = math.lcm(multiple, 2 * parallel.context_parallel)
+        return multiple
 
     def train_epochs(self, batch: Batch, *, epochs: int, mini_batch_rows: int, micro_batch_size: int, seed: int,
                      make_loss: Callable[[dict[str, torch.Tensor], int], tuple[Callable, float]],
@@ -149,4 +204,4 @@ class ModelWorker(ParallelWorker):
         return data_parallel_sum(mask.sum())
 
 
-__all__ = ["Batch", "ModelWorker", "ReplicaMap", "concat_rows", "shard_rows"]
+__all__ = ["Batch", "ModelWorker", "ReplicaMap", "concat_rows", "shard_rows", "trim_microbatches"]
