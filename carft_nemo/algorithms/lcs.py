@@ -12,13 +12,12 @@ on an idle CPU core, several times that on a loaded one) and the memory traffic 
 whole-tensor ops, not the O(B n m / 16) word operations.
 
 Measured (``benchmarks/contrastive.py``, 64 pairs of 512 tokens, vocabulary 1,000, 70% shared
-tokens, on 2 CPU cores shared with other jobs, 1-minute load average 26-32): 147x less CPU
-time than a straightforward Python O(nm) DP with traceback for the median of 21 calls (39 ms
-against 5.8 s), 195x for the best call (30 ms); 433x in wall time. The 200x CPU-time target was
-not reached at that load; the figure moves with the load because the torch side is ~3,700
-dependent small ops plus a few memory-bound whole-tensor ops (sort, row gather, skew copy,
-complements), which slow down most when the cores are shared
-(``benchmarks/results/contrastive.json``).
+tokens, 2 CPU cores of a shared VM, load average 2.6): 184x less CPU time than a
+straightforward Python O(nm) DP with traceback (37 ms median of 32 calls, each made after two
+pairs of the DP so that both run under the same conditions, against 6.75 s), 238x for the
+best call (28 ms). The 200x target is not reached: about 60% of the time is ~3,200 dependent
+small ops in the two loops, the rest memory-bound whole-tensor ops (sort, table, gather, skew,
+reversal) that run on caches the interleaved DP has just flushed.
 
 DP (1-based, ``L[0, j] = L[i, 0] = 0``)::
 
