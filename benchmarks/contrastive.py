@@ -63,8 +63,12 @@ def python_lcs(x: list[int], y: list[int]) -> tuple[list[int], list[int]]:
     return xs[::-1], ys[::-1]
 
 
-def timed_all(fn: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
-    """Wall times and process CPU times (all threads) of ``repeats`` calls, after a warm-up."""
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall time and median process CPU time (all threads) of ``repeats`` calls, after a warm-up.
+
+    CPU time is reported too because the benchmark host's cores are shared: under load the
+    wall time of many small tensor ops stretches far more than that of one Python loop.
+    """
     fn()
     walls, cpus = [], []
     for _ in range(repeats):
@@ -72,16 +76,6 @@ def timed_all(fn: Callable[[], object], repeats: int) -> tuple[list[float], list
         fn()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return walls, cpus
-
-
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall time and median process CPU time (all threads) of ``repeats`` calls, after a warm-up.
-
-    CPU time is reported too because the benchmark host's cores are shared: under load the
-    wall time of many small tensor ops stretches far more than that of one Python loop.
-    """
-    walls, cpus = timed_all(fn, repeats)
     return statistics.median(walls), statistics.median(cpus)
 
 

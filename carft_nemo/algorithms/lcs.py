@@ -237,8 +237,8 @@ def _match_words(table: Tensor, row_class: Tensor) -> Tensor:
     return out
 
 
-def _forward(matches: Tensor, history: Tensor) -> None:
-    """Hyyro's recurrence over all rows as a wavefront, into ``history [steps + 1, W, P]`` int32.
+def _forward(matches: Tensor) -> Tensor:
+    """Hyyro's recurrence over all rows as a wavefront; returns the history ``[steps + 1, W, P]`` int32.
 
     At step ``t`` lane ``x`` (word ``W-1-x``) processes row ``t + x - (W-1)``; entry ``t + 1``
     receives step ``t``'s output (bit 16 of every lane is junk: a carry), entry 0 is ``V_0``
@@ -246,6 +246,7 @@ def _forward(matches: Tensor, history: Tensor) -> None:
     """
     _, steps, words, problems = matches.shape
     device = matches.device
+    history = _SCRATCH.take("history", (steps + 1, words, problems), device)
     parts = torch.empty(2, words, problems, dtype=torch.int32, device=device)
     used, kept = parts.unbind(0)
     total = torch.empty(words, problems, dtype=torch.int32, device=device)
@@ -260,9 +261,10 @@ def _forward(matches: Tensor, history: Tensor) -> None:
         total.add_(carry_in)                              # + carry from the word below
         torch.bitwise_right_shift(total, shift, out=carry_out)
         torch.bitwise_or(total, kept, out=v_next)         # Hyyro eq. 2 (bit 16 keeps the carry: ignored)
+    return history
 
 
-def _traceback(history: Tensor, token: Tensor, consts: _Constants) -> tuple[Tensor, Tensor]:
+def _traceback(history: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
     """Rows ``[P, n]`` (bool) and reversed-domain column words ``[P, W]`` of one LCS per problem.
 
     ``history``: :func:`_forward`'s output; ``token [W, P]``: one-hot reversed-domain start
@@ -274,6 +276,7 @@ def _traceback(history: Tensor, token: Tensor, consts: _Constants) -> tuple[Tens
     entries, words, problems = history.shape
     n = entries - words
     device = history.device
+    consts = _constants(device)
     reversed_both = _SCRATCH.take("pair", (2, entries, words, problems), device)  # the match words are done
     ones_all, zeros_all = reversed_both.unbind(0)
     torch.index_select(consts.reverse, 0, history.flatten(), out=ones_all.view(-1))  # R = reverse(V), all rows
@@ -329,10 +332,7 @@ def _last_row_zeros(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> Tenso
     j = torch.arange(m, device=b.device)
     table = _bit_table(b_class, j.expand_as(b_class), j < b_len[:, None], classes, words)
     row_class = torch.where(torch.arange(a.shape[1], device=a.device) < a_len[:, None], a_class, classes)
-    matches = _match_words(table, row_class)
-    history = _SCRATCH.take("history", (matches.shape[1] + 1, *matches.shape[2:]), b.device)
-    _forward(matches, history)
-    return 1 - _bits(history[-1].t(), m)
+    return 1 - _bits(_forward(_match_words(table, row_class))[-1].t(), m)
 
 
 def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -346,7 +346,6 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     m = b.shape[1]
     device = a.device
     words = -(-m // _BITS)
-    consts = _constants(device)
     top_len = a_len >> 1
     bottom_len = a_len - top_len
     half = int(bottom_len.max())
@@ -362,9 +361,7 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     top_rows = torch.where(i < top_len[:, None], a_class.gather(1, i.clamp(max=n - 1).expand(batch, -1)), none)
     bottom_rows = torch.where(i < bottom_len[:, None],
                               a_class.gather(1, (a_len[:, None] - 1 - i).clamp(min=0)) + classes, none)
-    matches = _match_words(table, torch.cat([top_rows, bottom_rows]))
-    history = _SCRATCH.take("history", (matches.shape[1] + 1, words, 2 * batch), device)
-    _forward(matches, history)
+    history = _forward(_match_words(table, torch.cat([top_rows, bottom_rows])))
     zeros = 1 - _bits(history[-1].t(), m)  # [2B, m]
     # LCS(a_top, b[:s]) + LCS(a_bottom, b[s:]) for every split column s = 0..b_len (Hirschberg).
     prefix = torch.nn.functional.pad(zeros.cumsum(1), (1, 0))  # [2B, m + 1]
@@ -380,7 +377,7 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     lanes = torch.arange(words, device=device)
     token = torch.where((lanes == position[:, None] >> _SHIFT) & (start[:, None] >= 0),
                         torch.bitwise_left_shift(1, position[:, None] & (_BITS - 1)), 0).to(torch.int32)
-    matched_rows, columns = _traceback(history, token.t().contiguous(), consts)
+    matched_rows, columns = _traceback(history, token.t().contiguous())
     matched_cols = _reversed_bits(columns, m) != 0  # [2B, m]
     # Back to the pair's coordinates: the bottom half counts rows and columns from the end.
     ia = torch.arange(n, device=device)

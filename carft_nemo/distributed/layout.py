@@ -10,6 +10,7 @@ with a message that names the key instead of a hang or a megatron assertion.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +42,12 @@ class ParallelConfig:
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Sequence lengths must divide by TP (sequence parallel) and by 2 x CP (context parallel)."""
+        multiple = self.tensor_parallel if self.sequence_parallel else 1
+        return math.lcm(multiple, 2 * self.context_parallel) if self.context_parallel > 1 else multiple
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ return ``None`` and the controller reads the last stage (see :class:`ReplicaMap`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -64,15 +63,17 @@ def shard_rows(batch: Batch, num_shards: int) -> list[dict[str, torch.Tensor]]:
     return [{k: v[i * per:(i + 1) * per] for k, v in batch.items()} for i in range(num_shards)]
 
 
-def trim_microbatches(micro_batches: list[dict[str, torch.Tensor]], lengths: torch.Tensor, micro_batch_size: int,
-                      multiple: int = 1, *, same_width: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Cut the ``[b, S]`` tensors of each micro-batch after its longest row (see ``collect_forward``)."""
+def trim_microbatches(micro_batches: list[dict[str, torch.Tensor]], multiple: int = 1, *,
+                      same_width: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Cut the ``[b, S]`` tensors of each micro-batch after its longest row, by its ``lengths [b]``
+    entry (dropped), rounded up to ``multiple``; ``same_width``: all at the longest of any
+    (see ``collect_forward``)."""
     width = micro_batches[0]["tokens"].shape[1]
-    longest = [int(lengths[i:i + micro_batch_size].max()) for i in range(0, len(lengths), micro_batch_size)]
+    longest = [int(micro["lengths"].max()) for micro in micro_batches]
     if same_width:
         longest = [max(longest)] * len(longest)
     cut = [min(width, -(-max(n, 1) // multiple) * multiple) for n in longest]
-    return [{k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == width else v for k, v in micro.items()}
+    return [{k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == width else v for k, v in micro.items() if k != "lengths"}
             for micro, keep in zip(micro_batches, cut)]
 
 
@@ -122,18 +123,16 @@ class ModelWorker(ParallelWorker):
             produced = outputs_fn(output, micro, *hidden)
             return torch.zeros((), device=output.device), {k: v.float() for k, v in produced.items()}
 
-        batch = dict(batch)
-        lengths = batch.pop("lengths", None)
         width = batch["tokens"].shape[1]
-        same_width = self._pipeline_parallel() > 1
+        same_width = self.layout is not None and self.layout.pipeline_parallel > 1
         order = None
-        if lengths is not None and not same_width:  # rows of similar length share micro-batches
-            order = torch.argsort(lengths, descending=True, stable=True)
-            batch, lengths = {k: v[order] for k, v in batch.items()}, lengths[order]
+        if "lengths" in batch and not same_width:  # rows of similar length share micro-batches
+            order = torch.argsort(batch["lengths"], descending=True, stable=True)
+            batch = {k: v[order] for k, v in batch.items()}
         micro_batches = split_microbatches(batch, micro_batch_size)
-        if lengths is not None:
-            micro_batches = trim_microbatches(micro_batches, lengths, micro_batch_size, self._sequence_multiple(),
-                                              same_width=same_width)
+        if "lengths" in batch:
+            parallel = self.spec.parallel if self.spec is not None else ParallelConfig()
+            micro_batches = trim_microbatches(micro_batches, parallel.sequence_multiple, same_width=same_width)
         cut_columns = [width - micro["tokens"].shape[1] for micro in micro_batches]
         model = self.model
         was_training = model.training
@@ -151,17 +150,6 @@ class ModelWorker(ParallelWorker):
         if order is not None:
             joined = {k: torch.empty_like(v).index_copy_(0, order, v) for k, v in joined.items()}
         return joined
-
-    def _pipeline_parallel(self) -> int:
-        return self.layout.pipeline_parallel if self.layout is not None else 1
-
-    def _sequence_multiple(self) -> int:
-        """Sequence lengths must divide by TP (sequence parallel) and 2 x CP (context parallel)."""
-        parallel = self.spec.parallel if self.spec is not None else ParallelConfig()
-        multiple = parallel.tensor_parallel if parallel.sequence_parallel else 1
-        if parallel.context_parallel > 1:
-            multiple = math.lcm(multiple, 2 * parallel.context_parallel)
-        return multiple
 
     def train_epochs(self, batch: Batch, *, epochs: int, mini_batch_rows: int, micro_batch_size: int, seed: int,
                      make_loss: Callable[[dict[str, torch.Tensor], int], tuple[Callable, float]],

@@ -12,13 +12,23 @@ VOCAB, B, S = 64, 6, 20
 
 def test_trim_microbatches_cuts_to_the_longest_row_rounded_up():
     tokens = torch.arange(4 * 10).view(4, 10)
-    micro = [{"tokens": tokens[:2], "other": torch.ones(2)}, {"tokens": tokens[2:]}]
-    lengths = torch.tensor([3, 5, 9, 2])
-    cut = trim_microbatches(micro, lengths, 2)
+    micro = [{"tokens": tokens[:2], "lengths": torch.tensor([3, 5]), "other": torch.ones(2)},
+             {"tokens": tokens[2:], "lengths": torch.tensor([9, 2])}]
+    cut = trim_microbatches(micro)
     assert [m["tokens"].shape[1] for m in cut] == [5, 9]
     assert torch.equal(cut[0]["tokens"], tokens[:2, :5]) and torch.equal(cut[0]["other"], torch.ones(2))
-    assert [m["tokens"].shape[1] for m in trim_microbatches(micro, lengths, 2, multiple=4)] == [8, 10]
-    assert [m["tokens"].shape[1] for m in trim_microbatches(micro, lengths, 2, same_width=True)] == [9, 9]
+    assert all("lengths" not in m for m in cut)
+    assert [m["tokens"].shape[1] for m in trim_microbatches(micro, multiple=4)] == [8, 10]
+    assert [m["tokens"].shape[1] for m in trim_microbatches(micro, same_width=True)] == [9, 9]
+
+
+def test_sequence_multiple_follows_sequence_and_context_parallel():
+    from carft_nemo.distributed.layout import ParallelConfig
+
+    assert ParallelConfig(tensor_parallel=4).sequence_multiple == 1
+    assert ParallelConfig(tensor_parallel=4, sequence_parallel=True).sequence_multiple == 4
+    assert ParallelConfig(tensor_parallel=4, sequence_parallel=True, context_parallel=3).sequence_multiple == 12  # lcm(4, 6)
+    assert ParallelConfig(context_parallel=2).sequence_multiple == 4
 
 
 def _outputs(rank: int, world: int) -> tuple[dict, dict, list[int]]:

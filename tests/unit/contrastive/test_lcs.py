@@ -40,6 +40,16 @@ def _pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, torch.tensor([len(s) for s in seqs])
 
 
+def _random_sequences(rng: np.random.Generator, count: int, vocab: int, below_length: int
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``count`` a-sequences then ``count`` b-sequences, lengths in [0, below_length)."""
+    def draw() -> list[np.ndarray]:
+        return [rng.integers(0, vocab, rng.integers(0, below_length)) for _ in range(count)]
+
+    seqs_a = draw()
+    return seqs_a, draw()
+
+
 def _check_masks(a, b, a_len, b_len, result) -> None:
     for k in range(a.shape[0]):
         ma, mb = result.mask_a[k], result.mask_b[k]
@@ -63,9 +73,7 @@ def test_hand_computed_cases():
 
 
 def test_matches_python_dp_on_short_pairs():
-    rng = np.random.default_rng(1)
-    seqs_a = [rng.integers(0, 4, rng.integers(0, 40)) for _ in range(60)]
-    seqs_b = [rng.integers(0, 4, rng.integers(0, 40)) for _ in range(60)]
+    seqs_a, seqs_b = _random_sequences(np.random.default_rng(1), 60, 4, 40)
     a, a_len = _pad(seqs_a)
     b, b_len = _pad(seqs_b)
     result = lcs_masks(a, b, a_len, b_len)
@@ -135,9 +143,7 @@ def test_cpu_thread_count_is_restored():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    rng = np.random.default_rng(11)
-    seqs_a = [rng.integers(0, 20, rng.integers(0, 300)) for _ in range(16)]
-    seqs_b = [rng.integers(0, 20, rng.integers(0, 300)) for _ in range(16)]
+    seqs_a, seqs_b = _random_sequences(np.random.default_rng(11), 16, 20, 300)
     a, a_len = _pad(seqs_a)
     b, b_len = _pad(seqs_b)
     cpu = lcs_masks(a, b, a_len, b_len)
@@ -152,11 +158,8 @@ def test_concurrent_threads_and_shrinking_calls_keep_their_answers():
     import threading
 
     rng = np.random.default_rng(11)
-    jobs = []
-    for size in (300, 40, 180, 7):  # large then smaller: reused buffers must not leak old words
-        seqs_a = [rng.integers(0, 20, rng.integers(0, size + 1)) for _ in range(6)]
-        seqs_b = [rng.integers(0, 20, rng.integers(0, size + 1)) for _ in range(6)]
-        jobs.append((seqs_a, seqs_b))
+    # large then smaller: reused buffers must not leak old words
+    jobs = [_random_sequences(rng, 6, 20, size + 1) for size in (300, 40, 180, 7)]
     expected = [[numpy_lcs_length(x, y) for x, y in zip(sa, sb)] for sa, sb in jobs]
     failures: list[str] = []
 
