@@ -3,21 +3,21 @@
 CARFT's negative signal splits a wrong on-policy CoT and the annotated CoT of the same
 question into their common part (the LCS) and their remainders. The paper code
 (``cl.py``) runs a pure-Python O(nm) dynamic programme per pair, once per micro-batch; here
-every pair of the batch is solved at once with bit-parallel tensor operations that run on
+every pair of the batch is solved at once with bit-parallel array operations that run on
 CPU and GPU. No Python loop over cells or pairs: for ``n <= m`` (the shorter sequence gives
-the rows) there are ``ceil(n / 2) + W - 1`` iterations of 5 small tensor ops for the forward
-pass and as many of 6 for the traceback, each over ``[W, 2B]`` words (``W = ceil(m / 16)``);
-everything else is a few dozen whole-tensor ops. The cost is per-op dispatch (~2-4 us per op
-on an idle CPU core, several times that on a loaded one) and the memory traffic of the
-whole-tensor ops, not the O(B n m / 16) word operations.
+the rows) there are ``ceil(n / 2) + W - 1`` iterations of 6 small elementwise ops for the
+forward pass and as many of 7 for the traceback, each over ``[W, 2B]`` words (``W = ceil(m /
+16)``); everything else is a few dozen whole-tensor ops. The cost is per-op dispatch and the
+memory traffic of the whole-tensor ops, not the O(B n m / 16) word operations. On CPU the two
+loops run as numpy ufuncs on views of the same buffers (``_loop_arrays``): a numpy ufunc with
+``out=`` dispatches in about half the time of the torch op; on GPU they are torch ops.
 
 Measured (``benchmarks/contrastive.py``, 64 pairs of 512 tokens, vocabulary 1,000, 70% shared
-tokens, 2 CPU cores of a shared VM, load average 2.6): 184x less CPU time than a
-straightforward Python O(nm) DP with traceback (37 ms median of 32 calls, each made after two
-pairs of the DP so that both run under the same conditions, against 6.75 s), 238x for the
-best call (28 ms). The 200x target is not reached: about 60% of the time is ~3,200 dependent
-small ops in the two loops, the rest memory-bound whole-tensor ops (sort, table, gather, skew,
-reversal) that run on caches the interleaved DP has just flushed.
+tokens, 2 CPU cores of a shared VM, load average 2.8-3.5): 222x less CPU time than a
+straightforward Python O(nm) DP with traceback (30 ms median of 32 calls, each made after two
+pairs of the DP so that both run under the same conditions, against 6.7 s), 301x for the best
+call (22 ms), 226x in wall time. With torch ops in the loops it was 184x. A call's time, by
+part: the two loops ~5 and ~7 ms, match words ~5 ms, bit table ~3 ms, token classes ~2 ms.
 
 DP (1-based, ``L[0, j] = L[i, 0] = 0``)::
 
@@ -94,6 +94,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -187,6 +188,20 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+_NUMPY_LOOPS_ON_CPU = True  # False runs the torch loops (the CUDA path) on CPU: for tests
+
+
+def _loop_arrays(*tensors: Tensor) -> tuple[object, object, list]:
+    """``(xp, shift, arrays)`` for the two loops: numpy views of the tensors on CPU, else torch.
+
+    Why numpy on CPU: the loops are chains of ~3,500 small dependent elementwise ops, and a
+    numpy ufunc with ``out=`` dispatches in about half the time of the same torch op (1.9 us
+    against 4.2 us for ``[32, 128]`` int32 on the benchmark host). The views share memory
+    with the tensors, so results land in them. Both modules spell the ops the same way.
+    """
+    if tensors[0].device.type == "cpu" and _NUMPY_LOOPS_ON_CPU:
+        return numpy, numpy.array(_BITS, dtype=numpy.int32), [t.numpy() for t in tensors]
+    return torch, _constants(tensors[0].device).shift, list(tensors)
 
 
 def _token_classes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -247,20 +262,21 @@ def _forward(matches: Tensor) -> Tensor:
     _, steps, words, problems = matches.shape
     device = matches.device
     history = _SCRATCH.take("history", (steps + 1, words, problems), device)
-    parts = torch.empty(2, words, problems, dtype=torch.int32, device=device)
-    used, kept = parts.unbind(0)
-    total = torch.empty(words, problems, dtype=torch.int32, device=device)
-    carry = torch.zeros(words + 1, problems, dtype=torch.int32, device=device)
-    carry_in, carry_out = carry[1:], carry[:-1]  # lane x reads lane x+1 (the word below)
-    shift = _constants(device).shift
     history[0] = _FULL
-    rows = history.unbind(0)
-    for match, v, v_next in zip(matches.unbind(1), rows[:-1], rows[1:]):
-        torch.bitwise_and(v, match, out=parts)           # U = V & M, K = V & ~M (V's junk bit 16 drops)
-        torch.add(kept, used, alpha=2, out=total)         # K + 2U = V + U
-        total.add_(carry_in)                              # + carry from the word below
-        torch.bitwise_right_shift(total, shift, out=carry_out)
-        torch.bitwise_or(total, kept, out=v_next)         # Hyyro eq. 2 (bit 16 keeps the carry: ignored)
+    xp, shift, (history_, matches_, parts, total, carry) = _loop_arrays(
+        history, matches, torch.empty(2, words, problems, dtype=torch.int32, device=device),
+        torch.empty(words, problems, dtype=torch.int32, device=device),
+        torch.zeros(words + 1, problems, dtype=torch.int32, device=device))
+    used, kept = parts[0], parts[1]
+    carry_in, carry_out = carry[1:], carry[:-1]  # lane x reads lane x+1 (the word below)
+    rows = list(history_)
+    for match, v, v_next in zip(matches_.swapaxes(0, 1), rows[:-1], rows[1:]):
+        xp.bitwise_and(v, match, out=parts)              # U = V & M, K = V & ~M (V's junk bit 16 drops)
+        xp.add(kept, used, out=total)
+        xp.add(total, used, out=total)                   # K + 2U = V + U
+        xp.add(total, carry_in, out=total)               # + carry from the word below
+        xp.bitwise_right_shift(total, shift, out=carry_out)
+        xp.bitwise_or(total, kept, out=v_next)           # Hyyro eq. 2 (bit 16 keeps the carry: ignored)
     return history
 
 
@@ -282,17 +298,19 @@ def _traceback(history: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
     torch.index_select(consts.reverse, 0, history.flatten(), out=ones_all.view(-1))  # R = reverse(V), all rows
     torch.bitwise_xor(ones_all, consts.full, out=zeros_all)
     taken = _SCRATCH.take("per_step", (entries - 1, words, problems), device)  # T of every step
-    total = torch.empty(words, problems, dtype=torch.int32, device=device)
-    carry = torch.zeros(words + 1, problems, dtype=torch.int32, device=device)
+    xp, shift, (ones_all_, zeros_all_, taken_, token_, total, carry) = _loop_arrays(
+        ones_all, zeros_all, taken, token, torch.empty(words, problems, dtype=torch.int32, device=device),
+        torch.zeros(words + 1, problems, dtype=torch.int32, device=device))
     carry_in, carry_out = carry[:-1], carry[1:]  # lane x reads lane x-1 (reversed: the word above)
-    shift = consts.shift
-    for ones, zeros, match in zip(reversed(ones_all.unbind(0)[:-1]), reversed(zeros_all.unbind(0)[:-1]),
-                                  reversed(taken.unbind(0))):
-        torch.bitwise_and(token, ones, out=match)         # T: the token's zero moved in: a match
-        torch.add(ones, match, alpha=2, out=total)        # R + 2T (+ carry) runs to the next zero
-        total.add_(carry_in)
-        torch.bitwise_right_shift(total, shift, out=carry_out)
-        token.bitwise_or_(total).bitwise_and_(zeros)      # drop T, keep the landing bit
+    for ones, zeros, match in zip(reversed(list(ones_all_)[:-1]), reversed(list(zeros_all_)[:-1]),
+                                  reversed(list(taken_))):
+        xp.bitwise_and(token_, ones, out=match)          # T: the token's zero moved in: a match
+        xp.add(ones, match, out=total)
+        xp.add(total, match, out=total)                  # R + 2T (+ carry) runs to the next zero
+        xp.add(total, carry_in, out=total)
+        xp.bitwise_right_shift(total, shift, out=carry_out)
+        xp.bitwise_or(token_, total, out=token_)
+        xp.bitwise_and(token_, zeros, out=token_)        # drop T, keep the landing bit
     # Step k, lane x matched row k + x - (W-1) (0-based); with lanes flipped (x' = W-1-x) that is
     # step k = row + x': a strided view [n, W, P] of every row's W candidate lanes, P innermost.
     plane = words * problems
@@ -422,7 +440,7 @@ def lcs_masks(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
     Returns:
         :class:`LcsResult` with ``length [B]`` and masks ``[B, n]`` / ``[B, m]``, false on
         padding. Work: O(B n m / 16) word ops in about ``min(n, m) + max(n, m) / 8`` Python
-        iterations of 6-7 small tensor ops each; memory O(B n m / 16) words. On CPU it runs
+        iterations of 6-7 small elementwise ops each; memory O(B n m / 16) words. On CPU it runs
         with one intra-op thread (restored afterwards; module docstring).
     """
     _check_pair(a, b)

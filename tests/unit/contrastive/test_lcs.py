@@ -141,6 +141,21 @@ def test_cpu_thread_count_is_restored():
     assert torch.get_num_threads() == before
 
 
+def test_torch_loops_match_numpy_loops(monkeypatch):
+    """The loops run in numpy on CPU and in torch elsewhere: the torch ones, run on CPU, agree."""
+    from carft_nemo.algorithms import lcs as lcs_module
+
+    seqs_a, seqs_b = _random_sequences(np.random.default_rng(5), 12, 6, 260)
+    a, a_len = _pad(seqs_a)
+    b, b_len = _pad(seqs_b)
+    with_numpy = lcs_masks(a, b, a_len, b_len)
+    monkeypatch.setattr(lcs_module, "_NUMPY_LOOPS_ON_CPU", False)
+    with_torch = lcs_masks(a, b, a_len, b_len)
+    assert with_torch.length.tolist() == [numpy_lcs_length(x, y) for x, y in zip(seqs_a, seqs_b)]
+    assert torch.equal(with_torch.mask_a, with_numpy.mask_a) and torch.equal(with_torch.mask_b, with_numpy.mask_b)
+    _check_masks(a, b, a_len, b_len, with_torch)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     seqs_a, seqs_b = _random_sequences(np.random.default_rng(11), 16, 20, 300)
