@@ -13,11 +13,12 @@ loops run as numpy ufuncs on views of the same buffers (``_loop_arrays``): a num
 ``out=`` dispatches in about half the time of the torch op; on GPU they are torch ops.
 
 Measured (``benchmarks/contrastive.py``, 64 pairs of 512 tokens, vocabulary 1,000, 70% shared
-tokens, 2 CPU cores of a shared VM, load average 2.8-3.5): 222x less CPU time than a
-straightforward Python O(nm) DP with traceback (30 ms median of 32 calls, each made after two
-pairs of the DP so that both run under the same conditions, against 6.7 s), 301x for the best
-call (22 ms), 226x in wall time. With torch ops in the loops it was 184x. A call's time, by
-part: the two loops ~5 and ~7 ms, match words ~5 ms, bit table ~3 ms, token classes ~2 ms.
+tokens, 2 CPU cores of a VM, load average 1.1): 249x less CPU time than a straightforward
+Python O(nm) DP with traceback (27 ms median of 32 calls, each made after two pairs of the DP
+so that both run under the same conditions, against 6.7 s), 338x for the best call (20 ms),
+251x in wall time; 222x at load average 3. With torch ops in the loops it was 184x. A call's
+time, by part: the two loops ~5 and ~7 ms, match words ~5 ms, bit table ~3 ms, token classes
+~2 ms.
 
 DP (1-based, ``L[0, j] = L[i, 0] = 0``)::
 
