@@ -55,7 +55,6 @@ from benchmarks.ppo_step import (  # noqa: E402
     machine_info,
     medians,
     rl_config,
-    start_ray,
     timed_step,
     worker_pids,
 )
@@ -202,7 +201,8 @@ def main() -> None:
         p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="SFT checkpoints and run dirs"),
         p.add_argument("--sft-steps", type=int, default=2, help="SFT steps behind the RL start checkpoint"),
     ))
-    import ray
+    from carft_nemo.distributed.ray_group import shared_ray
+    from carft_nemo.rl.controller import worker_cpus
 
     settings = SETTINGS["quick" if args.quick else "full"]
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -210,16 +210,17 @@ def main() -> None:
     timers = ControllerTimers()
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         runs = build_runs(args.model, settings, args.cache, args.sft_steps, Path(tmp))
-        start_ray(list(runs.values()))
-        try:
-            for run in runs.values():
-                run.start_workers()
-            records = interleaved(runs, settings.measured_steps, timers)
-        finally:
-            for run in runs.values():
-                run.stop_workers()
-            timers.close()
-            ray.shutdown()
+        # Both runs' workers side by side in one cluster.
+        with shared_ray(sum(worker_cpus(run.cfg) for run in runs.values()),
+                        address=next(iter(runs.values())).cfg.ray_address):
+            try:
+                for run in runs.values():
+                    run.start_workers()
+                records = interleaved(runs, settings.measured_steps, timers)
+            finally:
+                for run in runs.values():
+                    run.stop_workers()
+                timers.close()
     s = summarize(records)
     rows = [{"method": name, "samples": int(m["samples"]), "resp_len": m["response_length"],
              **{k: m[k] for k in PHASES}, **{k: m[k] for k in CARFT_EXTRA}, "s/sample": m["total"] / m["samples"],

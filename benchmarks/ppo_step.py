@@ -135,35 +135,6 @@ def gpu_overrides() -> list[str]:
     return [] if torch.cuda.device_count() >= 2 else ["critic.layout=shared"]
 
 
-def ray_cpus(runs) -> int:
-    """Logical CPUs for all ``runs``' workers side by side (as RLRun.start_workers counts for one run)."""
-    total = 0
-    for run in runs:
-        cfg = run.cfg
-        total += cfg.actor.num_workers + cfg.reward.num_workers
-        total += cfg.critic.num_workers if cfg.uses_critic_group else 0
-        total += cfg.reference.num_workers if cfg.reference.mode == "group" else 0
-    return total
-
-
-def start_ray(runs, attempts: int = 3) -> None:
-    """Start (or join) Ray for ``runs``, retrying: a local node gives up after 30 s when the host is overloaded."""
-    import ray
-
-    from carft_nemo.distributed.ray_group import start_local_ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            start_local_ray(num_cpus=ray_cpus(runs), address=runs[0].cfg.ray_address)
-            return
-        except Exception as err:  # noqa: BLE001 - ray raises a bare Exception on a start-up timeout
-            if ray.is_initialized():
-                ray.shutdown()
-            if attempt == attempts:
-                raise
-            print(f"ray start-up failed ({err}); retrying ({attempt}/{attempts})", flush=True)
-
-
 # ---------------------------------------------------------------------------- one step
 
 def worker_pids(run) -> dict[str, list[int]]:
@@ -283,32 +254,30 @@ def load_now() -> dict[str, Any]:
 
 def bench_model(model: str, settings: StepSettings, cache: Path, sft_steps: int) -> dict[str, Any]:
     """Start one ReFT run's workers, warm up one step, time ``settings.measured_steps``."""
-    import ray
-
-    from carft_nemo.rl.controller import RLRun
+    from carft_nemo.distributed.ray_group import shared_ray
+    from carft_nemo.rl.controller import RLRun, worker_cpus
 
     sft = ensure_sft(model, cache, sft_steps)
     extra = gpu_overrides() if model == "llama_1b" else []
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         cfg = rl_config("configs/reft-tiny-synthetic.yaml", sft, Path(tmp), settings, extra)
         run = RLRun(cfg)
-        start_ray([run])
-        t0 = time.perf_counter()
-        try:
-            run.start_workers()
-            startup = time.perf_counter() - t0
-            pids = worker_pids(run)
-            steps = []
-            for step in range(settings.measured_steps + 1):
-                record = timed_step(run, step, pids)
-                print(f"{model} step {step}{' (warm-up)' if step == 0 else ''}: "
-                      + ", ".join(f"{k} {record[k]:.2f}s" for k in PHASES + ("cpu_total",)), flush=True)
-                if step:
-                    steps.append(record)
-        finally:
-            run.stop_workers()
-    if ray.is_initialized():
-        ray.shutdown()  # the next model starts a fresh cluster sized for its workers
+        # A cluster of this model's own: the next model's workers may need another size.
+        with shared_ray(worker_cpus(cfg), address=cfg.ray_address):
+            t0 = time.perf_counter()
+            try:
+                run.start_workers()
+                startup = time.perf_counter() - t0
+                pids = worker_pids(run)
+                steps = []
+                for step in range(settings.measured_steps + 1):
+                    record = timed_step(run, step, pids)
+                    print(f"{model} step {step}{' (warm-up)' if step == 0 else ''}: "
+                          + ", ".join(f"{k} {record[k]:.2f}s" for k in PHASES + ("cpu_total",)), flush=True)
+                    if step:
+                        steps.append(record)
+            finally:
+                run.stop_workers()
     return {"model": model, "params": run.model_cfg.num_parameters(), "vocab_size": run.model_cfg.vocab_size,
             "settings": settings.describe(), "layout": layout_of(cfg), "workers_startup_s": startup,
             "median_s": medians(steps), "steps": steps, "sft_steps": sft_steps}

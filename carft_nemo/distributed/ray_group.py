@@ -17,33 +17,36 @@ On GPU nodes Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so each actor's local 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import device
 from carft_nemo.distributed.layout import ParallelConfig, ParallelLayout, ProcessInfo, free_port, validate_layout
 
 
-def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int | None = None) -> None:
+def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int | None = None) -> bool:
     """Connect to the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start one on this host.
 
     A local cluster binds to loopback without the dashboard, and without writing an auth
     token (``RAY_AUTH_MODE=disabled`` unless set): tests and single-node runs stay local.
     Workers inherit this process's ``sys.path`` through ``PYTHONPATH`` so that worker
-    classes defined in the driver's modules import in the actors.
+    classes defined in the driver's modules import in the actors. Returns True only when
+    this call started a local instance: its caller then owns it and shuts it down; an
+    instance already up (see :func:`shared_ray`) or a given cluster is left alone.
     """
     import sys
 
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        return
+        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
@@ -51,10 +54,33 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
         try:
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                      log_to_driver=True)
-            return
+            return True
         except Exception as err:  # noqa: BLE001 - Ray raises plain Exception on a start-up timeout
             if attempt == 2 or "timed out" not in str(err).lower():
                 raise
+            ray.shutdown()
+    return False  # not reached: the last attempt returns or raises
+
+
+@contextlib.contextmanager
+def shared_ray(num_cpus: int, *, address: str | None = None) -> Iterator[None]:
+    """One Ray instance for the several runs a process makes (a pipeline's RL stages, a benchmark's).
+
+    Each run's own :func:`start_local_ray` then joins it instead of starting and stopping an
+    instance of its own (seconds a run). ``num_cpus`` must cover the most workers up at once;
+    0 means no run is left to make, and starts nothing. Shuts the instance down on exit if
+    this call started it.
+    """
+    import ray
+
+    if num_cpus < 1:
+        yield
+        return
+    started = start_local_ray(num_cpus, address=address)
+    try:
+        yield
+    finally:
+        if started and ray.is_initialized():
             ray.shutdown()
 
 
@@ -219,4 +245,4 @@ def wait_all(calls: Mapping[str, Sequence[Any]], timeout_s: float, *, poll_s: fl
     return results
 
 
-__all__ = ["ParallelWorker", "RayWorkerGroup", "WorkerFailure", "start_local_ray", "wait_all"]
+__all__ = ["ParallelWorker", "RayWorkerGroup", "WorkerFailure", "shared_ray", "start_local_ray", "wait_all"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from carft_nemo.config import require, save_resolved
 from carft_nemo.distributed.layout import shutdown
+from carft_nemo.distributed.ray_group import shared_ray
 from carft_nemo.reporting.report import StageResult, write_report
 from carft_nemo.rl.config import RLConfig
 from carft_nemo.training.run_log import LOG
@@ -58,19 +59,21 @@ def run_main(cfg: MainConfig) -> Path:
     shutdown()
     if summary["stopped_early"]:
         raise SystemExit(0)  # preempted: rerun the command to resume
-    stages = [StageResult("sft", out / "sft")]
-    for method in cfg.methods:
-        rl_cfg: RLConfig = getattr(cfg, method)
-        rl_cfg.sft_checkpoint = str(out / "sft")
-        rl_cfg.output_dir = str(out / method)
-        if _finished(out / method / "summary.json"):
-            LOG.info("%s: finished earlier, not rerun", method)
-        else:
-            from carft_nemo.rl.controller import run_rl
+    from carft_nemo.rl.controller import run_rl, worker_cpus
 
-            if run_rl(rl_cfg)["stopped_early"]:
+    stages = [StageResult("sft", out / "sft")]
+    pending = [m for m in cfg.methods if not _finished(out / m / "summary.json")]
+    with shared_ray(max((worker_cpus(getattr(cfg, m)) for m in pending), default=0),
+                    address=getattr(cfg, pending[0]).ray_address if pending else None):
+        for method in cfg.methods:
+            rl_cfg: RLConfig = getattr(cfg, method)
+            rl_cfg.sft_checkpoint = str(out / "sft")
+            rl_cfg.output_dir = str(out / method)
+            if method not in pending:
+                LOG.info("%s: finished earlier, not rerun", method)
+            elif run_rl(rl_cfg)["stopped_early"]:
                 raise SystemExit(0)
-        stages.append(StageResult(method, out / method))
+            stages.append(StageResult(method, out / method))
     notes = [f"total wall time {time.perf_counter() - started:.0f} s (this invocation; a resumed run counts only itself)",
              f"seed {cfg.sft.train.seed}; model preset {cfg.sft.model.preset}; resolved config: config.yaml",
              "RL stages start from the final SFT checkpoint; 'accuracy before' of an RL stage is that checkpoint's",

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from carft_nemo.config import require, save_resolved
 from carft_nemo.distributed.layout import shutdown
+from carft_nemo.distributed.ray_group import shared_ray
 from carft_nemo.reporting.markdown import table
 from carft_nemo.reporting.plots import plot_curves
 from carft_nemo.rl.config import RLConfig
@@ -104,28 +105,30 @@ def run_study(cfg: StudyConfig) -> Path:
     out = Path(cfg.output_dir)
     started = time.perf_counter()
     save_resolved(cfg, out / "config.yaml")
-    from carft_nemo.rl.controller import run_rl
+    from carft_nemo.rl.controller import run_rl, worker_cpus
 
-    for seed in cfg.seeds:
-        sft_cfg = copy.deepcopy(cfg.sft)
-        sft_cfg.output_dir = str(sft_dir(out, seed, cfg))
-        if not cfg.shared_sft:
-            sft_cfg.train = dataclasses.replace(sft_cfg.train, seed=seed)
-        if not _done(Path(sft_cfg.output_dir)):
-            LOG.info("study: SFT, seed %d", seed)
-            stopped = run_sft(sft_cfg)["stopped_early"]
-            shutdown()
-            if stopped:
-                raise SystemExit(0)  # a stop signal ends the study, not just this run: rerun to continue
-        for method in cfg.methods:
-            run_out = out / f"seed_{seed}" / method
-            if _done(run_out):
-                continue
-            base = dataclasses.replace(cfg.rl, sft_checkpoint=sft_cfg.output_dir, output_dir=str(run_out),
-                                       rl=dataclasses.replace(cfg.rl.rl, seed=seed))
-            LOG.info("study: %s, seed %d", method, seed)
-            if run_rl(METHODS[method](base))["stopped_early"]:
-                raise SystemExit(0)
+    pending = [m for seed in cfg.seeds for m in cfg.methods if not _done(out / f"seed_{seed}" / m)]
+    with shared_ray(max((worker_cpus(METHODS[m](cfg.rl)) for m in pending), default=0), address=cfg.rl.ray_address):
+        for seed in cfg.seeds:
+            sft_cfg = copy.deepcopy(cfg.sft)
+            sft_cfg.output_dir = str(sft_dir(out, seed, cfg))
+            if not cfg.shared_sft:
+                sft_cfg.train = dataclasses.replace(sft_cfg.train, seed=seed)
+            if not _done(Path(sft_cfg.output_dir)):
+                LOG.info("study: SFT, seed %d", seed)
+                stopped = run_sft(sft_cfg)["stopped_early"]
+                shutdown()
+                if stopped:
+                    raise SystemExit(0)  # a stop signal ends the study, not just this run: rerun to continue
+            for method in cfg.methods:
+                run_out = out / f"seed_{seed}" / method
+                if _done(run_out):
+                    continue
+                base = dataclasses.replace(cfg.rl, sft_checkpoint=sft_cfg.output_dir, output_dir=str(run_out),
+                                           rl=dataclasses.replace(cfg.rl.rl, seed=seed))
+                LOG.info("study: %s, seed %d", method, seed)
+                if run_rl(METHODS[method](base))["stopped_early"]:
+                    raise SystemExit(0)
     results = collect_results(out, cfg.seeds, cfg.methods, shared_sft=cfg.shared_sft)
     results["wall_time_s_this_invocation"] = time.perf_counter() - started
     return write_results(out, results)

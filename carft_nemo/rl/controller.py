@@ -99,6 +99,14 @@ def check_layouts(cfg: RLConfig, model: ModelConfig) -> dict[str, int]:
     return dps
 
 
+def worker_cpus(cfg: RLConfig) -> int:
+    """Ray logical CPUs one run's workers hold (one a worker, every role)."""
+    cpus = cfg.actor.num_workers + cfg.reward.num_workers
+    cpus += cfg.critic.num_workers if cfg.uses_critic_group else 0
+    cpus += cfg.reference.num_workers if cfg.reference.mode == "group" else 0
+    return cpus
+
+
 def _common_steps(roots: list[Path]) -> list[int]:
     """Steps with a complete checkpoint under every root, ascending."""
     steps = [set(s for s, _ in list_checkpoints(r)) for r in roots]
@@ -131,6 +139,7 @@ class RLRun:
         if cfg.uses_critic_group:
             self.ckpt_roots["critic"] = self.out / "checkpoints" / "critic"
         self.groups: dict[str, Any] = {}
+        self.owns_ray = False
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -159,10 +168,7 @@ class RLRun:
         cfg = self.cfg
         dims = dict(num_layers=self.model_cfg.num_layers, num_attention_heads=self.model_cfg.num_attention_heads,
                     num_query_groups=self.model_cfg.num_query_groups)
-        cpus = cfg.actor.num_workers + cfg.reward.num_workers
-        cpus += cfg.critic.num_workers if cfg.uses_critic_group else 0
-        cpus += cfg.reference.num_workers if cfg.reference.mode == "group" else 0
-        start_local_ray(num_cpus=cpus, address=cfg.ray_address)
+        self.owns_ray = start_local_ray(num_cpus=worker_cpus(cfg), address=cfg.ray_address)
         total = cfg.rl.steps
         t0 = time.perf_counter()
         actor = RayWorkerGroup(ActorWorker, cfg.actor.num_workers, cfg.actor.parallel, seed=cfg.rl.seed, model_dims=dims)
@@ -197,9 +203,7 @@ class RLRun:
                  ", ".join(f"{role} x{len(g.actors)}" for role, g in self.groups.items()))
 
     def stop_workers(self) -> None:
-        """Kill every role's actors, then the Ray instance this run started (not a given cluster)."""
-        import os
-
+        """Kill every role's actors, then the Ray instance if this run started it (see shared_ray)."""
         import ray
 
         for group in self.groups.values():
@@ -208,7 +212,7 @@ class RLRun:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self.groups = {}
-        if ray.is_initialized() and not (self.cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        if self.owns_ray and ray.is_initialized():
             ray.shutdown()
 
     def _sharded(self, role: str, method: str, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> list:
@@ -515,4 +519,4 @@ def run_rl(cfg: RLConfig) -> dict[str, Any]:
     return RLRun(cfg).run()
 
 
-__all__ = ["RLRun", "check_layouts", "resolve_sft", "run_rl"]
+__all__ = ["RLRun", "check_layouts", "resolve_sft", "run_rl", "worker_cpus"]
