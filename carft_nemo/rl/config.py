@@ -151,6 +151,11 @@ class RLLoopConfig:
     def rollout_size(self) -> int:
         return self.questions_per_step * self.samples_per_question
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run: the unit of the actor's and critic's ``optim.warmup_steps``/``decay_steps``."""
+        return self.steps * self.ppo_epochs * (self.rollout_size // self.mini_batch_size)
+
 
 def _rl_generation() -> GenerationConfig:
     return GenerationConfig(max_new_tokens=96, temperature=1.0, micro_batch_size=64)

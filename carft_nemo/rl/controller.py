@@ -169,7 +169,7 @@ class RLRun:
         dims = dict(num_layers=self.model_cfg.num_layers, num_attention_heads=self.model_cfg.num_attention_heads,
                     num_query_groups=self.model_cfg.num_query_groups)
         self.owns_ray = start_local_ray(num_cpus=worker_cpus(cfg), address=cfg.ray_address)
-        total = cfg.rl.steps
+        total = cfg.rl.optimizer_steps  # the LR schedules count optimizer steps, several per RL step
         t0 = time.perf_counter()
         actor = RayWorkerGroup(ActorWorker, cfg.actor.num_workers, cfg.actor.parallel, seed=cfg.rl.seed, model_dims=dims)
         self.groups["actor"] = actor

@@ -35,8 +35,8 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_steps: int = 0  # 0 = the run's total steps
+    warmup_steps: int = 0  # optimizer steps (RL makes several a round: RLLoopConfig.optimizer_steps)
+    decay_steps: int = 0  # 0 = the run's total optimizer steps
     schedule: str = "cosine"
 
     def __post_init__(self) -> None:
