@@ -119,6 +119,9 @@ class RLLoopConfig:
     lam: float = 0.95
     clip_ratio: float = 0.2
     whiten_advantages: bool = True  # across the whole rollout batch (all data-parallel ranks)
+    # The first N rounds train only the separate critic (its fresh value head starts at 0), so
+    # the policy's first updates already get per-token credit from values that mean something.
+    critic_warmup_steps: int = 0
     # ReFT scores a response that hit the length limit without EOS like any other (its text
     # usually has no answer line -> 0). A number here overrides that score instead.
     unfinished_score: Optional[float] = None
@@ -134,7 +137,7 @@ class RLLoopConfig:
         for name in ("steps", "questions_per_step", "samples_per_question", "ppo_epochs", "mini_batch_size",
                      "keep_checkpoints"):
             require(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_examples", "save_every", "kl_coef"):
+        for name in ("eval_every", "eval_examples", "save_every", "kl_coef", "critic_warmup_steps"):
             require(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
         require(0 < self.gamma <= 1, "rl.gamma", f"must be in (0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, "rl.lam", f"must be in [0, 1], got {self.lam}")
@@ -194,6 +197,12 @@ class RLConfig:
         if self.rl.algorithm == "grpo":
             require(not self.contrastive.enabled, "contrastive.enabled",
                     "the contrastive signal needs a critic's values; it is not defined for Dr.GRPO")
+        if self.rl.critic_warmup_steps:
+            require(self.uses_critic_group, "rl.critic_warmup_steps",
+                    "needs PPO with a separate critic (critic.layout: separate): a shared value head trains "
+                    "with the policy")
+            require(self.rl.critic_warmup_steps < self.rl.steps, "rl.critic_warmup_steps",
+                    f"{self.rl.critic_warmup_steps} warm-up rounds leave none of rl.steps={self.rl.steps} to the policy")
 
     @property
     def uses_critic_group(self) -> bool:

@@ -353,7 +353,9 @@ class RLRun:
             value_loss_coef=cfg.critic.value_loss_coef,
             contrastive=cfg.contrastive if cfg.contrastive.enabled else None)
         actor_keys = [k for k in exp if cfg.uses_shared_value_head or k not in ("old_values", "returns")]
-        calls = {"actor": self._sharded("actor", "train", {k: exp[k] for k in actor_keys}, settings)}
+        calls = {}
+        if step >= cfg.rl.critic_warmup_steps:
+            calls["actor"] = self._sharded("actor", "train", {k: exp[k] for k in actor_keys}, settings)
         if cfg.uses_critic_group:
             critic_batch = {k: exp[k] for k in ("tokens", "action_mask", "old_values", "returns")}
             calls["critic"] = self._sharded("critic", "train", critic_batch, CriticTrainSettings(
@@ -361,7 +363,7 @@ class RLRun:
                 seed=cfg.rl.seed * 31 + step, value_clip=cfg.critic.value_clip))
         results = wait_all(calls, cfg.rl.call_timeout_s)
         phases["training"] = time.perf_counter() - t0
-        actor_sums = self.maps["actor"].answers(results["actor"])[0]
+        actor_sums = self.maps["actor"].answers(results["actor"])[0] if "actor" in results else None
         critic_sums = self.maps["critic"].answers(results["critic"])[0] if "critic" in results else None
         return _train_metrics(actor_sums, critic_sums)
 
@@ -490,17 +492,21 @@ def _mean(xs: list[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-def _train_metrics(actor: dict[str, float], critic: Optional[dict[str, float]]) -> dict[str, float]:
-    """Step metrics from the workers' sums (see ActorWorker.train / CriticWorker.train)."""
-    tokens = max(actor.get("policy/tokens", 0.0), 1.0)
-    micro = max(actor.get("count/micro_batches", 0.0), 1.0)
-    out = {"actor_loss": actor["loss"] / max(actor["updates"], 1.0),
-           "clip_fraction": actor.get("policy/clipped_tokens", 0.0) / tokens,
-           "approx_kl": actor.get("policy/approx_kl", 0.0) / tokens,
-           "ratio_mean": actor.get("policy/ratio", 0.0) / tokens,
-           "entropy": actor.get("policy/entropy", 0.0) / tokens,
-           "grad_norm": actor["grad_norm"], "updates_skipped": actor["updates_skipped"]}
-    value_source = critic if critic is not None else actor
+def _train_metrics(actor: Optional[dict[str, float]], critic: Optional[dict[str, float]]) -> dict[str, float]:
+    """Step metrics from the workers' sums (see ActorWorker.train / CriticWorker.train).
+
+    ``actor`` is None in a critic warm-up round (the policy was not updated).
+    """
+    out: dict[str, float] = {"policy_updated": float(actor is not None)}
+    if actor is not None:
+        tokens = max(actor.get("policy/tokens", 0.0), 1.0)
+        out.update({"actor_loss": actor["loss"] / max(actor["updates"], 1.0),
+                    "clip_fraction": actor.get("policy/clipped_tokens", 0.0) / tokens,
+                    "approx_kl": actor.get("policy/approx_kl", 0.0) / tokens,
+                    "ratio_mean": actor.get("policy/ratio", 0.0) / tokens,
+                    "entropy": actor.get("policy/entropy", 0.0) / tokens,
+                    "grad_norm": actor["grad_norm"], "updates_skipped": actor["updates_skipped"]})
+    value_source = critic if critic is not None else (actor or {})
     if "value/tokens" in value_source:
         vt = max(value_source["value/tokens"], 1.0)
         out["value_loss"] = 0.5 * value_source["value/error"] / vt
@@ -509,8 +515,8 @@ def _train_metrics(actor: dict[str, float], critic: Optional[dict[str, float]]) 
         out["critic_grad_norm"] = critic["grad_norm"]
     for key in ("contrastive/loss", "contrastive/positive_loss", "contrastive/negative_loss",
                 "contrastive/num_positive", "contrastive/num_negative"):
-        if key in actor:
-            out[key] = actor[key] / micro
+        if actor is not None and key in actor:
+            out[key] = actor[key] / max(actor.get("count/micro_batches", 0.0), 1.0)
     return out
 
 
