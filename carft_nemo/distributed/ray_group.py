@@ -50,16 +50,17 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
-    for attempt in range(3):  # a loaded host can miss Ray's fixed 30 s node start-up deadline
+    attempts_left = 3  # a loaded host can miss Ray's fixed 30 s node start-up deadline
+    while True:
         try:
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                      log_to_driver=True)
             return True
         except Exception as err:  # noqa: BLE001 - Ray raises plain Exception on a start-up timeout
-            if attempt == 2 or "timed out" not in str(err).lower():
+            attempts_left -= 1
+            if not attempts_left or "timed out" not in str(err).lower():
                 raise
             ray.shutdown()
-    return False  # not reached: the last attempt returns or raises
 
 
 @contextlib.contextmanager

@@ -107,8 +107,8 @@ def run_study(cfg: StudyConfig) -> Path:
     save_resolved(cfg, out / "config.yaml")
     from carft_nemo.rl.controller import run_rl, worker_cpus
 
-    pending = [m for seed in cfg.seeds for m in cfg.methods if not _done(out / f"seed_{seed}" / m)]
-    with shared_ray(max((worker_cpus(METHODS[m](cfg.rl)) for m in pending), default=0), address=cfg.rl.ray_address):
+    pending = {(seed, m) for seed in cfg.seeds for m in cfg.methods if not _done(out / f"seed_{seed}" / m)}
+    with shared_ray(max((worker_cpus(METHODS[m](cfg.rl)) for _, m in pending), default=0), address=cfg.rl.ray_address):
         for seed in cfg.seeds:
             sft_cfg = copy.deepcopy(cfg.sft)
             sft_cfg.output_dir = str(sft_dir(out, seed, cfg))
@@ -121,9 +121,9 @@ def run_study(cfg: StudyConfig) -> Path:
                 if stopped:
                     raise SystemExit(0)  # a stop signal ends the study, not just this run: rerun to continue
             for method in cfg.methods:
-                run_out = out / f"seed_{seed}" / method
-                if _done(run_out):
+                if (seed, method) not in pending:
                     continue
+                run_out = out / f"seed_{seed}" / method
                 base = dataclasses.replace(cfg.rl, sft_checkpoint=sft_cfg.output_dir, output_dir=str(run_out),
                                            rl=dataclasses.replace(cfg.rl.rl, seed=seed))
                 LOG.info("study: %s, seed %d", method, seed)
