@@ -17,7 +17,8 @@ from carft_nemo.config import require, save_resolved
 from carft_nemo.data.datasets import DatasetConfig, load_examples
 from carft_nemo.data.tokenization import EncodingConfig, encode_prompts, load_tokenizer
 from carft_nemo.distributed import layout as parallel_layout
-from carft_nemo.evaluation.runner import evaluate, write_eval_outputs
+from carft_nemo.evaluation.metrics import paired_change
+from carft_nemo.evaluation.runner import evaluate, read_correctness, write_eval_outputs
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.generation.megatron import MegatronGenerator
 from carft_nemo.models.config import ModelConfig
@@ -42,11 +43,16 @@ class EvalConfig:
                                                                                   micro_batch_size=64))
     vote_k: int = 1  # > 1 adds majority-vote accuracy over k samples
     vote_temperature: float = 0.7
+    # Another evaluation's *_predictions.jsonl on the same questions (e.g. the SFT checkpoint's):
+    # adds how many answers this checkpoint fixed and broke, and McNemar's exact test on them.
+    compare_to: Optional[str] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         require(self.vote_k >= 1, "vote_k", f"must be >= 1, got {self.vote_k}")
         require(self.vote_temperature > 0, "vote_temperature", "must be > 0")
+        require(self.compare_to is None or Path(self.compare_to).is_file(), "compare_to",
+                f"no predictions file at {self.compare_to}")
 
 
 def _tokenizer_path(cfg: EvalConfig, ckpt: Path) -> Path:
@@ -75,6 +81,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
             f"has {len(tokenizer)} tokens, more than the checkpoint's model ({model_cfg.vocab_size})")
     gpt = build_gpt_model(model_cfg, cfg.parallel)
     load_checkpoint(ckpt, {"policy": gpt}, load_optimizer=False, load_rng=False)
+    reference = None  # read before the generation, so a bad file fails fast
+    if cfg.compare_to:
+        try:
+            reference = read_correctness(cfg.compare_to)
+        except ValueError as err:
+            require(False, "compare_to", str(err))
     examples = load_examples(cfg.data)
     prompts, _, stats = encode_prompts(examples, tokenizer, cfg.encoding)
     require(stats.dropped == 0, "encoding.long_prompts", f"{stats.dropped} prompts were dropped as too long")
@@ -84,6 +96,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     result = evaluate(generator, tokenizer, examples, prompts, gen_cfg, vote_k=cfg.vote_k,
                       vote_temperature=cfg.vote_temperature)
     summary = {**result.summary(), "checkpoint": str(ckpt), "data": cfg.data.name, "split": cfg.data.split}
+    if reference is not None:
+        try:
+            change = paired_change(reference, result.correctness())
+        except ValueError as err:
+            require(False, "compare_to", str(err))
+        summary["change"] = {"against": cfg.compare_to, **change.as_dict()}
     if layout.is_logging_rank:
         out = Path(cfg.output_dir)
         write_eval_outputs(result, out, cfg.name)
@@ -91,4 +109,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         save_resolved(cfg, out / f"{cfg.name}_config.yaml")
     LOG.info("accuracy %.4f on %d examples%s", result.accuracy, result.num_examples,
              f", vote@{cfg.vote_k} {result.vote_accuracy:.4f}" if result.vote_accuracy is not None else "")
+    if "change" in summary:
+        change = summary["change"]
+        LOG.info("against %s: %d fixed, %d broken on %d shared questions, sign test p=%.2g", cfg.compare_to,
+                 change["fixed"], change["broken"], change["compared"], change["sign_test_p"])
     return summary

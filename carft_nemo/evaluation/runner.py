@@ -16,10 +16,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from carft_nemo.data.records import Example
-from carft_nemo.evaluation.metrics import greedy_accuracy, majority_vote, majority_vote_accuracy
+from carft_nemo.evaluation.metrics import (PairedChange, greedy_accuracy, majority_vote, majority_vote_accuracy,
+                                           paired_change)
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.generation.interface import Generator
 from carft_nemo.rewards.correctness import score_batch
+from carft_nemo.training.run_log import LOG, RunLogger
 
 
 @dataclass
@@ -33,6 +35,10 @@ class EvalResult:
     def summary(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "vote_accuracy": self.vote_accuracy,
                 "num_examples": self.num_examples, "mean_response_tokens": self.mean_response_tokens}
+
+    def correctness(self) -> dict[str, bool]:
+        """Example id -> greedy answer correct (the input of :func:`~carft_nemo.evaluation.metrics.paired_change`)."""
+        return {str(r["id"]): bool(r["correct"]) for r in self.records}
 
 
 def _dp() -> tuple[int, int, Any]:
@@ -92,3 +98,58 @@ def write_eval_outputs(result: EvalResult, out_dir: str | Path, name: str) -> No
         for rec in result.records:
             fh.write(json.dumps(rec) + "\n")
     (out / f"{name}_summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+
+
+def read_correctness(predictions_path: str | Path) -> dict[str, bool]:
+    """Example id -> correct, from a ``*_predictions.jsonl`` that :func:`write_eval_outputs` wrote."""
+    path = Path(predictions_path)
+    correct: dict[str, bool] = {}
+    with path.open() as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                correct[str(record["id"])] = bool(record["correct"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{line_no}: not a prediction record with 'id' and 'correct' ({err})") from err
+    return correct
+
+
+BASELINE = "before"  # the evaluation a training run makes before its first step
+
+
+def change_since_baseline(result: EvalResult, eval_dir: str | Path) -> PairedChange | None:
+    """Flips of ``result`` against the run's ``before`` evaluation in ``eval_dir`` (None if there is none).
+
+    Read from disk, so a resumed run still compares with the evaluation of its first start.
+    """
+    path = Path(eval_dir) / f"{BASELINE}_predictions.jsonl"
+    if not path.is_file():
+        return None
+    return paired_change(read_correctness(path), result.correctness())
+
+
+def baseline_accuracy(eval_dir: str | Path) -> float | None:
+    """Greedy accuracy of the run's ``before`` evaluation, if it was written."""
+    path = Path(eval_dir) / f"{BASELINE}_summary.json"
+    return json.loads(path.read_text()).get("accuracy") if path.is_file() else None
+
+
+def record_eval(result: EvalResult, eval_dir: str | Path, name: str, step: int, logger: RunLogger,
+                elapsed_s: float, *, is_logging_rank: bool = True) -> PairedChange | None:
+    """Write ``result``'s files (logging rank), log its metrics and a line; returns its flips since ``before``."""
+    change = None
+    if is_logging_rank:
+        write_eval_outputs(result, eval_dir, name)
+        change = None if name == BASELINE else change_since_baseline(result, eval_dir)
+    metrics: dict[str, float] = {"eval_accuracy": result.accuracy, "eval_response_tokens": result.mean_response_tokens,
+                                 "eval_time_s": elapsed_s}
+    if change is not None:
+        metrics.update(eval_fixed=change.fixed, eval_broken=change.broken, eval_sign_test_p=change.p_value)
+    logger.log(step, metrics)
+    flips = (f"; since {BASELINE}: {change.fixed} fixed, {change.broken} broken, sign test p={change.p_value:.2g}"
+             if change is not None else "")
+    LOG.info("eval %s @ step %d: accuracy %.3f on %d questions%s", name, step, result.accuracy,
+             result.num_examples, flips)
+    return change

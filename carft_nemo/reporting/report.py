@@ -1,7 +1,9 @@
 """The run report: a markdown page with the results table and PNG learning curves.
 
 Built only from files the stages wrote (``metrics.jsonl``, ``summary.json``), so it can be
-redrawn after a crash or for a finished run: ``python recipes/report.py OUTPUT_DIR``.
+redrawn after a crash or for a finished run, or drawn for runs made apart (several
+``recipes/rl.py`` runs side by side): ``python recipes/report.py OUTPUT_DIR`` or
+``python recipes/report.py --out DIR NAME=RUN_DIR ...``.
 """
 
 from __future__ import annotations
@@ -36,8 +38,43 @@ class StageResult:
         return [(r["step"], r[key]) for r in self.metrics if isinstance(r.get(key), (int, float))]
 
 
+def _is_run_dir(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / "metrics.jsonl").is_file()
+
+
+def stages_of(specs: list[str]) -> list[StageResult]:
+    """Stages from command-line specs: ``NAME=RUN_DIR`` each, or one main-job output folder.
+
+    A main-job folder gives its stage subfolders (``sft`` first, then by name). A folder that
+    holds neither ``summary.json`` nor ``metrics.jsonl`` is an error naming it.
+    """
+    if len(specs) == 1 and "=" not in specs[0]:
+        root = Path(specs[0])
+        children = sorted((d for d in root.iterdir() if d.is_dir() and _is_run_dir(d)),
+                          key=lambda d: (d.name != "sft", d.name)) if root.is_dir() else []
+        if not children:
+            raise FileNotFoundError(f"{root}: no stage folders (with summary.json or metrics.jsonl) in it")
+        return [StageResult(d.name, d) for d in children]
+    stages = []
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"{spec!r}: expected NAME=RUN_DIR")
+        if not _is_run_dir(Path(folder)):
+            raise FileNotFoundError(f"{spec}: {folder} holds no summary.json or metrics.jsonl")
+        stages.append(StageResult(name, Path(folder)))
+    return stages
+
+
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def _fmt_change(change: Any) -> str:
+    """``+fixed / -broken (p)`` from a summary's ``held_out_change``."""
+    if not isinstance(change, dict):
+        return "n/a"
+    return f"+{change['fixed']} / -{change['broken']} (p={change['sign_test_p']:.2g})"
 
 
 def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, notes: list[str] = ()) -> Path:
@@ -48,10 +85,12 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
     for stage in stages:
         s = stage.summary
         rows.append([stage.name, _fmt(s.get("accuracy_before")), _fmt(s.get("accuracy_after")),
+                     _fmt_change(s.get("held_out_change")),
                      _fmt(s.get("reward_first_steps")), _fmt(s.get("reward_last_steps")),
                      _fmt(s.get("steps")), _fmt(s.get("wall_time_s"))])
     lines = [f"# {title}", "", "## Held-out accuracy (greedy)", "",
-             table(["stage", "accuracy before", "accuracy after", "train reward, first 5 steps",
+             table(["stage", "accuracy before", "accuracy after", "answers fixed / broken (sign test)",
+                    "train reward, first 5 steps",
                     "train reward, last 5 steps", "steps", "wall time (s)"], rows), ""]
     curves = {
         "loss.png": ("training loss", "loss", 5),

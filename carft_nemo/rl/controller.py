@@ -42,7 +42,8 @@ from carft_nemo.data.datasets import load_examples
 from carft_nemo.data.tokenization import encode_prompts, encode_sft, load_tokenizer
 from carft_nemo.distributed.layout import check_model_layout
 from carft_nemo.distributed.ray_group import RayWorkerGroup, WorkerFailure, start_local_ray, wait_all
-from carft_nemo.evaluation.runner import EvalResult
+from carft_nemo.evaluation.metrics import PairedChange
+from carft_nemo.evaluation.runner import EvalResult, baseline_accuracy, record_eval
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.rl.config import RLConfig
 from carft_nemo.rl.experience import AnnotatedBatch, action_mask, join_rollouts, lcs_split, pooled_embeddings
@@ -367,7 +368,7 @@ class RLRun:
         critic_sums = self.maps["critic"].answers(results["critic"])[0] if "critic" in results else None
         return _train_metrics(actor_sums, critic_sums)
 
-    def evaluate(self, step: int, name: str, logger: RunLogger) -> EvalResult:
+    def evaluate(self, step: int, name: str, logger: RunLogger) -> tuple[EvalResult, PairedChange | None]:
         t0 = time.perf_counter()
         gen_cfg = dataclasses.replace(self.cfg.eval_generation, eos_token_ids=(self.tokenizer.eos_token_id,),
                                       pad_token_id=self.tokenizer.pad_token_id)
@@ -376,13 +377,7 @@ class RLRun:
         got = answers[0]
         result = EvalResult(got["summary"]["accuracy"], None, got["summary"]["num_examples"],
                             got["summary"]["mean_response_tokens"], got["records"])
-        from carft_nemo.evaluation.runner import write_eval_outputs
-
-        write_eval_outputs(result, self.out / "eval", name)
-        logger.log(step, {"eval_accuracy": result.accuracy, "eval_response_tokens": result.mean_response_tokens,
-                          "eval_time_s": time.perf_counter() - t0})
-        LOG.info("eval %s @ step %d: accuracy %.3f on %d questions", name, step, result.accuracy, result.num_examples)
-        return result
+        return result, record_eval(result, self.out / "eval", name, step, logger, time.perf_counter() - t0)
 
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
@@ -424,7 +419,8 @@ class RLRun:
             self.start_workers()
             start = self.resume_step()
             logger = RunLogger(self.out, cfg.method, enabled=True, total_steps=cfg.rl.steps, start_step=start)
-            before = self.evaluate(0, "before", logger) if start == 0 else None
+            if start == 0:
+                self.evaluate(0, "before", logger)
             preemption = PreemptionHandler()
             step, stopped_early = start, False
             rewards: list[float] = []
@@ -457,7 +453,7 @@ class RLRun:
                         break
             finally:
                 preemption.restore()
-            after = None if stopped_early else self.evaluate(step, "final", logger)
+            after, change = (None, None) if stopped_early else self.evaluate(step, "final", logger)
         except WorkerFailure as err:
             LOG.error("%s; the newest complete checkpoint under %s is usable: rerun the same command to resume",
                       err, self.out / "checkpoints")
@@ -468,8 +464,9 @@ class RLRun:
             self.stop_workers()
         summary = {"method": cfg.method, "steps": step, "stopped_early": stopped_early,
                    "final_checkpoint": str(self.ckpt_roots["actor"]),
-                   "accuracy_before": before.accuracy if before else None,
+                   "accuracy_before": baseline_accuracy(self.out / "eval"),
                    "accuracy_after": after.accuracy if after else None,
+                   "held_out_change": change.as_dict() if change else None,
                    "reward_first_steps": _mean(rewards[:5]), "reward_last_steps": _mean(rewards[-5:]),
                    "wall_time_s": time.perf_counter() - self.started}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -23,7 +23,8 @@ from carft_nemo.config import require, save_resolved
 from carft_nemo.data.datasets import DatasetConfig, load_examples
 from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig, collate_sft, encode_prompts, encode_sft
 from carft_nemo.distributed import layout as parallel_layout
-from carft_nemo.evaluation.runner import EvalResult, evaluate, write_eval_outputs
+from carft_nemo.evaluation.metrics import PairedChange
+from carft_nemo.evaluation.runner import EvalResult, baseline_accuracy, evaluate, record_eval
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.logprobs import token_logprobs
@@ -140,22 +141,20 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     schedule = BatchSchedule(len(encoded), cfg.train.global_batch_size, seed=cfg.train.seed)
     logger = RunLogger(out, "sft", enabled=layout.is_logging_rank, total_steps=cfg.train.steps, start_step=start_step)
 
-    def run_eval(step: int, name: str) -> EvalResult:
+    def run_eval(step: int, name: str) -> tuple[EvalResult, PairedChange | None]:
         t0 = time.perf_counter()
         result = evaluate(generator, tokenizer, eval_examples, eval_prompts, gen_cfg, vote_k=cfg.train.vote_k)
-        if layout.is_logging_rank:
-            write_eval_outputs(result, out / "eval", name)
-        logger.log(step, {"eval_accuracy": result.accuracy, "eval_response_tokens": result.mean_response_tokens,
-                          "eval_time_s": time.perf_counter() - t0})
-        LOG.info("eval %s @ step %d: accuracy %.3f on %d questions", name, step, result.accuracy, result.num_examples)
-        return result
+        change = record_eval(result, out / "eval", name, step, logger, time.perf_counter() - t0,
+                             is_logging_rank=layout.is_logging_rank)
+        return result, change
 
     def save(step: int) -> None:
         save_checkpoint(ckpt_dir, step, {"policy": policy.trainable}, data_state={"step": step},
                         metadata={"stage": "sft", "model": dataclasses.asdict(model_cfg)},
                         keep_last=cfg.train.keep_checkpoints)
 
-    before = run_eval(start_step, "before") if cfg.train.eval_before and start_step == 0 else None
+    if cfg.train.eval_before and start_step == 0:
+        run_eval(start_step, "before")
     preemption = PreemptionHandler()
     step = start_step
     stopped_early = False
@@ -192,11 +191,12 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
                 break
     finally:
         preemption.restore()
-    after = None if stopped_early else run_eval(step, "final")
+    after, change = (None, None) if stopped_early else run_eval(step, "final")
     logger.close()
     summary = {"steps": step, "stopped_early": stopped_early, "final_checkpoint": str(ckpt_dir),
-               "accuracy_before": before.accuracy if before else None,
+               "accuracy_before": baseline_accuracy(out / "eval") if layout.is_logging_rank else None,
                "accuracy_after": after.accuracy if after else None,
+               "held_out_change": change.as_dict() if change else None,
                "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer),
                "wall_time_s": time.perf_counter() - started}
     if layout.is_logging_rank:

@@ -152,4 +152,8 @@ def test_sigusr1_saves_both_roles_exits_cleanly_then_rerun_resumes(sft_dir: Path
     assert resumed_step(rerun.stderr) == stopped, rerun.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == stopped + 1 and not summary["stopped_early"], summary
+    # the resumed run compares its final evaluation with the first start's "before" one
+    before = json.loads((out / "eval" / "before_summary.json").read_text())
+    assert summary["accuracy_before"] == before["accuracy"], summary
+    assert summary["held_out_change"]["compared"] == before["num_examples"], summary
     assert training_steps(metrics(out)) == list(range(1, stopped + 2))
