@@ -28,6 +28,7 @@ SFT_ARGS = ["train.steps=2", "train.eval_before=false", "train.eval_every=0", "t
 TINY_RL_ARGS = ["rl.save_every=1", "rl.eval_every=0", "rl.eval_examples=8", "rl.questions_per_step=8",
                 "rl.mini_batch_size=8", "actor.micro_batch_size=8", "critic.micro_batch_size=8",
                 "generation.max_new_tokens=48", "eval_generation.max_new_tokens=48"]
+RUN_TIMEOUT_S = 600.0  # one recipe run (SFT or RL) at test size
 RESUMED = re.compile(r"resumed from \S+ \(step (\d+)\)")
 
 

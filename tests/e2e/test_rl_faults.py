@@ -21,22 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e._rl_helpers import (ROOT, Run, checkpoint_complete, checkpoint_steps, env, metrics, resumed_step,
-                                   rl_command, sft_command, training_steps)
+from tests.e2e._rl_helpers import (ROOT, RUN_TIMEOUT_S, Run, checkpoint_complete, checkpoint_steps, env, metrics,
+                                   resumed_step, rl_command, training_steps)
 
 KILL_TO_EXIT_LIMIT_S = 60.0
 EXIT_GRACE_S = 10.0  # time Ray gets, after the driver exits, to take its processes down
-RUN_TIMEOUT_S = 600.0
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-step SFT checkpoint + tokenizer of the tiny model (quality is irrelevant here)."""
-    out = tmp_path_factory.mktemp("rl_faults") / "sft"
-    done = subprocess.run(sft_command(out), cwd=ROOT, env=env(), timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.fail(f"SFT for the RL fault tests failed:\n{done.stderr[-3000:]}")
-    return out
 
 
 @dataclass
