@@ -88,7 +88,7 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
                      _fmt_change(s.get("held_out_change")),
                      _fmt(s.get("reward_first_steps")), _fmt(s.get("reward_last_steps")),
                      _fmt(s.get("steps")), _fmt(s.get("wall_time_s"))])
-    lines = [f"# {title}", "", "## Held-out accuracy (greedy)", "",
+    lines = [f"# {title}", "", "## Results", "",
              table(["stage", "accuracy before", "accuracy after", "answers fixed / broken (sign test)",
                     "train reward, first 5 steps",
                     "train reward, last 5 steps", "steps", "wall time (s)"], rows), ""]

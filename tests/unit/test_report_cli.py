@@ -39,6 +39,8 @@ def test_side_by_side_runs(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     report = (tmp_path / "rep" / "report.md").read_text()
     assert report.startswith("# two runs")
+    headings = [line for line in report.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)), headings  # each section findable by its heading
     row = next(line for line in report.splitlines() if line.startswith("| tp1 |"))
     assert "+3 / -1 (p=0.62)" in row, row
     assert "| tp2 |" in report and "n/a" in next(line for line in report.splitlines() if line.startswith("| tp2 |"))
