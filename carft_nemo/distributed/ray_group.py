@@ -30,7 +30,8 @@ from carft_nemo.distributed.layout import ParallelConfig, ParallelLayout, Proces
 def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int | None = None) -> bool:
     """Connect to the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start one on this host.
 
-    A local cluster binds to loopback without the dashboard, and without writing an auth
+    A local cluster is always a new one (never a head an earlier ``ray start`` recorded on the
+    host), binds to loopback without the dashboard, and without writing an auth
     token (``RAY_AUTH_MODE=disabled`` unless set): tests and single-node runs stay local.
     Workers inherit this process's ``sys.path`` through ``PYTHONPATH`` so that worker
     classes defined in the driver's modules import in the actors. Returns True only when
@@ -53,8 +54,10 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
     attempts_left = 3  # a loaded host can miss Ray's fixed 30 s node start-up deadline
     while True:
         try:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                     log_to_driver=True)
+            # address="local": without it ray.init() joins whatever head `ray start` last recorded on this
+            # host (<ray temp dir>/ray_current_cluster), a file a stopped or killed head leaves behind.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
+                     include_dashboard=False, log_to_driver=True)
             return True
         except Exception as err:  # noqa: BLE001 - Ray raises plain Exception on a start-up timeout
             attempts_left -= 1

@@ -8,6 +8,9 @@ block with no run left to make starts nothing.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -41,4 +44,20 @@ def test_runs_inside_join_the_instance_and_it_stops_at_the_end() -> None:
 def test_nothing_left_to_run_starts_nothing() -> None:
     with shared_ray(0):
         assert not ray.is_initialized()
+
+
+def test_local_start_ignores_a_head_recorded_by_ray_start(monkeypatch) -> None:
+    """``ray start`` records its head in <ray temp dir>/ray_current_cluster and a head stopped by a
+    signal (a Slurm job's end) leaves the file behind; a bare ray.init() would try to join it."""
+    assert not ray.is_initialized(), "another test left Ray running"
+    temp = Path(tempfile.mkdtemp(prefix="rt"))  # short: Ray's socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", str(temp))
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # no Ray head there
+    try:
+        assert start_local_ray(num_cpus=1) is True  # started, and owned, by this call
+        assert ray.cluster_resources().get("CPU") == 1.0
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from ray._common.utils import get_ray_address_file
 
 from tests.e2e._rl_helpers import ROOT, TINY_RL_ARGS, checkpoint_complete, metrics, training_steps
 from tests.e2e._slurm_cluster import LoopbackSlurm, require_slurm
@@ -128,6 +129,11 @@ def test_rl_sbatch_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm, sft_
     assert summary["steps"] == steps and not summary["stopped_early"], summary
     trained = training_steps(metrics(out))
     assert trained == list(range(1, steps + 1)), trained  # each step trained once, none lost to the requeue
+    # The head's record in Ray's temp dir is gone with it: a later bare ray.init() must not join it.
+    head = re.findall(r"ray head \S+ at (\S+)", text)
+    assert len(head) == 2, text[-4000:]  # one line per run of the job
+    address_file = Path(get_ray_address_file(None))
+    assert not (address_file.is_file() and address_file.read_text().strip() in head), address_file.read_text()
 
 
 @pytest.mark.slow
