@@ -60,4 +60,3 @@ def test_local_start_ignores_a_head_recorded_by_ray_start(monkeypatch) -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-
