@@ -1,7 +1,7 @@
 """A real one-node Slurm cluster (munged, slurmctld, slurmd) inside a private network namespace.
 
-The namespace has only a loopback interface, so the daemons, the job's Ray head (whose
-``ray start`` swaps 127.0.0.1 for the host's routable address unless there is none) and
+The namespace has loopback and a veth pair that routes nowhere, so the daemons, the job's Ray
+head (whose ``ray start`` swaps 127.0.0.1 for a routable address unless there is none) and
 every worker talk over 127.0.0.1 and nothing can leave the namespace. Each cluster gets its
 own namespace, so Slurm's fixed ports never collide with another test run on the host.
 Needs root, Debian's ``slurm-wlm`` and ``munge``, ``ip`` (iproute2) and ``nsenter`` (util-linux).

@@ -23,13 +23,12 @@ from typing import Any, Callable, Iterator
 import pytest
 from ray._common.utils import get_ray_address_file
 
-from tests.e2e._rl_helpers import ROOT, TINY_RL_ARGS, checkpoint_complete, metrics, training_steps
+from tests.e2e._rl_helpers import RESUMED, ROOT, TINY_RL_ARGS, checkpoint_complete, metrics, training_steps
 from tests.e2e._slurm_cluster import LoopbackSlurm, require_slurm
 
 JOB_TIMEOUT_S = 600.0
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 STOPPED = re.compile(r"stop signal \S+: saving at step (\d+) and exiting")
-RESUMED = re.compile(r"resumed from \S+ \(step (\d+)\)")
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +64,10 @@ def _wait(what: str, ready: Callable[[], Any], timeout_s: float, log: Path, clus
 
 
 def _preempt_and_requeue(cluster: LoopbackSlurm, sbatch_args: list[str], progressed: Callable[[], bool],
-                         scancel_args: list[str], log: Path) -> tuple[str, str]:
+                         scancel_args: list[str], log: Path) -> str:
     """Submit; once ``progressed()``, signal the job; wait for its requeued run to finish.
 
-    Returns the job id and its log, after checking that the job completed with exit 0 after
+    Returns the job's log, after checking that the job completed with exit 0 after
     exactly one requeue and that none of its processes is left.
     """
     env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CARFT_PYTHON": sys.executable,
@@ -102,7 +101,7 @@ def _preempt_and_requeue(cluster: LoopbackSlurm, sbatch_args: list[str], progres
     while (leftovers := cluster.job_leftovers()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not leftovers, leftovers
-    return job_id, text
+    return text
 
 
 def _stopped_and_resumed_at(text: str, steps: int) -> int:
@@ -119,7 +118,7 @@ def test_rl_sbatch_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm, sft_
     # The value head shares the policy (critic.layout=shared): actor + reward worker fit 2 CPUs.
     overrides = [f"sft_checkpoint={sft_dir}", f"output_dir={out}", *TINY_RL_ARGS, "critic.layout=shared",
                  f"rl.steps={steps}"]
-    _, text = _preempt_and_requeue(
+    text = _preempt_and_requeue(
         cluster, ["--cpus-per-task=2", str(ROOT / "slurm" / "rl.sbatch"), "configs/reft-tiny-synthetic.yaml",
                   *overrides],
         lambda: checkpoint_complete(out, "actor", 1), ["--batch"], log)
@@ -148,7 +147,7 @@ def test_run_sbatch_sft_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm,
     def trained_two_steps() -> bool:
         return sum(1 for r in metrics(out) if "loss" in r) >= 2
 
-    _, text = _preempt_and_requeue(
+    text = _preempt_and_requeue(
         cluster, ["--ntasks-per-node=1", "--cpus-per-task=1", str(ROOT / "slurm" / "run.sbatch"), "recipes/sft.py",
                   "configs/sft-tiny-synthetic.yaml", *overrides],
         trained_two_steps, [], log)
