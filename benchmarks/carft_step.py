@@ -38,8 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -59,12 +60,17 @@ from benchmarks.ppo_step import (  # noqa: E402
     worker_pids,
 )
 
-METHODS = {"reft": "configs/reft-tiny-synthetic.yaml", "carft": "configs/carft-tiny-synthetic.yaml",
-           "grpo": "configs/grpo-tiny-synthetic.yaml"}
+METHODS = {
+    "reft": "configs/reft-tiny-synthetic.yaml",
+    "carft": "configs/carft-tiny-synthetic.yaml",
+    "grpo": "configs/grpo-tiny-synthetic.yaml",
+}
 GRPO_SAMPLES = 8
 GOAL = 1.05
-SETTINGS = {"full": StepSettings(questions=16, max_new_tokens=96, measured_steps=15),
-            "quick": StepSettings(questions=8, max_new_tokens=32, measured_steps=3)}
+SETTINGS = {
+    "full": StepSettings(questions=16, max_new_tokens=96, measured_steps=15),
+    "quick": StepSettings(questions=8, max_new_tokens=32, measured_steps=3),
+}
 CARFT_EXTRA = ("lcs", "partial_reward")
 # Dr.GRPO's step is ~5x ReFT's and only reported, not compared to a goal: it runs every 3rd round
 # (round 0 included), so the rounds that decide CARFT / ReFT can be many.
@@ -84,8 +90,11 @@ class ControllerTimers:
 
         self.seconds = {name: 0.0 for name in CARFT_EXTRA}
         self._restore = []
-        for attr, name in (("lcs_split", "lcs"), ("pooled_embeddings", "partial_reward"),
-                           ("embedding_partial_reward", "partial_reward")):
+        for attr, name in (
+            ("lcs_split", "lcs"),
+            ("pooled_embeddings", "partial_reward"),
+            ("embedding_partial_reward", "partial_reward"),
+        ):
             original = getattr(controller, attr)
             setattr(controller, attr, self._timed(original, name))
             self._restore.append((attr, original))
@@ -97,6 +106,7 @@ class ControllerTimers:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[name] += time.perf_counter() - t0
+
         return wrapper
 
     def take(self) -> dict[str, float]:
@@ -128,13 +138,16 @@ def interleaved(runs: dict[str, Any], rounds: int, timers: ControllerTimers) -> 
     pids = {name: worker_pids(run) for name, run in runs.items()}
     records: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for r in range(rounds + 1):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in [n for n in order if r % EVERY.get(n, 1) == 0]:
             timers.take()
             rec = timed_step(runs[name], r, pids[name])
             rec.update(timers.take())
-            print(f"round {r}{' (warm-up)' if r == 0 else ''} {name}: "
-                  + ", ".join(f"{k} {rec[k]:.2f}s" for k in PHASES + CARFT_EXTRA + ("cpu_total",)), flush=True)
+            print(
+                f"round {r}{' (warm-up)' if r == 0 else ''} {name}: "
+                + ", ".join(f"{k} {rec[k]:.2f}s" for k in PHASES + CARFT_EXTRA + ("cpu_total",)),
+                flush=True,
+            )
             if r:
                 records[name].append(rec)
     return records
@@ -146,8 +159,11 @@ def summarize(records: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     reft, carft, grpo = med["reft"], med["carft"], med["grpo"]
     paired = [c["total"] / r["total"] for c, r in zip(records["carft"], records["reft"])]
     delta = {k: carft[k] - reft[k] for k in PHASES + CARFT_EXTRA}
-    ratios = {"wall": carft["total"] / reft["total"], "cpu": carft["cpu_total"] / reft["cpu_total"],
-              "actor_cpu": carft["cpu_actor"] / reft["cpu_actor"]}
+    ratios = {
+        "wall": carft["total"] / reft["total"],
+        "cpu": carft["cpu_total"] / reft["cpu_total"],
+        "actor_cpu": carft["cpu_actor"] / reft["cpu_actor"],
+    }
     met = [r <= GOAL for r in ratios.values()]
     return {
         "carft_over_reft_step_time": ratios["wall"],
@@ -159,12 +175,14 @@ def summarize(records: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         # True / False when wall, total-CPU and actor-CPU ratios agree; None (inconclusive) otherwise
         "meets_goal": True if all(met) else False if not any(met) else None,
         "carft_extra_s": delta["total"],
-        "carft_extra_by_phase_s": {k: delta[k] for k in ("generation", "logprobs", "critic", "inference",
-                                                         "controller", "training")},
+        "carft_extra_by_phase_s": {
+            k: delta[k] for k in ("generation", "logprobs", "critic", "inference", "controller", "training")
+        },
         "carft_controller_s": {k: carft[k] for k in CARFT_EXTRA},
         "carft_extra_cpu_s": {k[4:]: carft[k] - reft.get(k, 0.0) for k in carft if k.startswith("cpu_")},
-        "cpu_seconds_per_step": {name: {k: m[k] for k in m if k.startswith("cpu_") and k.count("_") == 1}
-                                 for name, m in med.items()},
+        "cpu_seconds_per_step": {
+            name: {k: m[k] for k in m if k.startswith("cpu_") and k.count("_") == 1} for name, m in med.items()
+        },
         "grpo_over_reft_step_time_same_questions": grpo["total"] / reft["total"],
         "grpo_over_reft_per_sample": (grpo["total"] / grpo["samples"]) / (reft["total"] / reft["samples"]),
         "grpo_over_reft_cpu_time_same_questions": grpo["cpu_total"] / reft["cpu_total"],
@@ -177,30 +195,40 @@ def explain(s: dict[str, Any]) -> str:
     """Plain-words verdict: does the ratio meet the goal, and where does CARFT's extra time go."""
     by, cpu, rounds = s["carft_extra_by_phase_s"], s["carft_extra_cpu_s"], s["carft_over_reft_per_round"]
     verdict = {True: "meets", False: "MISSES", None: "is inconclusive on"}[s["meets_goal"]]
-    head = (f"CARFT/ReFT {verdict} the goal <= {GOAL}: wall-time ratio of medians "
-            f"{s['carft_over_reft_step_time']:.3f} (paired median {s['carft_over_reft_paired_median']:.3f}, "
-            f"per round {min(rounds):.2f}..{max(rounds):.2f}), CPU-time ratio {s['carft_over_reft_cpu_time']:.3f}, "
-            f"actor CPU-time ratio {s['carft_over_reft_actor_cpu_time']:.3f} (the actor is the critical path: it "
-            "generates, runs the policy and reference passes and the larger update)")
-    where = (f"Extra CPU seconds per step: annotated forward passes in make_experience actor "
-             f"{cpu.get('experience_actor', 0.0):+.2f}, critic {cpu.get('experience_critic', 0.0):+.2f}; "
-             f"contrastive loss in the update actor {cpu.get('training_actor', 0.0):+.2f} (critic "
-             f"{cpu.get('training_critic', 0.0):+.2f}, no CARFT work there); controller: LCS "
-             f"{s['carft_controller_s']['lcs']:.3f} s, partial reward "
-             f"{s['carft_controller_s']['partial_reward']:.3f} s; "
-             f"generation actor {cpu.get('generation_actor', 0.0):+.2f} (none expected: same prompts and seed)")
-    wall = (f"Wall-time phase deltas (noisy on this shared host): logprobs {by['logprobs']:+.2f}s, critic "
-            f"{by['critic']:+.2f}s, inference wall {by['inference']:+.2f}s, controller {by['controller']:+.2f}s, "
-            f"training {by['training']:+.2f}s, generation {by['generation']:+.2f}s, total {s['carft_extra_s']:+.2f}s")
+    head = (
+        f"CARFT/ReFT {verdict} the goal <= {GOAL}: wall-time ratio of medians "
+        f"{s['carft_over_reft_step_time']:.3f} (paired median {s['carft_over_reft_paired_median']:.3f}, "
+        f"per round {min(rounds):.2f}..{max(rounds):.2f}), CPU-time ratio {s['carft_over_reft_cpu_time']:.3f}, "
+        f"actor CPU-time ratio {s['carft_over_reft_actor_cpu_time']:.3f} (the actor is the critical path: it "
+        "generates, runs the policy and reference passes and the larger update)"
+    )
+    where = (
+        f"Extra CPU seconds per step: annotated forward passes in make_experience actor "
+        f"{cpu.get('experience_actor', 0.0):+.2f}, critic {cpu.get('experience_critic', 0.0):+.2f}; "
+        f"contrastive loss in the update actor {cpu.get('training_actor', 0.0):+.2f} (critic "
+        f"{cpu.get('training_critic', 0.0):+.2f}, no CARFT work there); controller: LCS "
+        f"{s['carft_controller_s']['lcs']:.3f} s, partial reward "
+        f"{s['carft_controller_s']['partial_reward']:.3f} s; "
+        f"generation actor {cpu.get('generation_actor', 0.0):+.2f} (none expected: same prompts and seed)"
+    )
+    wall = (
+        f"Wall-time phase deltas (noisy on this shared host): logprobs {by['logprobs']:+.2f}s, critic "
+        f"{by['critic']:+.2f}s, inference wall {by['inference']:+.2f}s, controller {by['controller']:+.2f}s, "
+        f"training {by['training']:+.2f}s, generation {by['generation']:+.2f}s, total {s['carft_extra_s']:+.2f}s"
+    )
     return f"{head}. {where}. {wall}."
 
 
 def main() -> None:
-    args = parse_args("carft_step", __doc__.splitlines()[0], extra=lambda p: (
-        p.add_argument("--model", default="tiny", help="model preset (llama_1b needs CUDA)"),
-        p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="SFT checkpoints and run dirs"),
-        p.add_argument("--sft-steps", type=int, default=2, help="SFT steps behind the RL start checkpoint"),
-    ))
+    args = parse_args(
+        "carft_step",
+        __doc__.splitlines()[0],
+        extra=lambda p: (
+            p.add_argument("--model", default="tiny", help="model preset (llama_1b needs CUDA)"),
+            p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="SFT checkpoints and run dirs"),
+            p.add_argument("--sft-steps", type=int, default=2, help="SFT steps behind the RL start checkpoint"),
+        ),
+    )
     from carft_nemo.distributed.ray_group import shared_ray
     from carft_nemo.rl.controller import worker_cpus
 
@@ -211,8 +239,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         runs = build_runs(args.model, settings, args.cache, args.sft_steps, Path(tmp))
         # Both runs' workers side by side in one cluster.
-        with shared_ray(sum(worker_cpus(run.cfg) for run in runs.values()),
-                        address=next(iter(runs.values())).cfg.ray_address):
+        with shared_ray(
+            sum(worker_cpus(run.cfg) for run in runs.values()), address=next(iter(runs.values())).cfg.ray_address
+        ):
             try:
                 for run in runs.values():
                     run.start_workers()
@@ -222,31 +251,53 @@ def main() -> None:
                     run.stop_workers()
                 timers.close()
     s = summarize(records)
-    rows = [{"method": name, "samples": int(m["samples"]), "resp_len": m["response_length"],
-             **{k: m[k] for k in PHASES}, **{k: m[k] for k in CARFT_EXTRA}, "s/sample": m["total"] / m["samples"],
-             "cpu_s": m["cpu_total"]}
-            for name, m in s["median_s"].items()]
+    rows = [
+        {
+            "method": name,
+            "samples": int(m["samples"]),
+            "resp_len": m["response_length"],
+            **{k: m[k] for k in PHASES},
+            **{k: m[k] for k in CARFT_EXTRA},
+            "s/sample": m["total"] / m["samples"],
+            "cpu_s": m["cpu_total"],
+        }
+        for name, m in s["median_s"].items()
+    ]
     print_table(rows)
     note = explain(s)
     print(note)
-    print(f"Dr.GRPO, same {settings.questions} questions ({GRPO_SAMPLES} samples each): "
-          f"{s['grpo_over_reft_step_time_same_questions']:.2f}x the ReFT step; per sample "
-          f"{s['grpo_over_reft_per_sample']:.2f}x")
-    path = write_result(args.out, {
-        "benchmark": "carft_step", "quick": args.quick, "model": args.model,
-        "params": runs["reft"].model_cfg.num_parameters(), "configs": METHODS,
-        "settings": {name: method_settings(settings, name).describe() for name in METHODS},
-        "sft_steps": args.sft_steps,
-        "layouts": {name: layout_of(run.cfg) for name, run in runs.items()},
-        **{k: v for k, v in s.items() if k != "median_s"},
-        "median_s": s["median_s"], "steps": records, "verdict": note,
-        "machine": machine_info(), "load": {"start": load_start, "end": load_now()},
-        "note": ("All three runs live in one Ray cluster and alternate step by step on the same questions "
-                 "(same seed and step index); 1 torch thread per worker, fp32 on CPU; the host's 2 cores are "
-                 "shared with other jobs (see load and load_1m per step). A few-step SFT start: responses are "
-                 "near-random (mean length: response_length) and (nearly) all wrong (accuracy), so CARFT's positive "
-                 "term has few or no correct samples; its cost hardly depends on that (masked pooling over the "
-                 "whole batch).")})
+    print(
+        f"Dr.GRPO, same {settings.questions} questions ({GRPO_SAMPLES} samples each): "
+        f"{s['grpo_over_reft_step_time_same_questions']:.2f}x the ReFT step; per sample "
+        f"{s['grpo_over_reft_per_sample']:.2f}x"
+    )
+    path = write_result(
+        args.out,
+        {
+            "benchmark": "carft_step",
+            "quick": args.quick,
+            "model": args.model,
+            "params": runs["reft"].model_cfg.num_parameters(),
+            "configs": METHODS,
+            "settings": {name: method_settings(settings, name).describe() for name in METHODS},
+            "sft_steps": args.sft_steps,
+            "layouts": {name: layout_of(run.cfg) for name, run in runs.items()},
+            **{k: v for k, v in s.items() if k != "median_s"},
+            "median_s": s["median_s"],
+            "steps": records,
+            "verdict": note,
+            "machine": machine_info(),
+            "load": {"start": load_start, "end": load_now()},
+            "note": (
+                "All three runs live in one Ray cluster and alternate step by step on the same questions "
+                "(same seed and step index); 1 torch thread per worker, fp32 on CPU; the host's 2 cores are "
+                "shared with other jobs (see load and load_1m per step). A few-step SFT start: responses are "
+                "near-random (mean length: response_length) and (nearly) all wrong (accuracy), so CARFT's positive "
+                "term has few or no correct samples; its cost hardly depends on that (masked pooling over the "
+                "whole batch)."
+            ),
+        },
+    )
     print(f"wrote {path}")
 
 

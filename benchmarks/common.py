@@ -14,15 +14,19 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def parse_args(name: str, description: str,
-               extra: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    name: str,
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+) -> argparse.Namespace:
     """Arguments every benchmark takes (``--quick``, ``--out``) plus the script's own."""
     parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
     parser.add_argument("--quick", action="store_true", help="small subset (< 1 min), for CI / smoke checks")
@@ -47,9 +51,15 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 
 def write_result(path: Path, result: dict[str, Any]) -> Path:
     """Write ``result`` plus host facts (cpus, python, time) as JSON to ``path``."""
-    payload = {**result, "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                  "machine": platform.machine(),
-                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+    payload = {
+        **result,
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -24,15 +24,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
-from carft_nemo.algorithms.contrastive import CoTBatch, ContrastiveConfig, contrastive_loss, lcs_spans  # noqa: E402
+from carft_nemo.algorithms.contrastive import ContrastiveConfig, CoTBatch, contrastive_loss, lcs_spans  # noqa: E402
 from carft_nemo.algorithms.lcs import lcs_masks  # noqa: E402
 from carft_nemo.models.contrastive_head import ContrastiveHead  # noqa: E402
 
@@ -109,14 +109,21 @@ def bench_lcs(quick: bool) -> dict[str, float]:
     python_cpu *= PAIRS / timed_pairs
     torch_s, torch_cpu = statistics.median(walls), statistics.median(cpus)
     assert all(len(ref[k][0]) == int(result.length[k]) for k in range(timed_pairs))
-    return {"lcs_torch_s": torch_s, "lcs_python_dp_s": python_s, "python_dp_pairs_timed": timed_pairs,
-            "lcs_torch_cpu_s": torch_cpu, "lcs_torch_cpu_s_min": min(cpus), "lcs_torch_calls_timed": len(cpus),
-            "lcs_python_dp_cpu_s": python_cpu, "lcs_load_avg_1m_before": load_before,
-            "lcs_speedup_vs_python_dp_best_torch_call": python_cpu / min(cpus),
-            "lcs_speedup_vs_python_dp": python_cpu / torch_cpu,
-            "lcs_speedup_basis": "process CPU time, torch calls interleaved with the Python DP pairs",
-            "lcs_speedup_vs_python_dp_cpu_time": python_cpu / torch_cpu,
-            "lcs_speedup_vs_python_dp_wall": python_s / torch_s}
+    return {
+        "lcs_torch_s": torch_s,
+        "lcs_python_dp_s": python_s,
+        "python_dp_pairs_timed": timed_pairs,
+        "lcs_torch_cpu_s": torch_cpu,
+        "lcs_torch_cpu_s_min": min(cpus),
+        "lcs_torch_calls_timed": len(cpus),
+        "lcs_python_dp_cpu_s": python_cpu,
+        "lcs_load_avg_1m_before": load_before,
+        "lcs_speedup_vs_python_dp_best_torch_call": python_cpu / min(cpus),
+        "lcs_speedup_vs_python_dp": python_cpu / torch_cpu,
+        "lcs_speedup_basis": "process CPU time, torch calls interleaved with the Python DP pairs",
+        "lcs_speedup_vs_python_dp_cpu_time": python_cpu / torch_cpu,
+        "lcs_speedup_vs_python_dp_wall": python_s / torch_s,
+    }
 
 
 def _megatron_microstep() -> tuple[Callable[[], None], str]:
@@ -132,8 +139,13 @@ def _megatron_microstep() -> tuple[Callable[[], None], str]:
     os.environ.setdefault("LOCAL_RANK", "0")
     model_cfg = ModelConfig(preset="tiny").with_vocab(1024)
     parallel = ParallelConfig()
-    initialize(parallel, process=ProcessInfo.from_env(), num_layers=model_cfg.num_layers,
-               num_attention_heads=model_cfg.num_attention_heads, num_query_groups=model_cfg.num_query_groups)
+    initialize(
+        parallel,
+        process=ProcessInfo.from_env(),
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     model = build_gpt_model(model_cfg, parallel)
     tokens = torch.randint(0, 1024, (BATCH, SEQ + 1))
     positions, mask = causal_inputs(tokens[:, :-1])
@@ -169,8 +181,9 @@ def bench_contrastive(quick: bool) -> dict[str, object]:
     cot_mask = torch.zeros(SEQ, BATCH, dtype=torch.bool)
     cot_mask[prompt:] = True
     ids_gen = torch.randint(0, 200, (SEQ, BATCH), generator=gen)
-    ids_ann = torch.where(torch.rand(SEQ, BATCH, generator=gen) < 0.5, ids_gen,
-                          torch.randint(0, 200, (SEQ, BATCH), generator=gen))
+    ids_ann = torch.where(
+        torch.rand(SEQ, BATCH, generator=gen) < 0.5, ids_gen, torch.randint(0, 200, (SEQ, BATCH), generator=gen)
+    )
     hidden_gen = torch.randn(SEQ, BATCH, HIDDEN, generator=gen, requires_grad=True)
     values_gen = torch.randn(SEQ, BATCH, generator=gen, requires_grad=True)
     hidden_ann = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
@@ -179,8 +192,13 @@ def bench_contrastive(quick: bool) -> dict[str, object]:
     spans = lcs_spans(ids_ann, cot_mask, ids_gen, cot_mask)
 
     def contrastive_step() -> None:
-        loss, _ = contrastive_loss(cfg, CoTBatch(head(hidden_gen), values_gen, cot_mask),
-                                   CoTBatch(head(hidden_ann), values_ann, cot_mask), correct, spans)
+        loss, _ = contrastive_loss(
+            cfg,
+            CoTBatch(head(hidden_gen), values_gen, cot_mask),
+            CoTBatch(head(hidden_ann), values_ann, cot_mask),
+            correct,
+            spans,
+        )
         loss.backward()
 
     repeats = 3 if quick else 10
@@ -192,28 +210,48 @@ def bench_contrastive(quick: bool) -> dict[str, object]:
         print(f"megatron model unavailable ({type(err).__name__}: {err}); using the torch stand-in")
         step, name = _torch_microstep()
     microstep_s, microstep_cpu = timed(step, 2 if quick else 5)
-    return {"contrastive_fwd_bwd_s": contrastive_s, "contrastive_fwd_bwd_cpu_s": contrastive_cpu,
-            "train_microstep_cpu_s": microstep_cpu,
-            "contrastive_over_train_microstep_cpu_time": contrastive_cpu / microstep_cpu, "lcs_spans_s": lcs_spans_s, "train_microstep_s": microstep_s,
-            "train_microstep_model": name, "contrastive_over_train_microstep": contrastive_s / microstep_s,
-            "lcs_spans_over_train_microstep": lcs_spans_s / microstep_s}
+    return {
+        "contrastive_fwd_bwd_s": contrastive_s,
+        "contrastive_fwd_bwd_cpu_s": contrastive_cpu,
+        "train_microstep_cpu_s": microstep_cpu,
+        "contrastive_over_train_microstep_cpu_time": contrastive_cpu / microstep_cpu,
+        "lcs_spans_s": lcs_spans_s,
+        "train_microstep_s": microstep_s,
+        "train_microstep_model": name,
+        "contrastive_over_train_microstep": contrastive_s / microstep_s,
+        "lcs_spans_over_train_microstep": lcs_spans_s / microstep_s,
+    }
 
 
 def main() -> None:
     args = parse_args("contrastive", __doc__.splitlines()[0])
     lcs = bench_lcs(args.quick)
     loss = bench_contrastive(args.quick)
-    print_table([{"measure": "LCS 64x512 torch (s)", "value": lcs["lcs_torch_s"]},
-                 {"measure": "LCS 64x512 python DP (s)", "value": lcs["lcs_python_dp_s"]},
-                 {"measure": "LCS speed-up, wall (x)", "value": lcs["lcs_speedup_vs_python_dp_wall"]},
-                 {"measure": "LCS speed-up, CPU time (x)", "value": lcs["lcs_speedup_vs_python_dp_cpu_time"]},
-                 {"measure": "contrastive fwd+bwd (s)", "value": loss["contrastive_fwd_bwd_s"]},
-                 {"measure": "lcs_spans b=8 s=256 (s)", "value": loss["lcs_spans_s"]},
-                 {"measure": "train micro-step (s)", "value": loss["train_microstep_s"]},
-                 {"measure": "contrastive / micro-step", "value": loss["contrastive_over_train_microstep"]}])
+    print_table(
+        [
+            {"measure": "LCS 64x512 torch (s)", "value": lcs["lcs_torch_s"]},
+            {"measure": "LCS 64x512 python DP (s)", "value": lcs["lcs_python_dp_s"]},
+            {"measure": "LCS speed-up, wall (x)", "value": lcs["lcs_speedup_vs_python_dp_wall"]},
+            {"measure": "LCS speed-up, CPU time (x)", "value": lcs["lcs_speedup_vs_python_dp_cpu_time"]},
+            {"measure": "contrastive fwd+bwd (s)", "value": loss["contrastive_fwd_bwd_s"]},
+            {"measure": "lcs_spans b=8 s=256 (s)", "value": loss["lcs_spans_s"]},
+            {"measure": "train micro-step (s)", "value": loss["train_microstep_s"]},
+            {"measure": "contrastive / micro-step", "value": loss["contrastive_over_train_microstep"]},
+        ]
+    )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    path = write_result(args.out, {"quick": args.quick, "torch_threads": torch.get_num_threads(),
-                                   "load_avg_1m": load, "lcs_pairs": PAIRS, "lcs_length": LCS_LEN, **lcs, **loss})
+    path = write_result(
+        args.out,
+        {
+            "quick": args.quick,
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": load,
+            "lcs_pairs": PAIRS,
+            "lcs_length": LCS_LEN,
+            **lcs,
+            **loss,
+        },
+    )
     print(f"wrote {path}")
 
 

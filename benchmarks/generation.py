@@ -10,9 +10,9 @@ right-pads, HF left-pads as decoder-only batches need). Every sequence generates
 HF runs at 1 and at torch's thread count (2 here); ours at its default
 ``GenerationConfig.cpu_threads=1`` (also at 2 with ``GEN_BENCH_OURS_ALL_THREADS=1``; on a
 loaded 2-core host 2 threads were 9-15x slower than 1 for ours and HF alike, OpenMP threads
-spinning on a descheduled partner), all variants alternating within each repetition so that load changes hit them alike; each
-run records wall time and the process's CPU time (``time.process_time``, summed over its
-threads). Best of ``reps`` per variant.
+spinning on a descheduled partner), all variants alternating within each repetition so that
+load changes hit them alike; each run records wall time and the process's CPU time
+(``time.process_time``, summed over its threads). Best of ``reps`` per variant.
 
 Headline: ``speedup_vs_hf_generate`` = HF's *best* wall time over its two thread settings
 divided by ours at the default settings. ``speedup_vs_hf_generate_cpu`` is the same ratio of
@@ -68,11 +68,18 @@ def _hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     dev = next(hf.parameters()).device
-    out = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = hf.generate(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     return out[:, width:].tolist()
 
 
@@ -115,8 +122,12 @@ def measure(model_name: str, shape: tuple, workdir: Path) -> dict:
     cfg = ModelConfig(preset=model_name)
     cfg = cfg.with_vocab(cfg.vocab_size or vocab)
     parallel = ParallelConfig()
-    initialize(parallel, num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-               num_query_groups=cfg.num_query_groups)
+    initialize(
+        parallel,
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+    )
     model = build_gpt_model(cfg, parallel).eval()
     hf_dir = export_hf(model, cfg, workdir / model_name)
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=next(model.parameters()).dtype)
@@ -137,8 +148,10 @@ def measure(model_name: str, shape: tuple, workdir: Path) -> dict:
         "ours_default": lambda: gen.generate(prompts, gcfg),
     }
     if os.environ.get("GEN_BENCH_OURS_ALL_THREADS"):  # ours at torch's thread count too (slow under load)
-        variants[f"ours_threads{threads}"] = _with_threads(threads, lambda: gen.generate(
-            prompts, GenerationConfig(max_new_tokens=new_tokens, greedy=True, cpu_threads=0)))
+        variants[f"ours_threads{threads}"] = _with_threads(
+            threads,
+            lambda: gen.generate(prompts, GenerationConfig(max_new_tokens=new_tokens, greedy=True, cpu_threads=0)),
+        )
     for n in sorted({1, threads}):
         variants[f"hf_threads{n}"] = _with_threads(n, lambda: _hf_generate(hf, prompts, new_tokens))
     ours_out = gen.generate(prompts, gcfg).responses  # also warms up both paths
@@ -153,22 +166,40 @@ def measure(model_name: str, shape: tuple, workdir: Path) -> dict:
     hf_cpu = min(v[1] for k, v in best.items() if k.startswith("hf_"))
     ours_wall, ours_cpu = best["ours_default"]
     n_tokens = batch * new_tokens
-    return {"model": model_name, "params": cfg.num_parameters(), "batch": batch, "prompt_lengths": f"{lo}-{hi}",
-            "new_tokens": new_tokens, "reps": reps, "megatron_s": ours_wall, "megatron_cpu_s": ours_cpu,
-            "hf_generate_s": hf_wall, "hf_generate_cpu_s": hf_cpu,
-            "tokens_per_s": n_tokens / ours_wall, "hf_tokens_per_s": n_tokens / hf_wall,
-            "speedup_vs_hf_generate": hf_wall / ours_wall, "speedup_vs_hf_generate_cpu": hf_cpu / ours_cpu,
-            "variants": {name: {"wall_s": w, "cpu_s": c, "tokens_per_s": n_tokens / w,
-                                "runs": [list(r) for r in runs[name]]} for name, (w, c) in best.items()},
-            "max_logit_diff": logit_diff,
-            "greedy_agreement": sum(a == b for a, b in zip(ours_out, hf_out)) / batch,
-            "threads": threads, "ours_cpu_threads": gcfg.cpu_threads, "load_avg_1m": os.getloadavg()[0],
-            "device": str(device.local_device())}
+    return {
+        "model": model_name,
+        "params": cfg.num_parameters(),
+        "batch": batch,
+        "prompt_lengths": f"{lo}-{hi}",
+        "new_tokens": new_tokens,
+        "reps": reps,
+        "megatron_s": ours_wall,
+        "megatron_cpu_s": ours_cpu,
+        "hf_generate_s": hf_wall,
+        "hf_generate_cpu_s": hf_cpu,
+        "tokens_per_s": n_tokens / ours_wall,
+        "hf_tokens_per_s": n_tokens / hf_wall,
+        "speedup_vs_hf_generate": hf_wall / ours_wall,
+        "speedup_vs_hf_generate_cpu": hf_cpu / ours_cpu,
+        "variants": {
+            name: {"wall_s": w, "cpu_s": c, "tokens_per_s": n_tokens / w, "runs": [list(r) for r in runs[name]]}
+            for name, (w, c) in best.items()
+        },
+        "max_logit_diff": logit_diff,
+        "greedy_agreement": sum(a == b for a, b in zip(ours_out, hf_out)) / batch,
+        "threads": threads,
+        "ours_cpu_threads": gcfg.cpu_threads,
+        "load_avg_1m": os.getloadavg()[0],
+        "device": str(device.local_device()),
+    }
 
 
 def main() -> None:
-    args = parse_args("generation", __doc__.splitlines()[0],
-                      extra=lambda p: p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES)))
+    args = parse_args(
+        "generation",
+        __doc__.splitlines()[0],
+        extra=lambda p: p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES)),
+    )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from carft_nemo.distributed.layout import shutdown
 
@@ -179,9 +210,26 @@ def main() -> None:
                 rows.append(measure(name, SHAPES[name]["quick" if args.quick else "full"], Path(tmp)))
         finally:
             shutdown()
-    print_table([{k: r[k] for k in ("model", "batch", "new_tokens", "tokens_per_s", "hf_tokens_per_s",
-                                    "speedup_vs_hf_generate", "speedup_vs_hf_generate_cpu", "max_logit_diff",
-                                    "greedy_agreement", "load_avg_1m")} for r in rows])
+    print_table(
+        [
+            {
+                k: r[k]
+                for k in (
+                    "model",
+                    "batch",
+                    "new_tokens",
+                    "tokens_per_s",
+                    "hf_tokens_per_s",
+                    "speedup_vs_hf_generate",
+                    "speedup_vs_hf_generate_cpu",
+                    "max_logit_diff",
+                    "greedy_agreement",
+                    "load_avg_1m",
+                )
+            }
+            for r in rows
+        ]
+    )
     path = write_result(args.out, {"quick": args.quick, "models": {r["model"]: r for r in rows}})
     print(f"wrote {path}")
 

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,16 +73,28 @@ class StepSettings:
         return math.gcd(16, self.rollout)
 
     def overrides(self) -> list[str]:
-        return [f"rl.questions_per_step={self.questions}", f"rl.samples_per_question={self.samples}",
-                f"rl.mini_batch_size={self.rollout}", f"generation.max_new_tokens={self.max_new_tokens}",
-                f"actor.micro_batch_size={self.micro_batch}", f"critic.micro_batch_size={self.micro_batch}",
-                f"rl.steps={self.measured_steps + 1}", "rl.eval_examples=8"]
+        return [
+            f"rl.questions_per_step={self.questions}",
+            f"rl.samples_per_question={self.samples}",
+            f"rl.mini_batch_size={self.rollout}",
+            f"generation.max_new_tokens={self.max_new_tokens}",
+            f"actor.micro_batch_size={self.micro_batch}",
+            f"critic.micro_batch_size={self.micro_batch}",
+            f"rl.steps={self.measured_steps + 1}",
+            "rl.eval_examples=8",
+        ]
 
     def describe(self) -> dict[str, int]:
-        return {"questions_per_step": self.questions, "samples_per_question": self.samples,
-                "rollout_samples": self.rollout, "max_new_tokens": self.max_new_tokens,
-                "mini_batch_size": self.rollout, "micro_batch_size": self.micro_batch,
-                "measured_steps": self.measured_steps, "warmup_steps": 1}
+        return {
+            "questions_per_step": self.questions,
+            "samples_per_question": self.samples,
+            "rollout_samples": self.rollout,
+            "max_new_tokens": self.max_new_tokens,
+            "mini_batch_size": self.rollout,
+            "micro_batch_size": self.micro_batch,
+            "measured_steps": self.measured_steps,
+            "warmup_steps": 1,
+        }
 
 
 # model -> settings for a full / quick run (CPU models measured on a shared 2-core host)
@@ -95,6 +107,7 @@ SETTINGS = {
 
 # ---------------------------------------------------------------------------- set-up
 
+
 def ensure_sft(preset: str, cache: Path, steps: int = 2) -> Path:
     """An SFT output dir (checkpoints/ + tokenizer/) of ``preset`` after ``steps`` steps; reused if present.
 
@@ -106,11 +119,21 @@ def ensure_sft(preset: str, cache: Path, steps: int = 2) -> Path:
     if (out / "summary.json").exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "recipes" / "sft.py"),
-           "--config", str(ROOT / "configs" / "sft-tiny-synthetic.yaml"), f"output_dir={out}",
-           f"model.preset={preset}", f"train.steps={steps}",
-           "train.eval_before=false", "train.eval_every=0", "train.eval_examples=4", "train.global_batch_size=8",
-           "train.micro_batch_size=8", "generation.max_new_tokens=8"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes" / "sft.py"),
+        "--config",
+        str(ROOT / "configs" / "sft-tiny-synthetic.yaml"),
+        f"output_dir={out}",
+        f"model.preset={preset}",
+        f"train.steps={steps}",
+        "train.eval_before=false",
+        "train.eval_every=0",
+        "train.eval_examples=4",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+        "generation.max_new_tokens=8",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
     print(f"SFT checkpoint for {preset}: {steps} steps -> {out}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -137,14 +160,17 @@ def gpu_overrides() -> list[str]:
 
 # ---------------------------------------------------------------------------- one step
 
+
 def worker_pids(run) -> dict[str, list[int]]:
     """Process ids of a started run's workers by role (actor, critic, reference, reward)."""
     import ray
 
     from carft_nemo.workers.reward import RewardPool
 
-    return {role: group.pids() if isinstance(group, RewardPool)
-            else ray.get([a.process_id.remote() for a in group.actors]) for role, group in run.groups.items()}
+    return {
+        role: group.pids() if isinstance(group, RewardPool) else ray.get([a.process_id.remote() for a in group.actors])
+        for role, group in run.groups.items()
+    }
 
 
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -167,7 +193,7 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return out
 
 
-def timed_step(run, step: int, pids: Optional[dict[str, list[int]]] = None) -> dict[str, float]:
+def timed_step(run, step: int, pids: dict[str, list[int]] | None = None) -> dict[str, float]:
     """One step as ``RLRun.run`` does it: seconds per phase, CPU seconds per role and phase, step metrics.
 
     CPU keys: ``cpu_<role>`` (whole step), ``cpu_total``, and ``cpu_<stage>_<role>`` for the
@@ -212,12 +238,16 @@ def layout_of(cfg) -> dict[str, Any]:
         critic = {"layout": "separate", "workers": cfg.critic.num_workers, **dataclasses.asdict(cfg.critic.parallel)}
     else:
         critic = {"layout": "shared" if cfg.uses_shared_value_head else "none"}
-    return {"actor": {"workers": cfg.actor.num_workers, **dataclasses.asdict(cfg.actor.parallel)}, "critic": critic,
-            "reference": cfg.reference.mode if cfg.rl.kl_coef > 0 else "none",
-            "reward_workers": cfg.reward.num_workers}
+    return {
+        "actor": {"workers": cfg.actor.num_workers, **dataclasses.asdict(cfg.actor.parallel)},
+        "critic": critic,
+        "reference": cfg.reference.mode if cfg.rl.kl_coef > 0 else "none",
+        "reward_workers": cfg.reward.num_workers,
+    }
 
 
 # ---------------------------------------------------------------------------- host facts
+
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, torch version, device, and the current ``uptime`` line."""
@@ -225,20 +255,31 @@ def machine_info() -> dict[str, Any]:
 
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     mem_gib = None
     try:
-        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))
-        mem_gib = round(kb / 2 ** 20, 1)
+        kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        )
+        mem_gib = round(kb / 2**20, 1)
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def load_now() -> dict[str, Any]:
@@ -251,6 +292,7 @@ def load_now() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- the benchmark
+
 
 def bench_model(model: str, settings: StepSettings, cache: Path, sft_steps: int) -> dict[str, Any]:
     """Start one ReFT run's workers, warm up one step, time ``settings.measured_steps``."""
@@ -272,32 +314,57 @@ def bench_model(model: str, settings: StepSettings, cache: Path, sft_steps: int)
                 steps = []
                 for step in range(settings.measured_steps + 1):
                     record = timed_step(run, step, pids)
-                    print(f"{model} step {step}{' (warm-up)' if step == 0 else ''}: "
-                          + ", ".join(f"{k} {record[k]:.2f}s" for k in PHASES + ("cpu_total",)), flush=True)
+                    print(
+                        f"{model} step {step}{' (warm-up)' if step == 0 else ''}: "
+                        + ", ".join(f"{k} {record[k]:.2f}s" for k in PHASES + ("cpu_total",)),
+                        flush=True,
+                    )
                     if step:
                         steps.append(record)
             finally:
                 run.stop_workers()
-    return {"model": model, "params": run.model_cfg.num_parameters(), "vocab_size": run.model_cfg.vocab_size,
-            "settings": settings.describe(), "layout": layout_of(cfg), "workers_startup_s": startup,
-            "median_s": medians(steps), "steps": steps, "sft_steps": sft_steps}
+    return {
+        "model": model,
+        "params": run.model_cfg.num_parameters(),
+        "vocab_size": run.model_cfg.vocab_size,
+        "settings": settings.describe(),
+        "layout": layout_of(cfg),
+        "workers_startup_s": startup,
+        "median_s": medians(steps),
+        "steps": steps,
+        "sft_steps": sft_steps,
+    }
 
 
 def table_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
     m = r["median_s"]
-    return {"model": name, "params_M": r["params"] / 1e6, "samples": int(m["samples"]),
-            "resp_len": m["response_length"], **{k: m[k] for k in PHASES}, "cpu_s": m["cpu_total"]}
+    return {
+        "model": name,
+        "params_M": r["params"] / 1e6,
+        "samples": int(m["samples"]),
+        "resp_len": m["response_length"],
+        **{k: m[k] for k in PHASES},
+        "cpu_s": m["cpu_total"],
+    }
 
 
 def main() -> None:
     import torch
 
-    args = parse_args("ppo_step", __doc__.splitlines()[0], extra=lambda p: (
-        p.add_argument("--models", nargs="+", default=None,
-                       help="presets (default: tiny small_100m, + llama_1b with CUDA; --quick: tiny)"),
-        p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="SFT checkpoints and run dirs"),
-        p.add_argument("--sft-steps", type=int, default=2, help="SFT steps behind the RL start checkpoint"),
-    ))
+    args = parse_args(
+        "ppo_step",
+        __doc__.splitlines()[0],
+        extra=lambda p: (
+            p.add_argument(
+                "--models",
+                nargs="+",
+                default=None,
+                help="presets (default: tiny small_100m, + llama_1b with CUDA; --quick: tiny)",
+            ),
+            p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="SFT checkpoints and run dirs"),
+            p.add_argument("--sft-steps", type=int, default=2, help="SFT steps behind the RL start checkpoint"),
+        ),
+    )
     cuda = torch.cuda.is_available()
     models = args.models or (["tiny"] if args.quick else ["tiny", "small_100m"] + (["llama_1b"] if cuda else []))
     skipped = {}
@@ -309,22 +376,35 @@ def main() -> None:
     load_start = load_now()
     results = {}
     for model in models:
-        results[model] = bench_model(model, SETTINGS[model]["quick" if args.quick else "full"], args.cache,
-                                     args.sft_steps)
+        results[model] = bench_model(
+            model, SETTINGS[model]["quick" if args.quick else "full"], args.cache, args.sft_steps
+        )
     print_table([table_row(m, r) for m, r in results.items()])
-    note = ("ReFT PPO step through RLRun on Ray: 1 actor + 1 critic + 1 reward worker, 1 torch thread each, fp32 "
-            "on CPU; the logprobs/critic/reward phases overlap (inference = their wall time); medians over the "
-            "measured steps after one warm-up step. The start checkpoint has only a few SFT steps, so sampled "
-            "responses are near-random (mean length: response_length). The 2 cores are shared with other jobs "
-            "(load_1m per step, load): wall times are stretched by that load; cpu_* (CPU seconds per role) much less.")
-    path = write_result(args.out, {
-        "benchmark": "ppo_step", "quick": args.quick, "config": "configs/reft-tiny-synthetic.yaml",
-        "seconds_per_phase": {m: {k: r["median_s"][k] for k in PHASES} for m, r in results.items()},
-        "cpu_seconds_per_step": {m: {k: v for k, v in r["median_s"].items()
-                                     if k.startswith("cpu_") and k.count("_") == 1}
-                                 for m, r in results.items()},
-        "models": results, "skipped": skipped, "machine": machine_info(),
-        "load": {"start": load_start, "end": load_now()}, "note": note})
+    note = (
+        "ReFT PPO step through RLRun on Ray: 1 actor + 1 critic + 1 reward worker, 1 torch thread each, fp32 "
+        "on CPU; the logprobs/critic/reward phases overlap (inference = their wall time); medians over the "
+        "measured steps after one warm-up step. The start checkpoint has only a few SFT steps, so sampled "
+        "responses are near-random (mean length: response_length). The 2 cores are shared with other jobs "
+        "(load_1m per step, load): wall times are stretched by that load; cpu_* (CPU seconds per role) much less."
+    )
+    path = write_result(
+        args.out,
+        {
+            "benchmark": "ppo_step",
+            "quick": args.quick,
+            "config": "configs/reft-tiny-synthetic.yaml",
+            "seconds_per_phase": {m: {k: r["median_s"][k] for k in PHASES} for m, r in results.items()},
+            "cpu_seconds_per_step": {
+                m: {k: v for k, v in r["median_s"].items() if k.startswith("cpu_") and k.count("_") == 1}
+                for m, r in results.items()
+            },
+            "models": results,
+            "skipped": skipped,
+            "machine": machine_info(),
+            "load": {"start": load_start, "end": load_now()},
+            "note": note,
+        },
+    )
     print(f"wrote {path}")
 
 

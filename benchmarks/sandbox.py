@@ -23,10 +23,14 @@ from carft_nemo.rewards.sandbox import SandboxConfig  # noqa: E402
 
 
 def main() -> None:
-    args = parse_args("sandbox", __doc__.splitlines()[0], extra=lambda p: (
-        p.add_argument("--data", default="../shared/data/reft", help="folder with svamp_python_sdp.json"),
-        p.add_argument("--workers", type=int, default=2, help="programs in parallel"),
-    ))
+    args = parse_args(
+        "sandbox",
+        __doc__.splitlines()[0],
+        extra=lambda p: (
+            p.add_argument("--data", default="../shared/data/reft", help="folder with svamp_python_sdp.json"),
+            p.add_argument("--workers", type=int, default=2, help="programs in parallel"),
+        ),
+    )
     examples = load_examples(DatasetConfig(name="svamp_reft", path=args.data, cot_style="pcot"))
     if args.quick:
         examples = examples[::20]
@@ -34,16 +38,31 @@ def main() -> None:
     start = time.monotonic()
     results = score_batch([build_target(e) for e in examples], examples, sandbox=config)
     elapsed = time.monotonic() - start
-    failures = {e.id: (r.failure or f"wrong value {r.value} (gold {e.answer})")
-                for e, r in zip(examples, results) if r.reward != 1.0}
-    row = {"programs": len(examples), "workers": args.workers, "seconds": elapsed,
-           "programs_per_s": len(examples) / elapsed, "failures": len(failures)}
+    failures = {
+        e.id: (r.failure or f"wrong value {r.value} (gold {e.answer})")
+        for e, r in zip(examples, results)
+        if r.reward != 1.0
+    }
+    row = {
+        "programs": len(examples),
+        "workers": args.workers,
+        "seconds": elapsed,
+        "programs_per_s": len(examples) / elapsed,
+        "failures": len(failures),
+    }
     print_table([row])
     for ident, why in failures.items():
         print(f"  {ident}: {why}")
-    write_result(args.out, {**row, "quick": args.quick, "failures": failures, "failure_count": len(failures),
-                            "sandbox": {"timeout_s": config.timeout_s, "cpu_time_s": config.cpu_time_s,
-                                        "memory_mb": config.memory_mb}})
+    write_result(
+        args.out,
+        {
+            **row,
+            "quick": args.quick,
+            "failures": failures,
+            "failure_count": len(failures),
+            "sandbox": {"timeout_s": config.timeout_s, "cpu_time_s": config.cpu_time_s, "memory_mb": config.memory_mb},
+        },
+    )
 
 
 if __name__ == "__main__":

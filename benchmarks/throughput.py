@@ -65,7 +65,7 @@ def measured_matmul_peak(dtype_name: str = "bfloat16", size: int = 8192, reps: i
     for _ in range(reps):
         a @ b
     device.synchronize()
-    return 2.0 * size ** 3 * reps / (time.perf_counter() - start)
+    return 2.0 * size**3 * reps / (time.perf_counter() - start)
 
 
 def worker(model: str, tp: int, shape: tuple, result_path: str, threads: int = 0) -> None:
@@ -82,16 +82,26 @@ def worker(model: str, tp: int, shape: tuple, result_path: str, threads: int = 0
     cfg = ModelConfig(preset=model)
     cfg = cfg.with_vocab(cfg.vocab_size or vocab)
     parallel = ParallelConfig(tensor_parallel=tp)
-    layout = initialize(parallel, process=process, num_layers=cfg.num_layers,
-                        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups)
+    layout = initialize(
+        parallel,
+        process=process,
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+    )
     from carft_nemo.models.gpt import build_gpt_model
     from carft_nemo.models.step import forward_backward, lm_loss
     from carft_nemo.training.optim import OptimConfig, make_trainable
 
     trainable = make_trainable(build_gpt_model(cfg, parallel), cfg, parallel, OptimConfig(), total_steps=1)
     gen = torch.Generator().manual_seed(0)
-    batches = [{k: torch.randint(0, cfg.vocab_size, (mbs, seq), generator=gen).to(device.local_device())
-                for k in ("tokens", "labels")} for _ in range(n_micro)]
+    batches = [
+        {
+            k: torch.randint(0, cfg.vocab_size, (mbs, seq), generator=gen).to(device.local_device())
+            for k in ("tokens", "labels")
+        }
+        for _ in range(n_micro)
+    ]
     loss_fn = lm_loss()
     times = []
     for i in range(iters + 1):  # the first pass warms up allocators and kernels
@@ -108,15 +118,28 @@ def worker(model: str, tp: int, shape: tuple, result_path: str, threads: int = 0
     step = torch.tensor([sum(times) / len(times)], dtype=torch.float64, device=device.local_device())
     torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MAX)
     step_s = float(step)
-    record = {"model": model, "tp": tp, "processes": layout.world_size, "params": cfg.num_parameters(),
-              "seq_len": seq, "tokens_per_iter": tokens, "iters": iters, "step_s": step_s,
-              "tokens_per_s": tokens / step_s, "threads_per_process": torch.get_num_threads(),
-              "device": device.accelerator_name(), "dtype": str(device.default_dtype(cfg.bf16)).replace("torch.", "")}
+    record = {
+        "model": model,
+        "tp": tp,
+        "processes": layout.world_size,
+        "params": cfg.num_parameters(),
+        "seq_len": seq,
+        "tokens_per_iter": tokens,
+        "iters": iters,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "threads_per_process": torch.get_num_threads(),
+        "device": device.accelerator_name(),
+        "dtype": str(device.default_dtype(cfg.bf16)).replace("torch.", ""),
+    }
     if device.has_cuda():
         peak = measured_matmul_peak()
         achieved = train_flops_per_token(cfg, seq) * tokens / step_s
-        record.update(peak_matmul_tflops_per_gpu=peak / 1e12, model_tflops_per_gpu=achieved / layout.world_size / 1e12,
-                      mfu=achieved / (peak * layout.world_size))
+        record.update(
+            peak_matmul_tflops_per_gpu=peak / 1e12,
+            model_tflops_per_gpu=achieved / layout.world_size / 1e12,
+            mfu=achieved / (peak * layout.world_size),
+        )
     if layout.is_logging_rank:
         Path(result_path).write_text(json.dumps(record))
     shutdown()
@@ -128,10 +151,18 @@ def launch(model: str, tp: int, shape: tuple, timeout: float, threads: int = 0) 
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(tp),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), __file__, "--worker",
-               json.dumps({"model": model, "tp": tp, "shape": list(shape), "result_path": str(out),
-                                     "threads": threads})]
+        cmd = [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--nproc-per-node",
+            str(tp),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            __file__,
+            "--worker",
+            json.dumps({"model": model, "tp": tp, "shape": list(shape), "result_path": str(out), "threads": threads}),
+        ]
         env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.exists():
@@ -144,13 +175,19 @@ def main() -> None:
         spec = json.loads(sys.argv[2])
         worker(spec["model"], spec["tp"], tuple(spec["shape"]), spec["result_path"], spec.get("threads", 0))
         return
-    args = parse_args("throughput", __doc__.splitlines()[0], extra=lambda p: (
-        p.add_argument("--models", nargs="+", default=None, help="presets (default: tiny small_100m; llama_1b with --gpu)"),
-        p.add_argument("--tp", nargs="+", type=int, default=[1, 2], help="tensor-parallel sizes"),
-        p.add_argument("--gpu", action="store_true", help="GPU run with MFU (skipped without CUDA)"),
-        p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)"),
-        p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement"),
-    ))
+    args = parse_args(
+        "throughput",
+        __doc__.splitlines()[0],
+        extra=lambda p: (
+            p.add_argument(
+                "--models", nargs="+", default=None, help="presets (default: tiny small_100m; llama_1b with --gpu)"
+            ),
+            p.add_argument("--tp", nargs="+", type=int, default=[1, 2], help="tensor-parallel sizes"),
+            p.add_argument("--gpu", action="store_true", help="GPU run with MFU (skipped without CUDA)"),
+            p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)"),
+            p.add_argument("--timeout", type=float, default=1800, help="seconds per measurement"),
+        ),
+    )
     import torch
 
     if args.gpu and not torch.cuda.is_available():
@@ -165,16 +202,34 @@ def main() -> None:
             rec = launch(model, tp, shape, args.timeout, args.threads)
             rows.append(rec)
             print(f"{model} TP={tp}: {rec['tokens_per_s']:.1f} tokens/s", flush=True)
-    table = [{"model": r["model"], "tp": r["tp"], "procs": r["processes"], "params_M": r["params"] / 1e6,
-              "seq": r["seq_len"], "tok/iter": r["tokens_per_iter"], "step_s": r["step_s"],
-              "tokens/s": r["tokens_per_s"], **({"mfu": r["mfu"]} if "mfu" in r else {})} for r in rows]
+    table = [
+        {
+            "model": r["model"],
+            "tp": r["tp"],
+            "procs": r["processes"],
+            "params_M": r["params"] / 1e6,
+            "seq": r["seq_len"],
+            "tok/iter": r["tokens_per_iter"],
+            "step_s": r["step_s"],
+            "tokens/s": r["tokens_per_s"],
+            **({"mfu": r["mfu"]} if "mfu" in r else {}),
+        }
+        for r in rows
+    ]
     print_table(table)
     tokens_per_s = {m: {f"tp{r['tp']}": r["tokens_per_s"] for r in rows if r["model"] == m} for m in models}
-    path = write_result(args.out, {"benchmark": "throughput", "quick": args.quick, "tokens_per_s": tokens_per_s,
-                                   "runs": rows, "load_average_1min": {"start": load_before,
-                                                                        "end": os.getloadavg()[0]},
-                                   "note": "forward+backward only; threads per process = cores / processes; "
-                                           "CPU numbers are fp32 on a shared 2-core machine"})
+    path = write_result(
+        args.out,
+        {
+            "benchmark": "throughput",
+            "quick": args.quick,
+            "tokens_per_s": tokens_per_s,
+            "runs": rows,
+            "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
+            "note": "forward+backward only; threads per process = cores / processes; "
+            "CPU numbers are fp32 on a shared 2-core machine",
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from carft_nemo.config import ConfigError, load_config
 
@@ -16,8 +17,7 @@ T = TypeVar("T")
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
 
 
-def parse(schema: type[T], description: str, argv: Sequence[str] | None = None,
-          default_config: str | None = None) -> T:
+def parse(schema: type[T], description: str, argv: Sequence[str] | None = None, default_config: str | None = None) -> T:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="YAML file (may list 'defaults')")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.tensor_parallel=2")

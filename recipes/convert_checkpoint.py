@@ -31,10 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     to_mcore.add_argument("--hf", required=True, type=Path, help="HF model folder")
     to_mcore.add_argument("--out", required=True, type=Path, help="checkpoint root; writes <out>/step_<step>")
     to_mcore.add_argument("--step", type=int, default=0, help="step number recorded in the checkpoint (default 0)")
-    to_mcore.add_argument("--vocab-multiple", type=int, default=128,
-                          help="pad the vocabulary to a multiple of this times TP (megatron's make_vocab_size_divisible_by)")
+    to_mcore.add_argument(
+        "--vocab-multiple",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this times TP (megatron's make_vocab_size_divisible_by)",
+    )
     to_hf = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF folder that transformers loads")
-    to_hf.add_argument("--checkpoint", required=True, type=Path, help="a step_N folder, or a root (newest complete step)")
+    to_hf.add_argument(
+        "--checkpoint", required=True, type=Path, help="a step_N folder, or a root (newest complete step)"
+    )
     to_hf.add_argument("--out", required=True, type=Path, help="HF folder to write (replaced if it exists)")
     to_hf.add_argument("--tokenizer", type=Path, default=None, help="HF tokenizer folder to copy alongside")
     for p in (to_mcore, to_hf):
@@ -50,14 +56,25 @@ def _layout(model_cfg, tp: int, pp: int):
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     # model checks first (a TP that does not divide the heads), then the process count
-    validate_layout(parallel, tp * pp, num_layers=model_cfg.num_layers,
-                    num_attention_heads=model_cfg.num_attention_heads, num_query_groups=model_cfg.num_query_groups)
+    validate_layout(
+        parallel,
+        tp * pp,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     world = ProcessInfo.from_env().world_size
     if world != tp * pp:
-        raise ConfigError(f"parallel: --tp {tp} x --pp {pp} = {tp * pp} processes needed, {world} started "
-                          f"(use torchrun --nproc-per-node {tp * pp})")
-    initialize(parallel, num_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
-               num_query_groups=model_cfg.num_query_groups)
+        raise ConfigError(
+            f"parallel: --tp {tp} x --pp {pp} = {tp * pp} processes needed, {world} started "
+            f"(use torchrun --nproc-per-node {tp * pp})"
+        )
+    initialize(
+        parallel,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     return parallel
 
 
@@ -70,12 +87,21 @@ def hf_to_megatron(args: argparse.Namespace) -> Path:
     parallel = _layout(model_cfg, args.tp, args.pp)
     model = build_gpt_model(model_cfg, parallel)
     import_hf(model, args.hf, model_cfg)
-    return save_checkpoint(args.out, args.step, {args.model_name: model},
-                           metadata={"model": dataclasses.asdict(model_cfg), "source": str(args.hf)})
+    return save_checkpoint(
+        args.out,
+        args.step,
+        {args.model_name: model},
+        metadata={"model": dataclasses.asdict(model_cfg), "source": str(args.hf)},
+    )
 
 
 def megatron_to_hf(args: argparse.Namespace) -> Path | None:
-    from carft_nemo.checkpoint.dist_checkpoint import CheckpointError, load_checkpoint, read_metadata, resolve_checkpoint
+    from carft_nemo.checkpoint.dist_checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        read_metadata,
+        resolve_checkpoint,
+    )
     from carft_nemo.checkpoint.hf_io import export_hf
     from carft_nemo.models.config import ModelConfig
     from carft_nemo.models.gpt import build_gpt_model

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: greedy accuracy (and vote@k) with per-example predictions.
 
-    python recipes/evaluate.py checkpoint=outputs/main/sft/checkpoints output_dir=outputs/eval
-    python recipes/evaluate.py --config configs/eval-gsm8k.yaml checkpoint=... vote_k=8
+python recipes/evaluate.py checkpoint=outputs/main/sft/checkpoints output_dir=outputs/eval
+python recipes/evaluate.py --config configs/eval-gsm8k.yaml checkpoint=... vote_k=8
 """
 
 import json

@@ -1,7 +1,7 @@
 """Draw a run report (report.md, results table, PNG learning curves) from the files runs wrote.
 
-    python recipes/report.py outputs/main              # redraw a main job's report, into outputs/main
-    python recipes/report.py --out docs/x --title "ReFT, TP=1 vs TP=2" tp1=outputs/a tp2=outputs/b
+python recipes/report.py outputs/main              # redraw a main job's report, into outputs/main
+python recipes/report.py --out docs/x --title "ReFT, TP=1 vs TP=2" tp1=outputs/a tp2=outputs/b
 """
 
 import argparse

@@ -50,11 +50,21 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = ModelConfig(preset=args.preset).with_vocab(args.vocab)
         parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp)
         process = ProcessInfo.from_env()
-        validate_layout(parallel, process.world_size, num_layers=model_cfg.num_layers,
-                        num_attention_heads=model_cfg.num_attention_heads, num_query_groups=model_cfg.num_query_groups)
-        layout = initialize(parallel, seed=args.seed, process=process, num_layers=model_cfg.num_layers,
-                            num_attention_heads=model_cfg.num_attention_heads,
-                            num_query_groups=model_cfg.num_query_groups)
+        validate_layout(
+            parallel,
+            process.world_size,
+            num_layers=model_cfg.num_layers,
+            num_attention_heads=model_cfg.num_attention_heads,
+            num_query_groups=model_cfg.num_query_groups,
+        )
+        layout = initialize(
+            parallel,
+            seed=args.seed,
+            process=process,
+            num_layers=model_cfg.num_layers,
+            num_attention_heads=model_cfg.num_attention_heads,
+            num_query_groups=model_cfg.num_query_groups,
+        )
     except ConfigError as err:  # a user mistake: one line, no traceback
         print(f"smoke: {err}", file=sys.stderr)
         return 2
@@ -65,14 +75,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         gpt = build_gpt_model(model_cfg, parallel)
-        trainable = make_trainable(gpt, model_cfg, parallel, OptimConfig(lr=args.lr, schedule="constant"),
-                                   total_steps=args.steps)
+        trainable = make_trainable(
+            gpt, model_cfg, parallel, OptimConfig(lr=args.lr, schedule="constant"), total_steps=args.steps
+        )
         # same tokens on every rank (seeded generator); each data-parallel rank would see its own in training
         gen = torch.Generator().manual_seed(args.seed)
         batches = []
         for _ in range(args.micro_batches):
             seq = torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_len + 1), generator=gen)
-            batches.append({"tokens": seq[:, :-1].to(device.local_device()), "labels": seq[:, 1:].to(device.local_device())})
+            batches.append(
+                {"tokens": seq[:, :-1].to(device.local_device()), "labels": seq[:, 1:].to(device.local_device())}
+            )
         losses = []
         for step in range(args.steps):
             start = time.perf_counter()
@@ -82,12 +95,20 @@ def main(argv: list[str] | None = None) -> int:
             loss = _last_stage_mean_loss(metrics, layout)
             losses.append(loss)
             if layout.is_logging_rank:
-                print(f"step {step}  loss {loss:.4f}  grad_norm {grad_norm:.3f}  applied {ok}  "
-                      f"{time.perf_counter() - start:.2f}s", flush=True)
+                print(
+                    f"step {step}  loss {loss:.4f}  grad_norm {grad_norm:.3f}  applied {ok}  "
+                    f"{time.perf_counter() - start:.2f}s",
+                    flush=True,
+                )
         if layout.is_logging_rank:
-            result = {"losses": losses, "world_size": layout.world_size, "tp": layout.tensor_parallel,
-                      "pp": layout.pipeline_parallel, "dp": layout.data_parallel,
-                      "params_per_rank": sum(p.numel() for p in gpt.parameters())}
+            result = {
+                "losses": losses,
+                "world_size": layout.world_size,
+                "tp": layout.tensor_parallel,
+                "pp": layout.pipeline_parallel,
+                "dp": layout.data_parallel,
+                "params_per_rank": sum(p.numel() for p in gpt.parameters()),
+            }
             print("SMOKE_RESULT " + json.dumps(result), flush=True)
         finite = all(math.isfinite(x) for x in losses)
         return 0 if finite else 1

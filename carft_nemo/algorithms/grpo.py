@@ -45,8 +45,9 @@ def group_advantages(rewards: Tensor, group_size: int) -> Tensor:
 
 def token_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
     """Broadcast sequence advantages ``[B]`` over the response tokens: ``[B, T]``, 0 off mask."""
-    return torch.where(mask, advantages[:, None].expand(mask.shape),
-                       torch.zeros((), dtype=advantages.dtype, device=advantages.device))
+    return torch.where(
+        mask, advantages[:, None].expand(mask.shape), torch.zeros((), dtype=advantages.dtype, device=advantages.device)
+    )
 
 
 def drgrpo_normalizer(num_samples: int, max_response_tokens: int) -> float:
@@ -56,6 +57,7 @@ def drgrpo_normalizer(num_samples: int, max_response_tokens: int) -> float:
     removes GRPO's length bias.
     """
     if num_samples <= 0 or max_response_tokens <= 0:
-        raise ValueError(f"num_samples={num_samples} and max_response_tokens="
-                         f"{max_response_tokens} must both be positive")
+        raise ValueError(
+            f"num_samples={num_samples} and max_response_tokens={max_response_tokens} must both be positive"
+        )
     return float(num_samples * max_response_tokens)

@@ -218,15 +218,16 @@ def _token_classes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
     span = int(torch.maximum(a.max(), b.max())) - low + 1
     key_type = torch.int32 if span * batch < 2**31 else torch.long
     pair = torch.arange(batch, device=a.device)[:, None]
-    keys = torch.cat([((b.long() - low) * batch + pair).flatten(),
-                      ((a.long() - low) * batch + pair).flatten()]).to(key_type)
+    keys = torch.cat([((b.long() - low) * batch + pair).flatten(), ((a.long() - low) * batch + pair).flatten()]).to(
+        key_type
+    )
     sorted_keys, order = keys.sort()  # equal keys share a class: their order does not matter
     new_run = torch.ones_like(sorted_keys, dtype=torch.long)
     torch.ne(sorted_keys[1:], sorted_keys[:-1], out=new_run[1:])
     run = new_run.cumsum_(0).sub_(1)
     classes = int(run[-1]) + 1
     run_of = torch.empty_like(run).scatter_(0, order, run)
-    return run_of[batch * m:].view(batch, n), run_of[:batch * m].view(batch, m), classes
+    return run_of[batch * m :].view(batch, n), run_of[: batch * m].view(batch, m), classes
 
 
 def _match_words(table: Tensor, row_class: Tensor) -> Tensor:
@@ -244,8 +245,9 @@ def _match_words(table: Tensor, row_class: Tensor) -> Tensor:
     classes, words = table.shape
     steps = n + words - 1
     padded = torch.nn.functional.pad(row_class, (words - 1, words - 1), value=classes - 1).t().flatten()
-    gathered = torch.index_select(table, 0, padded, out=_SCRATCH.take("per_step", (padded.numel(), words),
-                                                                      table.device))
+    gathered = torch.index_select(
+        table, 0, padded, out=_SCRATCH.take("per_step", (padded.numel(), words), table.device)
+    )
     block = problems * words
     out = _SCRATCH.take("pair", (2, steps, words, problems), table.device)
     out[0] = gathered.as_strided((steps, words, problems), (block, block + 1, words))
@@ -265,19 +267,22 @@ def _forward(matches: Tensor) -> Tensor:
     history = _SCRATCH.take("history", (steps + 1, words, problems), device)
     history[0] = _FULL
     xp, shift, (history_, matches_, parts, total, carry) = _loop_arrays(
-        history, matches, torch.empty(2, words, problems, dtype=torch.int32, device=device),
+        history,
+        matches,
+        torch.empty(2, words, problems, dtype=torch.int32, device=device),
         torch.empty(words, problems, dtype=torch.int32, device=device),
-        torch.zeros(words + 1, problems, dtype=torch.int32, device=device))
+        torch.zeros(words + 1, problems, dtype=torch.int32, device=device),
+    )
     used, kept = parts[0], parts[1]
     carry_in, carry_out = carry[1:], carry[:-1]  # lane x reads lane x+1 (the word below)
     rows = list(history_)
     for match, v, v_next in zip(matches_.swapaxes(0, 1), rows[:-1], rows[1:]):
-        xp.bitwise_and(v, match, out=parts)              # U = V & M, K = V & ~M (V's junk bit 16 drops)
+        xp.bitwise_and(v, match, out=parts)  # U = V & M, K = V & ~M (V's junk bit 16 drops)
         xp.add(kept, used, out=total)
-        xp.add(total, used, out=total)                   # K + 2U = V + U
-        xp.add(total, carry_in, out=total)               # + carry from the word below
+        xp.add(total, used, out=total)  # K + 2U = V + U
+        xp.add(total, carry_in, out=total)  # + carry from the word below
         xp.bitwise_right_shift(total, shift, out=carry_out)
-        xp.bitwise_or(total, kept, out=v_next)           # Hyyro eq. 2 (bit 16 keeps the carry: ignored)
+        xp.bitwise_or(total, kept, out=v_next)  # Hyyro eq. 2 (bit 16 keeps the carry: ignored)
     return history
 
 
@@ -300,18 +305,24 @@ def _traceback(history: Tensor, token: Tensor) -> tuple[Tensor, Tensor]:
     torch.bitwise_xor(ones_all, consts.full, out=zeros_all)
     taken = _SCRATCH.take("per_step", (entries - 1, words, problems), device)  # T of every step
     xp, shift, (ones_all_, zeros_all_, taken_, token_, total, carry) = _loop_arrays(
-        ones_all, zeros_all, taken, token, torch.empty(words, problems, dtype=torch.int32, device=device),
-        torch.zeros(words + 1, problems, dtype=torch.int32, device=device))
+        ones_all,
+        zeros_all,
+        taken,
+        token,
+        torch.empty(words, problems, dtype=torch.int32, device=device),
+        torch.zeros(words + 1, problems, dtype=torch.int32, device=device),
+    )
     carry_in, carry_out = carry[:-1], carry[1:]  # lane x reads lane x-1 (reversed: the word above)
-    for ones, zeros, match in zip(reversed(list(ones_all_)[:-1]), reversed(list(zeros_all_)[:-1]),
-                                  reversed(list(taken_))):
-        xp.bitwise_and(token_, ones, out=match)          # T: the token's zero moved in: a match
+    for ones, zeros, match in zip(
+        reversed(list(ones_all_)[:-1]), reversed(list(zeros_all_)[:-1]), reversed(list(taken_))
+    ):
+        xp.bitwise_and(token_, ones, out=match)  # T: the token's zero moved in: a match
         xp.add(ones, match, out=total)
-        xp.add(total, match, out=total)                  # R + 2T (+ carry) runs to the next zero
+        xp.add(total, match, out=total)  # R + 2T (+ carry) runs to the next zero
         xp.add(total, carry_in, out=total)
         xp.bitwise_right_shift(total, shift, out=carry_out)
         xp.bitwise_or(token_, total, out=token_)
-        xp.bitwise_and(token_, zeros, out=token_)        # drop T, keep the landing bit
+        xp.bitwise_and(token_, zeros, out=token_)  # drop T, keep the landing bit
     # Step k, lane x matched row k + x - (W-1) (0-based); with lanes flipped (x' = W-1-x) that is
     # step k = row + x': a strided view [n, W, P] of every row's W candidate lanes, P innermost.
     plane = words * problems
@@ -372,14 +383,19 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     # One table for both halves: the bottom half's columns are b reversed, b_len - 1 - j.
     j = torch.arange(m, device=device)
     valid = j < b_len[:, None]
-    table = _bit_table(torch.cat([b_class, b_class + classes]),
-                       torch.cat([j.expand_as(b_class), (b_len[:, None] - 1 - j).clamp(min=0)]),
-                       torch.cat([valid, valid]), 2 * classes, words)
+    table = _bit_table(
+        torch.cat([b_class, b_class + classes]),
+        torch.cat([j.expand_as(b_class), (b_len[:, None] - 1 - j).clamp(min=0)]),
+        torch.cat([valid, valid]),
+        2 * classes,
+        words,
+    )
     i = torch.arange(half, device=device)
     none = 2 * classes  # the zero row
     top_rows = torch.where(i < top_len[:, None], a_class.gather(1, i.clamp(max=n - 1).expand(batch, -1)), none)
-    bottom_rows = torch.where(i < bottom_len[:, None],
-                              a_class.gather(1, (a_len[:, None] - 1 - i).clamp(min=0)) + classes, none)
+    bottom_rows = torch.where(
+        i < bottom_len[:, None], a_class.gather(1, (a_len[:, None] - 1 - i).clamp(min=0)) + classes, none
+    )
     history = _forward(_match_words(table, torch.cat([top_rows, bottom_rows])))
     zeros = 1 - _bits(history[-1].t(), m)  # [2B, m]
     # LCS(a_top, b[:s]) + LCS(a_bottom, b[s:]) for every split column s = 0..b_len (Hirschberg).
@@ -394,8 +410,11 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     start = torch.where(below, j + 1, 0).amax(1) - 1  # -1: no zero, empty half
     position = _BITS * words - 1 - start  # reversed-domain bit
     lanes = torch.arange(words, device=device)
-    token = torch.where((lanes == position[:, None] >> _SHIFT) & (start[:, None] >= 0),
-                        torch.bitwise_left_shift(1, position[:, None] & (_BITS - 1)), 0).to(torch.int32)
+    token = torch.where(
+        (lanes == position[:, None] >> _SHIFT) & (start[:, None] >= 0),
+        torch.bitwise_left_shift(1, position[:, None] & (_BITS - 1)),
+        0,
+    ).to(torch.int32)
     matched_rows, columns = _traceback(history, token.t().contiguous())
     matched_cols = _reversed_bits(columns, m) != 0  # [2B, m]
     # Back to the pair's coordinates: the bottom half counts rows and columns from the end.
@@ -409,8 +428,7 @@ def _solve(a: Tensor, b: Tensor, a_len: Tensor, b_len: Tensor) -> tuple[Tensor, 
     return length, mask_a, mask_b
 
 
-def lcs_table(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
-              b_lengths: Tensor | None = None) -> Tensor:
+def lcs_table(a: Tensor, b: Tensor, a_lengths: Tensor | None = None, b_lengths: Tensor | None = None) -> Tensor:
     """The LCS dynamic-programming table of each pair, ``L[i, k, j]``, shape ``[n+1, B, m+1]``.
 
     Decoded from the bit-parallel rows: ``L[i, j]`` is the number of zero bits below ``j``
@@ -429,8 +447,7 @@ def lcs_table(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
     return table
 
 
-def lcs_masks(a: Tensor, b: Tensor, a_lengths: Tensor | None = None,
-              b_lengths: Tensor | None = None) -> LcsResult:
+def lcs_masks(a: Tensor, b: Tensor, a_lengths: Tensor | None = None, b_lengths: Tensor | None = None) -> LcsResult:
     """Exact LCS of each pair ``(a[k, :a_lengths[k]], b[k, :b_lengths[k]])`` with membership masks.
 
     Args:

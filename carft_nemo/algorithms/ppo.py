@@ -47,8 +47,9 @@ def last_token_onehot(mask: Tensor) -> Tensor:
     return mask & (counts.cumsum(-1) == counts.sum(-1, keepdim=True))
 
 
-def kl_penalized_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
-                         kl_coef: float) -> tuple[Tensor, Tensor]:
+def kl_penalized_rewards(
+    scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float
+) -> tuple[Tensor, Tensor]:
     """Per-token rewards of ReFT's PPO, equation (1) of the module docstring.
 
     ``r_t = -kl_coef * (logp_t - ref_logp_t)`` on response tokens, plus the sequence score
@@ -62,8 +63,9 @@ def kl_penalized_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor,
 
 
 @torch.no_grad()
-def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
-                   lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over each row's response, equation (2).
 
     ``delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t`` and
@@ -95,8 +97,7 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True,
-                  eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
     """``(x - mu) / sqrt(s^2 + eps)`` with mu, s^2 over all masked entries of the batch.
 
     ``s^2`` is the unbiased variance, ``n / (n - 1)`` times the biased one when ``n > 1``
@@ -113,8 +114,9 @@ def masked_whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True,
     return _masked(out, mask)
 
 
-def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                        clip_ratio: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_ratio: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, equation (3): ``sum_t m_t max(-A rho, -A clip(rho, 1-eps, 1+eps))``.
 
     Returns ``(loss, metrics)``: ``loss`` is the sum over masked tokens, differentiable with
@@ -133,15 +135,16 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     with torch.no_grad():
         metrics = {
             "policy/clipped_tokens": ((clipped > unclipped) & mask).sum().to(loss.dtype),
-            "policy/approx_kl": _masked(0.5 * log_ratio ** 2, mask).sum(),
+            "policy/approx_kl": _masked(0.5 * log_ratio**2, mask).sum(),
             "policy/ratio": _masked(ratio, mask).sum(),
             "policy/tokens": mask.sum().to(loss.dtype),
         }
     return loss, metrics
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                       clip: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss, equation (4): ``0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2)``.
 
     Returns ``(loss, metrics)``: ``loss`` is the sum over masked tokens; ``metrics`` are

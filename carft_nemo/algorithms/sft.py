@@ -16,6 +16,8 @@ def masked_token_nll_sum(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tor
     return -(logprobs * loss_mask.to(logprobs.dtype)).sum()
 
 
-def shift_for_next_token(tokens: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shift_for_next_token(
+    tokens: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, target mask): position t predicts token t+1. Shapes ``[b, s-1]``."""
     return tokens[:, :-1], tokens[:, 1:], loss_mask[:, 1:]

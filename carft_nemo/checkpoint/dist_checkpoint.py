@@ -27,9 +27,10 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,9 +93,12 @@ def current_layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {"world_size": world, "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
-            "data_parallel": ps.get_data_parallel_world_size()}
+    return {
+        "world_size": world,
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "data_parallel": ps.get_data_parallel_world_size(),
+    }
 
 
 def is_complete(path: str | Path) -> bool:
@@ -123,8 +127,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path}: does not exist")
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint {path}: incomplete (no {COMPLETE_MARKER} marker or {METADATA_FILE}); "
-                              "it was interrupted while being written")
+        raise CheckpointError(
+            f"checkpoint {path}: incomplete (no {COMPLETE_MARKER} marker or {METADATA_FILE}); "
+            "it was interrupted while being written"
+        )
     return json.loads((path / METADATA_FILE).read_text())
 
 
@@ -147,7 +153,7 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     doomed = [p for _, p in found[:-keep_last]]
     newest = found[-1][0]
     for p in Path(root).glob(".tmp-step_*"):
-        step = p.name[len(".tmp-step_"):]
+        step = p.name[len(".tmp-step_") :]
         if step.isdigit() and int(step) < newest:
             doomed.append(p)  # an interrupted save older than a complete one: never resumable
     for p in doomed:
@@ -169,15 +175,18 @@ def _rng_sharded_object() -> Any:
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedObject
 
-    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size())
-    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-              ps.get_data_parallel_rank())
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
     return ShardedObject("rng_state", capture_rng_state(), shape, offset, replica_id=0)
 
 
-def _sharded_state(models: Trainables, *, is_loading: bool, with_optimizer: bool, with_rng: bool,
-                   data_state: Mapping[str, Any] | None) -> dict[str, Any]:
+def _sharded_state(
+    models: Trainables, *, is_loading: bool, with_optimizer: bool, with_rng: bool, data_state: Mapping[str, Any] | None
+) -> dict[str, Any]:
     state: dict[str, Any] = {"models": {}}
     for name, entry in models.items():
         gpt, optimizer, scheduler = _parts(entry)
@@ -205,8 +214,15 @@ def _rank() -> int:
 # ---------------------------------------------------------------------------- save / load
 
 
-def save_checkpoint(root: str | Path, step: int, models: Trainables, *, data_state: Mapping[str, Any] | None = None,
-                    metadata: Mapping[str, Any] | None = None, keep_last: int = 0) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    models: Trainables,
+    *,
+    data_state: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    keep_last: int = 0,
+) -> Path:
     """Write ``<root>/step_<step>`` (collective: every rank calls it) and return its path.
 
     ``models`` maps a group name to a :class:`TrainableModel` (weights + Adam state + LR
@@ -227,9 +243,17 @@ def save_checkpoint(root: str | Path, step: int, models: Trainables, *, data_sta
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
-        info = {"step": step, "format": FORMAT, "megatron_core": str(compat.MEGATRON_VERSION),
-                "layout": current_layout(), "models": sorted(models), "has_optimizer": has_optimizer,
-                "data_state": dict(data_state or {}), "metadata": dict(metadata or {}), "saved_at": time.time()}
+        info = {
+            "step": step,
+            "format": FORMAT,
+            "megatron_core": str(compat.MEGATRON_VERSION),
+            "layout": current_layout(),
+            "models": sorted(models),
+            "has_optimizer": has_optimizer,
+            "data_state": dict(data_state or {}),
+            "metadata": dict(metadata or {}),
+            "saved_at": time.time(),
+        }
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         if final.exists():
@@ -241,11 +265,12 @@ def save_checkpoint(root: str | Path, step: int, models: Trainables, *, data_sta
 
 
 def _strip(prefix: str, sd: Mapping[str, Any]) -> dict[str, Any]:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
-def load_checkpoint(path: str | Path, models: Trainables, *, load_optimizer: bool = True,
-                    load_rng: bool = True) -> CheckpointInfo:
+def load_checkpoint(
+    path: str | Path, models: Trainables, *, load_optimizer: bool = True, load_rng: bool = True
+) -> CheckpointInfo:
     """Restore ``models`` (and optionally optimizer, LR schedule, RNG) from a checkpoint.
 
     ``path`` is a ``step_N`` folder or a root holding them (the newest complete one is
@@ -262,19 +287,24 @@ def load_checkpoint(path: str | Path, models: Trainables, *, load_optimizer: boo
     same_layout = meta["layout"] == current_layout()
     with_rng = load_rng and same_layout
     if load_rng and not same_layout:
-        log.warning("checkpoint %s was saved with layout %s, running %s: RNG states not restored",
-                    path, meta["layout"], current_layout())
+        log.warning(
+            "checkpoint %s was saved with layout %s, running %s: RNG states not restored",
+            path,
+            meta["layout"],
+            current_layout(),
+        )
     with_optimizer = load_optimizer and meta.get("has_optimizer", False)
-    state = _sharded_state(models, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng,
-                           data_state=None)
+    state = _sharded_state(models, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng, data_state=None)
     try:
         loaded = dist_checkpointing.load(state, str(path))
     # megatron raises CheckpointingException / KeyError; torch.distributed.checkpoint's
     # CheckpointException (shape mismatches) derives from BaseException, not Exception
     except (Exception, TorchCheckpointException) as err:
         summary = str(err).strip().splitlines()
-        raise CheckpointError(f"checkpoint {path}: could not load into the current models "
-                              f"(different architecture or model names?): {' | '.join(summary[-3:])}") from err
+        raise CheckpointError(
+            f"checkpoint {path}: could not load into the current models "
+            f"(different architecture or model names?): {' | '.join(summary[-3:])}"
+        ) from err
     restored_optimizer = False
     for name, entry in models.items():
         gpt, optimizer, scheduler = _parts(entry)
@@ -287,12 +317,19 @@ def load_checkpoint(path: str | Path, models: Trainables, *, load_optimizer: boo
     if with_rng:
         restore_rng_state(loaded["rng"])
     _barrier()
-    return CheckpointInfo(path=path, step=int(meta["step"]), data_state=dict(loaded.get("data_state", {})),
-                          metadata=meta, restored_rng=with_rng, restored_optimizer=restored_optimizer)
+    return CheckpointInfo(
+        path=path,
+        step=int(meta["step"]),
+        data_state=dict(loaded.get("data_state", {})),
+        metadata=meta,
+        restored_rng=with_rng,
+        restored_optimizer=restored_optimizer,
+    )
 
 
-def load_model_weights(path: str | Path, name: str, model: torch.nn.Module, *,
-                       skip_prefixes: tuple[str, ...] = ()) -> Path:
+def load_model_weights(
+    path: str | Path, name: str, model: torch.nn.Module, *, skip_prefixes: tuple[str, ...] = ()
+) -> Path:
     """Initialise ``model`` from group ``name`` of a checkpoint, weights only (collective).
 
     For a new stage started from an earlier one (PPO actor and critic from SFT): the
@@ -308,23 +345,42 @@ def load_model_weights(path: str | Path, name: str, model: torch.nn.Module, *,
     if name not in meta["models"]:
         raise CheckpointError(f"checkpoint {path}: has no model group {name!r}; it holds {meta['models']}")
     gpt = unwrap(model)
-    wanted = {k: v for k, v in gpt.sharded_state_dict(prefix=f"{name}.").items()
-              if not k.startswith(tuple(f"{name}.{p}" for p in skip_prefixes))}
+    wanted = {
+        k: v
+        for k, v in gpt.sharded_state_dict(prefix=f"{name}.").items()
+        if not k.startswith(tuple(f"{name}.{p}" for p in skip_prefixes))
+    }
     try:
         loaded = dist_checkpointing.load({"models": {name: {"model": wanted}}}, str(path))
     except (Exception, TorchCheckpointException) as err:
         summary = str(err).strip().splitlines()
-        raise CheckpointError(f"checkpoint {path}: could not initialise {name!r} from it "
-                              f"(different architecture?): {' | '.join(summary[-3:])}") from err
+        raise CheckpointError(
+            f"checkpoint {path}: could not initialise {name!r} from it "
+            f"(different architecture?): {' | '.join(summary[-3:])}"
+        ) from err
     result = gpt.load_state_dict(_strip(f"{name}.", loaded["models"][name]["model"]), strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes) and not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {path}: {name!r} lacks {missing[:5]} / has unexpected "
-                              f"{list(result.unexpected_keys)[:5]}")
+        raise CheckpointError(
+            f"checkpoint {path}: {name!r} lacks {missing[:5]} / has unexpected {list(result.unexpected_keys)[:5]}"
+        )
     _barrier()
     return path
 
 
-__all__ = ["CheckpointConfig", "CheckpointError", "CheckpointInfo", "ConfigError", "current_layout",
-           "find_latest_checkpoint", "is_complete", "list_checkpoints", "load_checkpoint", "load_model_weights", "prune_checkpoints",
-           "read_metadata", "resolve_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointError",
+    "CheckpointInfo",
+    "ConfigError",
+    "current_layout",
+    "find_latest_checkpoint",
+    "is_complete",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model_weights",
+    "prune_checkpoints",
+    "read_metadata",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

@@ -23,7 +23,7 @@ separate. Sharding to a TP/PP layout and vocab padding happen elsewhere
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -57,8 +57,9 @@ def _take(sd: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...], wher
         raise HFConversionError(f"{where}: tensor {key!r} is missing")
     t = sd[key]
     if tuple(t.shape) != shape:
-        raise HFConversionError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape} "
-                                "from the model config")
+        raise HFConversionError(
+            f"{where}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape} from the model config"
+        )
     return t
 
 
@@ -71,13 +72,17 @@ def _recipes(cfg: ModelConfig, where: str) -> dict[str, Callable[[Mapping[str, t
         return lambda hf: _take(hf, key, shape, where)
 
     def qkv(prefix: str, suffix: str, tail: tuple[int, ...]):
-        return lambda hf: fuse_qkv(_take(hf, f"{prefix}q_proj.{suffix}", (q_rows, *tail), where),
-                                   _take(hf, f"{prefix}k_proj.{suffix}", (kv_rows, *tail), where),
-                                   _take(hf, f"{prefix}v_proj.{suffix}", (kv_rows, *tail), where), cfg)
+        return lambda hf: fuse_qkv(
+            _take(hf, f"{prefix}q_proj.{suffix}", (q_rows, *tail), where),
+            _take(hf, f"{prefix}k_proj.{suffix}", (kv_rows, *tail), where),
+            _take(hf, f"{prefix}v_proj.{suffix}", (kv_rows, *tail), where),
+            cfg,
+        )
 
     def gate_up(prefix: str):
-        return lambda hf: torch.cat([_take(hf, prefix + "gate_proj.weight", (f, h), where),
-                                     _take(hf, prefix + "up_proj.weight", (f, h), where)])
+        return lambda hf: torch.cat(
+            [_take(hf, prefix + "gate_proj.weight", (f, h), where), _take(hf, prefix + "up_proj.weight", (f, h), where)]
+        )
 
     out = {"embedding.word_embeddings.weight": plain("model.embed_tokens.weight", (V, h))}
     for i in range(cfg.num_layers):
@@ -101,8 +106,9 @@ def full_megatron_keys(cfg: ModelConfig) -> list[str]:
     return list(_recipes(cfg, "").keys())
 
 
-def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, *, keys: Iterable[str] | None = None,
-                   where: str = "HF state dict") -> StateDict:
+def hf_to_megatron(
+    hf: Mapping[str, torch.Tensor], cfg: ModelConfig, *, keys: Iterable[str] | None = None, where: str = "HF state dict"
+) -> StateDict:
     """Full megatron state dict (see module doc) from an HF Llama/Qwen2 state dict.
 
     ``keys`` restricts the output to those megatron keys, so a pipeline stage reads only its
@@ -132,12 +138,18 @@ def megatron_to_hf(full: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateD
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = full[src + "input_layernorm.weight"]
         q, k, v = split_qkv(full[src + "self_attention.linear_qkv.weight"], cfg)
-        out.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-                    dst + "self_attn.v_proj.weight": v})
+        out.update(
+            {dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k, dst + "self_attn.v_proj.weight": v}
+        )
         if cfg.qkv_bias:
             qb, kb, vb = split_qkv(full[src + "self_attention.linear_qkv.bias"], cfg)
-            out.update({dst + "self_attn.q_proj.bias": qb, dst + "self_attn.k_proj.bias": kb,
-                        dst + "self_attn.v_proj.bias": vb})
+            out.update(
+                {
+                    dst + "self_attn.q_proj.bias": qb,
+                    dst + "self_attn.k_proj.bias": kb,
+                    dst + "self_attn.v_proj.bias": vb,
+                }
+            )
         out[dst + "self_attn.o_proj.weight"] = full[src + "self_attention.linear_proj.weight"]
         out[dst + "post_attention_layernorm.weight"] = full[src + "pre_mlp_layernorm.weight"]
         gate, up = torch.chunk(full[src + "mlp.linear_fc1.weight"], 2, dim=0)

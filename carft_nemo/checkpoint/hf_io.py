@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from carft_nemo.checkpoint.hf_config import (HFConversionError, check_compatible, hf_config_dict,
-                                             model_config_from_hf, read_hf_config)
+from carft_nemo.checkpoint.hf_config import (
+    HFConversionError,
+    check_compatible,
+    hf_config_dict,
+    model_config_from_hf,
+    read_hf_config,
+)
 from carft_nemo.checkpoint.hf_conversion import hf_to_megatron, megatron_to_hf
 from carft_nemo.checkpoint.tp_shard import gather, local_to_full_keys, needed_full_keys, shard
 from carft_nemo.models.config import ModelConfig
@@ -41,8 +47,10 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not files:
             found = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
-            raise HFConversionError(f"{self.dir}: no *.safetensors weights found (files: {found[:8]}); "
-                                    "convert .bin checkpoints with transformers' save_pretrained first")
+            raise HFConversionError(
+                f"{self.dir}: no *.safetensors weights found (files: {found[:8]}); "
+                "convert .bin checkpoints with transformers' save_pretrained first"
+            )
         self._handles = {f: safe_open(str(self.dir / f), framework="pt") for f in files}
         self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
 
@@ -65,14 +73,20 @@ def _tp() -> tuple[int, int, Any]:
 
     if not ps.model_parallel_is_initialized():
         return 0, 1, None
-    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_tensor_model_parallel_group())
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 def hf_model_config(hf_dir: str | Path, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
     """:class:`ModelConfig` described by an HF folder's ``config.json``."""
-    return model_config_from_hf(read_hf_config(hf_dir), where=str(Path(hf_dir) / "config.json"),
-                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    return model_config_from_hf(
+        read_hf_config(hf_dir),
+        where=str(Path(hf_dir) / "config.json"),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
 
 
 @torch.no_grad()
@@ -90,8 +104,10 @@ def load_full_state_dict(models: Models, full: Mapping[str, torch.Tensor], model
             target = own[local_key]
             value = shard(full[full_key], full_key, tp_rank, tp_size, target.shape)
             if value.shape != target.shape:
-                raise HFConversionError(f"{full_key}: converted shard has shape {tuple(value.shape)} but the "
-                                        f"model's {local_key} has {tuple(target.shape)} (tp={tp_size})")
+                raise HFConversionError(
+                    f"{full_key}: converted shard has shape {tuple(value.shape)} but the "
+                    f"model's {local_key} has {tuple(target.shape)} (tp={tp_size})"
+                )
             target.copy_(value.to(target.dtype))
 
 
@@ -142,8 +158,9 @@ def gather_full_state_dict(models: Models, model_cfg: ModelConfig) -> dict[str, 
     return payload if dist.get_rank() == 0 else None
 
 
-def write_hf_folder(hf_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path,
-                    tokenizer: Any = None) -> Path:
+def write_hf_folder(
+    hf_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path, tokenizer: Any = None
+) -> Path:
     """Write config.json + model.safetensors (+ tokenizer) atomically (temp folder, then rename)."""
     from safetensors.torch import save_file
 
@@ -153,8 +170,9 @@ def write_hf_folder(hf_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig
     tmp.mkdir(parents=True)
     dtype = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, dtype=dtype), indent=2, sort_keys=True))
-    save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():

@@ -25,7 +25,7 @@ because TE's fused linear layers do not mark the SwiGLU stride; the slicing itse
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -33,12 +33,14 @@ import torch.distributed as dist
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.sharding import tp_slice
 
-_TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+_TE_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def split_rule(full_key: str) -> tuple[Optional[int], int]:
+def split_rule(full_key: str) -> tuple[int | None, int]:
     """(partition dim or None when replicated, stride) of a full-state-dict key."""
     if full_key in _VOCAB_KEYS:
         return 0, 1
@@ -88,7 +90,7 @@ def shard(full: torch.Tensor, full_key: str, tp_rank: int, tp_size: int, local_s
     return tp_slice(full, dim, stride, tp_rank, tp_size)
 
 
-def gather(local: torch.Tensor, full_key: str, group: Optional[dist.ProcessGroup], tp_size: int) -> torch.Tensor:
+def gather(local: torch.Tensor, full_key: str, group: dist.ProcessGroup | None, tp_size: int) -> torch.Tensor:
     """Inverse of :func:`shard` over the tensor-parallel group (vocab padding kept)."""
     dim, stride = split_rule(full_key)
     if dim is None or tp_size == 1:

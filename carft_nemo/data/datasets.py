@@ -25,8 +25,9 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from carft_nemo.config.base import require
 from carft_nemo.data.records import Example
@@ -85,12 +86,20 @@ class DatasetConfig:
     def __post_init__(self) -> None:
         require(self.name in DATASET_NAMES, "data.name", f"must be one of {DATASET_NAMES}, got {self.name!r}")
         require(self.split in ("train", "test"), "data.split", f"must be 'train' or 'test', got {self.split!r}")
-        require(self.cot_style in ("ncot", "pcot"), "data.cot_style", f"must be 'ncot' or 'pcot', got {self.cot_style!r}")
-        require(self.cot_style == "ncot" or self.name in ("svamp_reft", "synthetic"), "data.cot_style",
-                f"{self.name} has no P-CoT annotation")
+        require(
+            self.cot_style in ("ncot", "pcot"), "data.cot_style", f"must be 'ncot' or 'pcot', got {self.cot_style!r}"
+        )
+        require(
+            self.cot_style == "ncot" or self.name in ("svamp_reft", "synthetic"),
+            "data.cot_style",
+            f"{self.name} has no P-CoT annotation",
+        )
         if self.name != "synthetic":
-            require((self.path is None) != (self.hub_name is None), "data.path",
-                    "set exactly one of data.path and data.hub_name")
+            require(
+                (self.path is None) != (self.hub_name is None),
+                "data.path",
+                "set exactly one of data.path and data.hub_name",
+            )
         require(self.limit is None or self.limit >= 0, "data.limit", "must be >= 0")
 
 
@@ -114,8 +123,11 @@ def _field(row: dict[str, Any], key: str, where: str, kind: type = str) -> Any:
 
 
 def _number(value: Any, key: str, where: str) -> float:
-    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (
-        parse_number(value) if isinstance(value, str) else None)
+    number = (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+        else (parse_number(value) if isinstance(value, str) else None)
+    )
     if number is None or (isinstance(value, str) and parse_number(value) is None):
         raise DataError(f"{where}: field '{key}': not a number: {str(value)[:40]!r}")
     return number
@@ -162,7 +174,9 @@ def _svamp_reft(row: dict[str, Any], where: str, idx: int, cfg: DatasetConfig) -
 
 
 CONVERTERS: dict[str, Callable[[dict[str, Any], str, int, DatasetConfig], Example]] = {
-    "gsm8k": _gsm8k, "svamp": _svamp, "svamp_reft": _svamp_reft,
+    "gsm8k": _gsm8k,
+    "svamp": _svamp,
+    "svamp_reft": _svamp_reft,
 }
 
 

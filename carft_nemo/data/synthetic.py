@@ -75,8 +75,11 @@ class SyntheticConfig:
         lo, hi = self.multiplier_range
         require(2 <= lo <= hi, "synthetic.multiplier_range", "need 2 <= lo <= hi")
         require(self.max_value >= self.max_number, "synthetic.max_value", "must be >= max_number")
-        require(len(self.operations) > 0 and all(op in OPERATIONS for op in self.operations),
-                "synthetic.operations", f"non-empty subset of {OPERATIONS}")
+        require(
+            len(self.operations) > 0 and all(op in OPERATIONS for op in self.operations),
+            "synthetic.operations",
+            f"non-empty subset of {OPERATIONS}",
+        )
         require(0.0 <= self.distractor_prob <= 1.0, "synthetic.distractor_prob", "must be in [0, 1]")
 
 
@@ -144,13 +147,15 @@ def _one(cfg: SyntheticConfig, rng: random.Random, idx: int, split: str, style: 
     sentences = [f"{name} has {start} {item}."]
     if rng.random() < cfg.distractor_prob:
         other = rng.choice([n for n in NAMES if n != name])
-        sentences.append(f"{other} has {rng.randint(cfg.min_number, cfg.max_number)} "
-                         f"{rng.choice([i for i in ITEMS if i != item])}.")
+        sentences.append(
+            f"{other} has {rng.randint(cfg.min_number, cfg.max_number)} {rng.choice([i for i in ITEMS if i != item])}."
+        )
     sentences += [_SENTENCE[s.op].format(name=name, b=s.operand, item=item) for s in steps]
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
     if style == "ncot":
         cot = f"{name} starts with {start} {item}. " + " ".join(
-            f"{s.before} {_SYMBOL[s.op]} {s.operand} = {s.after}." for s in steps)
+            f"{s.before} {_SYMBOL[s.op]} {s.operand} = {s.after}." for s in steps
+        )
     else:
         body = [f"    {item} = {start}"] + [f"    {item} = {item} {_PY_OP[s.op]} {s.operand}" for s in steps]
         cot = "def solution():\n" + "\n".join(body) + f"\n    result = {item}\n    return result"

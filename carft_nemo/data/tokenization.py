@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -77,14 +77,17 @@ class EncodingConfig:
 
     def __post_init__(self) -> None:
         require(self.max_prompt_tokens >= 1, "encoding.max_prompt_tokens", "must be >= 1")
-        require(self.max_total_tokens > self.max_prompt_tokens, "encoding.max_total_tokens",
-                "must exceed max_prompt_tokens")
-        require(self.long_prompts in ("truncate_left", "drop"), "encoding.long_prompts",
-                "must be 'truncate_left' or 'drop'")
+        require(
+            self.max_total_tokens > self.max_prompt_tokens, "encoding.max_total_tokens", "must exceed max_prompt_tokens"
+        )
+        require(
+            self.long_prompts in ("truncate_left", "drop"), "encoding.long_prompts", "must be 'truncate_left' or 'drop'"
+        )
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, config: TokenizerConfig = TokenizerConfig()
-                    ) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, config: TokenizerConfig = TokenizerConfig()
+) -> PreTrainedTokenizerFast:
     """Fit a tokenizer on ``texts``, save it to ``out_dir`` and return it loaded back.
 
     Both kinds round-trip in-vocabulary text exactly (P-CoT indentation included):
@@ -96,15 +99,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, config: Tokenizer
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
         # Newlines are tokens; a space is folded into the next word as "\u2581" (Metaspace),
         # and runs of spaces (P-CoT indentation) become "\u2581" tokens, so decode is exact.
-        pre = [pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-               pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never", split=True),
-               pre_tokenizers.Punctuation()]
+        pre = [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never", split=True),
+            pre_tokenizers.Punctuation(),
+        ]
         if config.split_digits:
             pre.append(pre_tokenizers.Digits(individual_digits=True))
         tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
         tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="never", split=True)
-        trainer = trainers.WordLevelTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                                            special_tokens=list(SPECIAL_TOKENS))
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=config.vocab_size, min_frequency=config.min_frequency, special_tokens=list(SPECIAL_TOKENS)
+        )
     else:
         tok = Tokenizer(models.BPE(unk_token=None))
         pre = [pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -112,9 +118,12 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, config: Tokenizer
             pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
         tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
-                                      special_tokens=list(SPECIAL_TOKENS),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=config.vocab_size,
+            min_frequency=config.min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
     out_dir = Path(out_dir)
@@ -174,11 +183,12 @@ def _fit_prompt(ids: list[int], cfg: EncodingConfig, stats: TruncationStats) -> 
         return None
     stats.prompts_truncated += 1
     stats.prompt_tokens_cut += len(ids) - cfg.max_prompt_tokens
-    return ids[-cfg.max_prompt_tokens:]
+    return ids[-cfg.max_prompt_tokens :]
 
 
-def encode_sft(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
-               config: EncodingConfig = EncodingConfig()) -> tuple[list[EncodedExample], TruncationStats]:
+def encode_sft(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, config: EncodingConfig = EncodingConfig()
+) -> tuple[list[EncodedExample], TruncationStats]:
     """Prompt ids + response ids (+ EOS) with a response-only loss mask (see module doc)."""
     stats = TruncationStats()
     out = []
@@ -197,8 +207,9 @@ def encode_sft(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
     return out, stats
 
 
-def encode_prompts(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
-                   config: EncodingConfig = EncodingConfig()) -> tuple[list[list[int]], list[str], TruncationStats]:
+def encode_prompts(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, config: EncodingConfig = EncodingConfig()
+) -> tuple[list[list[int]], list[str], TruncationStats]:
     """Prompt-only ids for rollouts: (ids per kept example, their example ids, stats)."""
     stats = TruncationStats()
     ids, kept = [], []
@@ -211,8 +222,14 @@ def encode_prompts(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBa
     return ids, kept, stats
 
 
-def collate(sequences: Sequence[Sequence[int]], pad_id: int, *, loss_masks: Sequence[Sequence[int]] | None = None,
-            prompt_lengths: Sequence[int] | None = None, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def collate(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    loss_masks: Sequence[Sequence[int]] | None = None,
+    prompt_lengths: Sequence[int] | None = None,
+    pad_to_multiple_of: int = 1,
+) -> dict[str, torch.Tensor]:
     """Right-pad ``sequences`` into one batch.
 
     Returns:
@@ -237,11 +254,21 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, *, loss_masks: Sequ
             loss_mask[row, : len(seq)] = torch.tensor(list(loss_masks[row]), dtype=torch.float32)
     attention_mask = torch.arange(width)[None, :] < lengths[:, None]
     plens = lengths.clone() if prompt_lengths is None else torch.tensor(list(prompt_lengths), dtype=torch.long)
-    return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention_mask,
-            "lengths": lengths, "prompt_lengths": plens}
+    return {
+        "tokens": tokens,
+        "loss_mask": loss_mask,
+        "attention_mask": attention_mask,
+        "lengths": lengths,
+        "prompt_lengths": plens,
+    }
 
 
 def collate_sft(encoded: Sequence[EncodedExample], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """:func:`collate` for :func:`encode_sft` output."""
-    return collate([e.tokens for e in encoded], pad_id, loss_masks=[e.loss_mask for e in encoded],
-                   prompt_lengths=[e.prompt_length for e in encoded], pad_to_multiple_of=pad_to_multiple_of)
+    return collate(
+        [e.tokens for e in encoded],
+        pad_id,
+        loss_masks=[e.loss_mask for e in encoded],
+        prompt_lengths=[e.prompt_length for e in encoded],
+        pad_to_multiple_of=pad_to_multiple_of,
+    )

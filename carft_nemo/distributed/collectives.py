@@ -85,7 +85,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         # Sum over ranks: every rank's loss may depend on every rank's rows.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.start: ctx.start + ctx.rows], None
+        return grad[ctx.start : ctx.start + ctx.rows], None
 
 
 def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "timeout_minutes"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, f"parallel.{name}", f"must be an integer >= 1, got {value!r}")
+            require(
+                isinstance(value, int) and value >= 1, f"parallel.{name}", f"must be an integer >= 1, got {value!r}"
+            )
 
     @property
     def model_parallel_size(self) -> int:
@@ -68,7 +71,7 @@ class ProcessInfo:
         require(bool(self.master_addr), "MASTER_ADDR", "is empty")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ProcessInfo":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ProcessInfo:
         """Read torchrun's variables, else Slurm's (``srun``); a single process when neither is set.
 
         torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
@@ -79,14 +82,23 @@ class ProcessInfo:
         """
         env = os.environ if env is None else env
         if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0),
-                       env.get("MASTER_ADDR") or "127.0.0.1", _int(env, "MASTER_PORT", 29500))
+            return cls(
+                _int(env, "RANK"),
+                _int(env, "WORLD_SIZE"),
+                _int(env, "LOCAL_RANK", 0),
+                env.get("MASTER_ADDR") or "127.0.0.1",
+                _int(env, "MASTER_PORT", 29500),
+            )
         if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
             port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
-            return cls(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID", 0),
-                       env.get("MASTER_ADDR") or slurm.first_host(env), port)
-        return cls(0, 1, 0, env.get("MASTER_ADDR") or "127.0.0.1",
-                   _int(env, "MASTER_PORT", 0) or free_port())
+            return cls(
+                _int(env, "SLURM_PROCID"),
+                _int(env, "SLURM_NTASKS"),
+                _int(env, "SLURM_LOCALID", 0),
+                env.get("MASTER_ADDR") or slurm.first_host(env),
+                port,
+            )
+        return cls(0, 1, 0, env.get("MASTER_ADDR") or "127.0.0.1", _int(env, "MASTER_PORT", 0) or free_port())
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -116,41 +128,73 @@ def current_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else ProcessInfo.from_env().world_size
 
 
-def validate_layout(parallel: ParallelConfig, world_size: int, *, num_layers: int | None = None,
-                    num_attention_heads: int | None = None, num_query_groups: int | None = None) -> int:
+def validate_layout(
+    parallel: ParallelConfig,
+    world_size: int,
+    *,
+    num_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    num_query_groups: int | None = None,
+) -> int:
     """Check the layout against the world size and the model; return the data-parallel size.
 
     Raises :class:`ConfigError` naming the offending key. Runs without any process group.
     """
     tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
-    require(world_size % parallel.model_parallel_size == 0, "parallel",
-            f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*context_parallel "
-            f"= {tp}*{pp}*{cp} = {parallel.model_parallel_size}")
+    require(
+        world_size % parallel.model_parallel_size == 0,
+        "parallel",
+        f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*context_parallel "
+        f"= {tp}*{pp}*{cp} = {parallel.model_parallel_size}",
+    )
     if num_attention_heads is not None:
-        require(num_attention_heads % tp == 0, "parallel.tensor_parallel",
-                f"{tp} does not divide model.num_attention_heads={num_attention_heads}")
+        require(
+            num_attention_heads % tp == 0,
+            "parallel.tensor_parallel",
+            f"{tp} does not divide model.num_attention_heads={num_attention_heads}",
+        )
     if num_query_groups is not None:
-        require(num_query_groups % tp == 0, "parallel.tensor_parallel",
-                f"{tp} does not divide model.num_query_groups={num_query_groups} (key/value heads)")
+        require(
+            num_query_groups % tp == 0,
+            "parallel.tensor_parallel",
+            f"{tp} does not divide model.num_query_groups={num_query_groups} (key/value heads)",
+        )
     if num_layers is not None:
-        require(pp <= num_layers, "parallel.pipeline_parallel",
-                f"{pp} stages for model.num_layers={num_layers}: more stages than layers")
-        require(num_layers % pp == 0, "parallel.pipeline_parallel",
-                f"{pp} does not divide model.num_layers={num_layers} (uneven stages are not supported)")
+        require(
+            pp <= num_layers,
+            "parallel.pipeline_parallel",
+            f"{pp} stages for model.num_layers={num_layers}: more stages than layers",
+        )
+        require(
+            num_layers % pp == 0,
+            "parallel.pipeline_parallel",
+            f"{pp} does not divide model.num_layers={num_layers} (uneven stages are not supported)",
+        )
     if cp > 1:
-        require(device.has_cuda() and _transformer_engine(), "parallel.context_parallel",
-                "context parallel needs GPUs with Transformer Engine")
+        require(
+            device.has_cuda() and _transformer_engine(),
+            "parallel.context_parallel",
+            "context parallel needs GPUs with Transformer Engine",
+        )
     if parallel.sequence_parallel:
-        require(device.has_cuda(), "parallel.sequence_parallel",
-                "sequence parallel needs Transformer Engine or apex norms (GPU only)")
+        require(
+            device.has_cuda(),
+            "parallel.sequence_parallel",
+            "sequence parallel needs Transformer Engine or apex norms (GPU only)",
+        )
         require(tp > 1, "parallel.sequence_parallel", "only meaningful with tensor_parallel > 1")
     return world_size // parallel.model_parallel_size
 
 
 def check_model_layout(parallel: ParallelConfig, world_size: int, model: Any) -> int:
     """:func:`validate_layout` with the model's shape (a ``ModelConfig``); returns the DP size."""
-    return validate_layout(parallel, world_size, num_layers=model.num_layers,
-                           num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups)
+    return validate_layout(
+        parallel,
+        world_size,
+        num_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+    )
 
 
 def _transformer_engine() -> bool:
@@ -185,7 +229,7 @@ class ParallelLayout:
     def is_logging_rank(self) -> bool:
         return self.rank == 0
 
-    def group(self, axis: str) -> Optional[dist.ProcessGroup]:
+    def group(self, axis: str) -> dist.ProcessGroup | None:
         """Process group of a named axis: "tp", "pp", "dp", "cp", "dp_cp", "mp"."""
         from megatron.core import parallel_state as ps
 
@@ -202,9 +246,15 @@ class ParallelLayout:
         return getters[axis]()
 
 
-def initialize(parallel: ParallelConfig, *, seed: int = 1234, process: ProcessInfo | None = None,
-               num_layers: int | None = None, num_attention_heads: int | None = None,
-               num_query_groups: int | None = None) -> ParallelLayout:
+def initialize(
+    parallel: ParallelConfig,
+    *,
+    seed: int = 1234,
+    process: ProcessInfo | None = None,
+    num_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    num_query_groups: int | None = None,
+) -> ParallelLayout:
     """Validate, then start torch.distributed (if needed) and megatron's parallel groups.
 
     Idempotent for the process group: an existing one (e.g. made by a test launcher) is
@@ -213,17 +263,24 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, process: ProcessIn
     """
     process = process or (ProcessInfo.from_env() if not dist.is_initialized() else None)
     world = dist.get_world_size() if dist.is_initialized() else process.world_size
-    data_parallel = validate_layout(parallel, world, num_layers=num_layers,
-                                    num_attention_heads=num_attention_heads,
-                                    num_query_groups=num_query_groups)
+    data_parallel = validate_layout(
+        parallel,
+        world,
+        num_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups,
+    )
     cpu_compat.apply()
     if not dist.is_initialized():
         device.bind_local_device(process.local_rank)
         device.configure_transport(process.master_addr)
         dist.init_process_group(
-            backend=device.backend(), init_method=f"tcp://{process.master_addr}:{process.master_port}",
-            rank=process.rank, world_size=process.world_size,
-            timeout=timedelta(minutes=parallel.timeout_minutes))
+            backend=device.backend(),
+            init_method=f"tcp://{process.master_addr}:{process.master_port}",
+            rank=process.rank,
+            world_size=process.world_size,
+            timeout=timedelta(minutes=parallel.timeout_minutes),
+        )
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -240,10 +297,14 @@ def initialize(parallel: ParallelConfig, *, seed: int = 1234, process: ProcessIn
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ParallelLayout(
-        rank=dist.get_rank(), world_size=dist.get_world_size(),
-        tensor_parallel=parallel.tensor_parallel, pipeline_parallel=parallel.pipeline_parallel,
-        context_parallel=parallel.context_parallel, data_parallel=data_parallel,
-        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        tensor_parallel=parallel.tensor_parallel,
+        pipeline_parallel=parallel.pipeline_parallel,
+        context_parallel=parallel.context_parallel,
+        data_parallel=data_parallel,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
     )
 
@@ -258,5 +319,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["ConfigError", "ParallelConfig", "ParallelLayout", "ProcessInfo", "free_port", "initialize",
-           "shutdown", "validate_layout"]
+__all__ = [
+    "ConfigError",
+    "ParallelConfig",
+    "ParallelLayout",
+    "ProcessInfo",
+    "free_port",
+    "initialize",
+    "shutdown",
+    "validate_layout",
+]

@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import device
@@ -50,14 +51,22 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     paths = [p for p in sys.path if p and os.path.isdir(p)]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys(paths + os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    )
     attempts_left = 3  # a loaded host can miss Ray's fixed 30 s node start-up deadline
     while True:
         try:
             # address="local": without it ray.init() joins whatever head `ray start` last recorded on this
             # host (<ray temp dir>/ray_current_cluster), a file a stopped or killed head leaves behind.
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
-                     include_dashboard=False, log_to_driver=True)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=True,
+            )
             return True
         except Exception as err:  # noqa: BLE001 - Ray raises plain Exception on a start-up timeout
             attempts_left -= 1
@@ -100,8 +109,9 @@ class ParallelWorker:
         host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         return host, free_port(host if host != "localhost" else "127.0.0.1")
 
-    def init_parallel(self, parallel: ParallelConfig, process: ProcessInfo, seed: int = 1234,
-                      model_dims: dict[str, int] | None = None) -> ParallelLayout:
+    def init_parallel(
+        self, parallel: ParallelConfig, process: ProcessInfo, seed: int = 1234, model_dims: dict[str, int] | None = None
+    ) -> ParallelLayout:
         """Join the group and build megatron's parallel state; returns this rank's layout."""
         from carft_nemo.distributed.layout import initialize
 
@@ -125,14 +135,26 @@ class RayWorkerGroup:
     validated against the layout on the driver, before any actor starts.
     """
 
-    def __init__(self, worker_cls: type[ParallelWorker], world_size: int, parallel: ParallelConfig, *,
-                 seed: int = 1234, model_dims: dict[str, int] | None = None, num_cpus_per_worker: float = 1,
-                 num_gpus_per_worker: float | None = None, worker_args: Sequence[Any] = (),
-                 worker_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        worker_cls: type[ParallelWorker],
+        world_size: int,
+        parallel: ParallelConfig,
+        *,
+        seed: int = 1234,
+        model_dims: dict[str, int] | None = None,
+        num_cpus_per_worker: float = 1,
+        num_gpus_per_worker: float | None = None,
+        worker_args: Sequence[Any] = (),
+        worker_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         import ray
 
-        require(issubclass(worker_cls, ParallelWorker), "worker_cls",
-                f"{worker_cls.__name__} must derive from ParallelWorker")
+        require(
+            issubclass(worker_cls, ParallelWorker),
+            "worker_cls",
+            f"{worker_cls.__name__} must derive from ParallelWorker",
+        )
         require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
         validate_layout(parallel, world_size, **(model_dims or {}))
         if not ray.is_initialized():
@@ -147,14 +169,19 @@ class RayWorkerGroup:
 
         try:
             host, port = ray.get(self.actors[0].rendezvous_address.remote())
-            self.layouts: list[ParallelLayout] = ray.get([
-                actor.init_parallel.remote(parallel, ProcessInfo(rank, world_size, 0, host, port), seed, model_dims)
-                for rank, actor in enumerate(self.actors)])
+            self.layouts: list[ParallelLayout] = ray.get(
+                [
+                    actor.init_parallel.remote(parallel, ProcessInfo(rank, world_size, 0, host, port), seed, model_dims)
+                    for rank, actor in enumerate(self.actors)
+                ]
+            )
         except RayError as err:
             self.kill()
             lines = str(err).strip().splitlines()
-            raise WorkerFailure(f"{worker_cls.__name__} group could not form its process group "
-                                f"({lines[-1] if lines else type(err).__name__}); rerun the command") from err
+            raise WorkerFailure(
+                f"{worker_cls.__name__} group could not form its process group "
+                f"({lines[-1] if lines else type(err).__name__}); rerun the command"
+            ) from err
         except BaseException:
             self.kill()
             raise
@@ -177,8 +204,11 @@ class RayWorkerGroup:
 
     def submit_per_rank(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
         """:meth:`run_per_rank` without waiting."""
-        require(len(per_rank_args) == self.world_size, "per_rank_args",
-                f"{len(per_rank_args)} argument tuples for {self.world_size} ranks")
+        require(
+            len(per_rank_args) == self.world_size,
+            "per_rank_args",
+            f"{len(per_rank_args)} argument tuples for {self.world_size} ranks",
+        )
         return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args)]
 
     def pids(self) -> list[int]:
@@ -209,8 +239,13 @@ class WorkerFailure(RuntimeError):
     """A worker of a named role died, raised, or did not answer in time."""
 
 
-def wait_all(calls: Mapping[str, Sequence[Any]], timeout_s: float, *, poll_s: float = 0.1,
-             finished_at: dict[str, float] | None = None) -> dict[str, list[Any]]:
+def wait_all(
+    calls: Mapping[str, Sequence[Any]],
+    timeout_s: float,
+    *,
+    poll_s: float = 0.1,
+    finished_at: dict[str, float] | None = None,
+) -> dict[str, list[Any]]:
     """Results of several roles' pending calls (``{role: [future per rank]}``), in rank order.
 
     Why not ``ray.get(all)``: it waits in list order, so with a dead critic rank and its
@@ -232,8 +267,10 @@ def wait_all(calls: Mapping[str, Sequence[Any]], timeout_s: float, *, poll_s: fl
         left = deadline - time.monotonic()
         if left <= 0:
             role, rank = where[pending[0]]
-            raise WorkerFailure(f"{role} worker (rank {rank}) did not answer within {timeout_s:.0f} s "
-                                f"(rl.call_timeout_s); stopping the run")
+            raise WorkerFailure(
+                f"{role} worker (rank {rank}) did not answer within {timeout_s:.0f} s "
+                f"(rl.call_timeout_s); stopping the run"
+            )
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(poll_s, left))
         for ref in ready:
             role, rank = where[ref]

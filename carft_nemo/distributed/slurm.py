@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 import subprocess
-from typing import Mapping
+from collections.abc import Mapping
 
 from carft_nemo.config import ConfigError
 
@@ -65,8 +65,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
 def scontrol_hostnames(nodelist: str) -> list[str] | None:
     """``scontrol show hostnames`` output, or ``None`` when scontrol is missing or fails."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, check=True, timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     hosts = out.stdout.split()

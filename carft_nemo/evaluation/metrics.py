@@ -15,14 +15,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from carft_nemo.rewards.answer import DEFAULT_TOLERANCE, is_correct
 
 
-def greedy_accuracy(predictions: Sequence[float | None], golds: Sequence[float],
-                    tolerance: float = DEFAULT_TOLERANCE) -> float:
+def greedy_accuracy(
+    predictions: Sequence[float | None], golds: Sequence[float], tolerance: float = DEFAULT_TOLERANCE
+) -> float:
     """Fraction of ``predictions[i]`` within ``tolerance`` of ``golds[i]`` (``None`` is wrong)."""
     if len(predictions) != len(golds):
         raise ValueError(f"greedy_accuracy: {len(predictions)} predictions for {len(golds)} golds")
@@ -49,8 +50,9 @@ def majority_vote(values: Sequence[float | None], tolerance: float = DEFAULT_TOL
     return max(groups, key=len)[0]
 
 
-def majority_vote_accuracy(samples: Sequence[Sequence[float | None]], golds: Sequence[float],
-                           tolerance: float = DEFAULT_TOLERANCE) -> float:
+def majority_vote_accuracy(
+    samples: Sequence[Sequence[float | None]], golds: Sequence[float], tolerance: float = DEFAULT_TOLERANCE
+) -> float:
     """Fraction of questions whose :func:`majority_vote` over its k samples is correct."""
     if len(samples) != len(golds):
         raise ValueError(f"majority_vote_accuracy: {len(samples)} sample lists for {len(golds)} golds")
@@ -83,7 +85,7 @@ def sign_test_p(successes: int, failures: int) -> float:
     if n == 0:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(successes, failures) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
+    return min(1.0, 2 * tail / 2**n)
 
 
 def paired_change(before: Mapping[str, bool], after: Mapping[str, bool]) -> PairedChange:

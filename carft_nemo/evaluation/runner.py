@@ -8,16 +8,22 @@ with data parallelism and every rank returns the same summary.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from carft_nemo.data.records import Example
-from carft_nemo.evaluation.metrics import (PairedChange, greedy_accuracy, majority_vote, majority_vote_accuracy,
-                                           paired_change)
+from carft_nemo.evaluation.metrics import (
+    PairedChange,
+    greedy_accuracy,
+    majority_vote,
+    majority_vote_accuracy,
+    paired_change,
+)
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.generation.interface import Generator
 from carft_nemo.rewards.correctness import score_batch
@@ -33,8 +39,12 @@ class EvalResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "vote_accuracy": self.vote_accuracy,
-                "num_examples": self.num_examples, "mean_response_tokens": self.mean_response_tokens}
+        return {
+            "accuracy": self.accuracy,
+            "vote_accuracy": self.vote_accuracy,
+            "num_examples": self.num_examples,
+            "mean_response_tokens": self.mean_response_tokens,
+        }
 
     def correctness(self) -> dict[str, bool]:
         """Example id -> greedy answer correct (the input of :func:`~carft_nemo.evaluation.metrics.paired_change`)."""
@@ -56,8 +66,16 @@ def _gather(items: list[Any]) -> list[Any]:
     return [x for part in gathered for x in part]
 
 
-def evaluate(generator: Generator, tokenizer: Any, examples: Sequence[Example], prompts: Sequence[list[int]],
-             gen_cfg: GenerationConfig, *, vote_k: int = 1, vote_temperature: float = 0.7) -> EvalResult:
+def evaluate(
+    generator: Generator,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    prompts: Sequence[list[int]],
+    gen_cfg: GenerationConfig,
+    *,
+    vote_k: int = 1,
+    vote_temperature: float = 0.7,
+) -> EvalResult:
     """Greedy accuracy on ``examples`` (``prompts[i]`` are their token ids); vote@k if ``vote_k`` > 1."""
     rank, size, _ = _dp()
     share = -(-len(examples) // size)
@@ -69,9 +87,17 @@ def evaluate(generator: Generator, tokenizer: Any, examples: Sequence[Example], 
         texts = tokenizer.batch_decode(greedy.responses, skip_special_tokens=True)
         scores = score_batch(texts, [examples[i] for i in mine])
         for j, i in enumerate(mine):
-            local.append({"id": examples[i].id, "gold": examples[i].answer, "prediction": scores[j].value,
-                          "correct": scores[j].correct, "response_tokens": len(greedy.responses[j]),
-                          "finished": greedy.finished[j], "completion": texts[j]})
+            local.append(
+                {
+                    "id": examples[i].id,
+                    "gold": examples[i].answer,
+                    "prediction": scores[j].value,
+                    "correct": scores[j].correct,
+                    "response_tokens": len(greedy.responses[j]),
+                    "finished": greedy.finished[j],
+                    "completion": texts[j],
+                }
+            )
         if vote_k > 1:
             sampled_cfg = replace(gen_cfg, greedy=False, temperature=vote_temperature)
             repeated = [list(prompts[i]) for i in mine for _ in range(vote_k)]
@@ -79,7 +105,7 @@ def evaluate(generator: Generator, tokenizer: Any, examples: Sequence[Example], 
             s_texts = tokenizer.batch_decode(sampled.responses, skip_special_tokens=True)
             s_scores = score_batch(s_texts, [examples[i] for i in mine for _ in range(vote_k)])
             for j in range(len(mine)):
-                values = [s.value for s in s_scores[j * vote_k:(j + 1) * vote_k]]
+                values = [s.value for s in s_scores[j * vote_k : (j + 1) * vote_k]]
                 local[j]["votes"] = values
                 local[j]["vote_prediction"] = majority_vote(values)
     records = _gather(local)
@@ -136,20 +162,35 @@ def baseline_accuracy(eval_dir: str | Path) -> float | None:
     return json.loads(path.read_text()).get("accuracy") if path.is_file() else None
 
 
-def record_eval(result: EvalResult, eval_dir: str | Path, name: str, step: int, logger: RunLogger,
-                elapsed_s: float, *, is_logging_rank: bool = True) -> PairedChange | None:
+def record_eval(
+    result: EvalResult,
+    eval_dir: str | Path,
+    name: str,
+    step: int,
+    logger: RunLogger,
+    elapsed_s: float,
+    *,
+    is_logging_rank: bool = True,
+) -> PairedChange | None:
     """Write ``result``'s files (logging rank), log its metrics and a line; returns its flips since ``before``."""
     change = None
     if is_logging_rank:
         write_eval_outputs(result, eval_dir, name)
         change = None if name == BASELINE else change_since_baseline(result, eval_dir)
-    metrics: dict[str, float] = {"eval_accuracy": result.accuracy, "eval_response_tokens": result.mean_response_tokens,
-                                 "eval_time_s": elapsed_s}
+    metrics: dict[str, float] = {
+        "eval_accuracy": result.accuracy,
+        "eval_response_tokens": result.mean_response_tokens,
+        "eval_time_s": elapsed_s,
+    }
     if change is not None:
         metrics.update(eval_fixed=change.fixed, eval_broken=change.broken, eval_sign_test_p=change.p_value)
     logger.log(step, metrics)
-    flips = (f"; since {BASELINE}: {change.fixed} fixed, {change.broken} broken, sign test p={change.p_value:.2g}"
-             if change is not None else "")
-    LOG.info("eval %s @ step %d: accuracy %.3f on %d questions%s", name, step, result.accuracy,
-             result.num_examples, flips)
+    flips = (
+        f"; since {BASELINE}: {change.fixed} fixed, {change.broken} broken, sign test p={change.p_value:.2g}"
+        if change is not None
+        else ""
+    )
+    LOG.info(
+        "eval %s @ step %d: accuracy %.3f on %d questions%s", name, step, result.accuracy, result.num_examples, flips
+    )
     return change

@@ -5,8 +5,16 @@ from carft_nemo.generation.interface import Generator
 from carft_nemo.generation.rollout import Rollout, RolloutBatch
 from carft_nemo.generation.sampling import choose_tokens, filter_logits, sampling_log_probs
 
-__all__ = ["GenerationConfig", "Generator", "Rollout", "RolloutBatch", "choose_tokens", "filter_logits",
-           "sampling_log_probs", "MegatronGenerator"]
+__all__ = [
+    "GenerationConfig",
+    "Generator",
+    "Rollout",
+    "RolloutBatch",
+    "choose_tokens",
+    "filter_logits",
+    "sampling_log_probs",
+    "MegatronGenerator",
+]
 
 
 def __getattr__(name: str):

@@ -84,8 +84,9 @@ class KVCacheStage:
         # [S, 1, dim] RoPE angles, built once (megatron lru-caches the same table)
         self.freqs = gpt.rotary_pos_emb(gpt.max_sequence_length)[:, 0]
         # cos/sin once per step instead of per layer and tensor: Llama-style RoPE on the full head
-        self.plain_rope = (not config.rotary_interleaved
-                           and self.freqs.shape[-1] == head_dim and not config.apply_rope_fusion)
+        self.plain_rope = (
+            not config.rotary_interleaved and self.freqs.shape[-1] == head_dim and not config.apply_rope_fusion
+        )
         self.batch_index = torch.arange(batch, device=dev)
         self.tp = config.tensor_model_parallel_size
 
@@ -155,8 +156,15 @@ class KVCacheStage:
         logits, _ = head(x.unsqueeze(0), weight=weight, runtime_gather_output=True)
         return logits[0]  # [b, V] (padded vocab), gathered over TP
 
-    def _layer(self, i: int, layer: torch.nn.Module, x: torch.Tensor, freqs: torch.Tensor,
-               cache_at: tuple[torch.Tensor, int] | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def _layer(
+        self,
+        i: int,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        cache_at: tuple[torch.Tensor, int] | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """One TransformerLayer on ``x`` ``[s, b, h]`` (pre-norm residual blocks, as megatron's)."""
         attn = layer.self_attention
         q, k, v = _qkv(attn, layer.input_layernorm(x))  # [s, b, heads, d]
@@ -167,14 +175,16 @@ class KVCacheStage:
             s = q.shape[2]
             keys[:, :, :s] = k
             values[:, :, :s] = v
-            ctx = F.scaled_dot_product_attention(q, keys[:, :, :s], values[:, :, :s], is_causal=True,
-                                                 scale=self.scale, enable_gqa=True)
+            ctx = F.scaled_dot_product_attention(
+                q, keys[:, :, :s], values[:, :, :s], is_causal=True, scale=self.scale, enable_gqa=True
+            )
         else:
             positions, kv_len = cache_at
             keys[self.batch_index, :, positions] = k[:, :, 0]
             values[self.batch_index, :, positions] = v[:, :, 0]
-            ctx = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask,
-                                                 scale=self.scale, enable_gqa=True)
+            ctx = F.scaled_dot_product_attention(
+                q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
         b, heads, s, d = ctx.shape
         out, bias = _row(attn.linear_proj, ctx.permute(2, 0, 1, 3).reshape(s, b, heads * d))
         x = x + out if bias is None else x + out + bias
@@ -186,6 +196,7 @@ class KVCacheStage:
 # ops, but each call goes through an autograd Function, async-allreduce warnings and process
 # group look-ups, which per decode step cost about as much as the tiny model's matmuls on CPU.
 # Only exact types take the fast path; subclasses and TE modules run their own forward.
+
 
 def _column(m: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ColumnParallelLinear forward without sequence parallel or gather: this rank's output shard."""
@@ -235,4 +246,3 @@ def _qkv(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if attn.k_layernorm is not None:
         k = attn.k_layernorm(k)
     return q, k, v
-

@@ -63,11 +63,16 @@ class _Replica:
     last_stage: bool
 
     @classmethod
-    def current(cls) -> "_Replica":
+    def current(cls) -> _Replica:
         if not ps.model_parallel_is_initialized():
             return cls(1, 1, 0, True, True)
-        return cls(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_data_parallel_rank(), ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+        return cls(
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_data_parallel_rank(),
+            ps.is_pipeline_first_stage(),
+            ps.is_pipeline_last_stage(),
+        )
 
 
 class MegatronGenerator:
@@ -119,8 +124,12 @@ class MegatronGenerator:
         finally:
             self.model.train(was_training)
             torch.set_num_threads(threads)
-        return Rollout(prompts=[list(p) for p in prompts], responses=[out[i][0] for i in range(len(prompts))],
-                       logprobs=[out[i][1] for i in range(len(prompts))], finished=[out[i][2] for i in range(len(prompts))])
+        return Rollout(
+            prompts=[list(p) for p in prompts],
+            responses=[out[i][0] for i in range(len(prompts))],
+            logprobs=[out[i][1] for i in range(len(prompts))],
+            finished=[out[i][2] for i in range(len(prompts))],
+        )
 
     def _check_prompts(self, prompts: list[list[int]]) -> None:
         if not prompts:
@@ -129,14 +138,17 @@ class MegatronGenerator:
             if not p:
                 raise ValueError(f"generate: prompt {i} is empty")
             if len(p) >= self.max_sequence_length:
-                raise ValueError(f"generate: prompt {i} has {len(p)} tokens; the model's max_sequence_length "
-                                 f"{self.max_sequence_length} leaves no room for a response")
+                raise ValueError(
+                    f"generate: prompt {i} has {len(p)} tokens; the model's max_sequence_length "
+                    f"{self.max_sequence_length} leaves no room for a response"
+                )
             bad = [t for t in p if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"generate: prompt {i} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
 
-    def _static_batch(self, prompts: list[list[int]], cfg: GenerationConfig, rng: torch.Generator,
-                      replica: _Replica) -> list[tuple[list[int], list[float], bool]]:
+    def _static_batch(
+        self, prompts: list[list[int]], cfg: GenerationConfig, rng: torch.Generator, replica: _Replica
+    ) -> list[tuple[list[int], list[float], bool]]:
         """One right-padded batch: one causal prefill of every prompt, then one token per row per step."""
         dev = self._device
         B = len(prompts)
@@ -188,18 +200,28 @@ class MegatronGenerator:
             return None
         return out
 
-    def _choose(self, logits: torch.Tensor | None, B: int, cfg: GenerationConfig, rng: torch.Generator,
-                replica: _Replica) -> tuple[torch.Tensor, torch.Tensor]:
+    def _choose(
+        self, logits: torch.Tensor | None, B: int, cfg: GenerationConfig, rng: torch.Generator, replica: _Replica
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample on the last stage; share ``(token, log-prob)`` with the whole replica."""
         packed = torch.empty(2, B, dtype=torch.float64, device=self._device)  # ids < 2**53 are exact
         if replica.last_stage:
-            tok, lp = choose_tokens(logits, greedy=cfg.greedy, temperature=cfg.temperature, top_k=cfg.top_k,
-                                    top_p=cfg.top_p, vocab_size=self.vocab_size, generator=rng)
+            tok, lp = choose_tokens(
+                logits,
+                greedy=cfg.greedy,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                vocab_size=self.vocab_size,
+                generator=rng,
+            )
             packed[0], packed[1] = tok.double(), lp.double()
             if replica.tp_size > 1:  # one sampler decides, whatever tiny differences the TP ranks have
-                dist.broadcast(packed, src=ps.get_tensor_model_parallel_src_rank(),
-                               group=ps.get_tensor_model_parallel_group())
+                dist.broadcast(
+                    packed, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group()
+                )
         if replica.pp_size > 1:
-            dist.broadcast(packed, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                packed, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            )
         return packed[0].long(), packed[1].float()

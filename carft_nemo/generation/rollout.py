@@ -69,7 +69,10 @@ class Rollout:
             response[i, n : n + m] = True
             logprobs[i, n : n + m] = torch.tensor(lp, dtype=torch.float32)
         return RolloutBatch(
-            tokens=tokens, attention_mask=attention, response_mask=response, logprobs=logprobs,
+            tokens=tokens,
+            attention_mask=attention,
+            response_mask=response,
+            logprobs=logprobs,
             prompt_lengths=torch.tensor([len(p) for p in self.prompts], dtype=torch.long),
             response_lengths=torch.tensor([len(r) for r in self.responses], dtype=torch.long),
             finished=torch.tensor(self.finished, dtype=torch.bool),

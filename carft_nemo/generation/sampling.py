@@ -16,8 +16,9 @@ import torch
 NEG_INF = float("-inf")
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  vocab_size: int | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_size: int | None = None
+) -> torch.Tensor:
     """Scaled logits l/T with tokens outside K set to -inf; ``[..., V]`` -> ``[..., V]`` (fp32).
 
     ``vocab_size`` drops megatron's padded embedding rows (ids >= the tokenizer's size),
@@ -41,15 +42,23 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return scaled
 
 
-def sampling_log_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       vocab_size: int | None = None) -> torch.Tensor:
+def sampling_log_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, vocab_size: int | None = None
+) -> torch.Tensor:
     """log p of equation (1) for every token, ``[..., V]`` (-inf outside the kept set)."""
     return filter_logits(logits, temperature, top_k, top_p, vocab_size).log_softmax(dim=-1)
 
 
-def choose_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, vocab_size: int | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_tokens(
+    logits: torch.Tensor,
+    *,
+    greedy: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens ``[b]`` and their log-probs ``[b]`` under (1) from last-position logits ``[b, V]``."""
     logp = sampling_log_probs(logits, temperature, top_k, top_p, vocab_size)
     if greedy:

@@ -10,35 +10,40 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 from carft_nemo.config import ConfigError, require
 
 FAMILIES = ("llama", "qwen2")
-_FALLBACKS = {"init_method_std": 0.02, "make_vocab_size_divisible_by": 128, "bf16": True,
-              "qkv_bias": False, "tie_word_embeddings": False, "vocab_size": 0}
+_FALLBACKS = {
+    "init_method_std": 0.02,
+    "make_vocab_size_divisible_by": 128,
+    "bf16": True,
+    "qkv_bias": False,
+    "tie_word_embeddings": False,
+    "vocab_size": 0,
+}
 
 
 @dataclass
 class ModelConfig:
     """A decoder-only transformer of the Llama family (RMSNorm, SwiGLU, RoPE, GQA)."""
 
-    preset: Optional[str] = None  # fills the fields below that the YAML leaves at None
-    family: Optional[str] = None  # "llama" | "qwen2" (QKV bias)
-    num_layers: Optional[int] = None
-    hidden_size: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_query_groups: Optional[int] = None  # GQA key/value heads; = heads for MHA
-    vocab_size: Optional[int] = None  # tokenizer size (0 = take it from the tokenizer)
-    max_sequence_length: Optional[int] = None
-    rotary_base: Optional[float] = None
-    norm_epsilon: Optional[float] = None
-    qkv_bias: Optional[bool] = None
-    tie_word_embeddings: Optional[bool] = None
-    init_method_std: Optional[float] = None  # default 0.02
-    make_vocab_size_divisible_by: Optional[int] = None  # default 128
-    bf16: Optional[bool] = None  # default True; used on GPU only, CPU runs fp32
+    preset: str | None = None  # fills the fields below that the YAML leaves at None
+    family: str | None = None  # "llama" | "qwen2" (QKV bias)
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None  # GQA key/value heads; = heads for MHA
+    vocab_size: int | None = None  # tokenizer size (0 = take it from the tokenizer)
+    max_sequence_length: int | None = None
+    rotary_base: float | None = None
+    norm_epsilon: float | None = None
+    qkv_bias: bool | None = None
+    tie_word_embeddings: bool | None = None
+    init_method_std: float | None = None  # default 0.02
+    make_vocab_size_divisible_by: int | None = None  # default 128
+    bf16: bool | None = None  # default True; used on GPU only, CPU runs fp32
 
     @property
     def is_unset(self) -> bool:
@@ -51,8 +56,11 @@ class ModelConfig:
         if self.is_unset:
             return
         if self.preset is not None:
-            require(self.preset in PRESETS, "model.preset",
-                    f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+            require(
+                self.preset in PRESETS,
+                "model.preset",
+                f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}",
+            )
             base = PRESETS[self.preset]
             for f in dataclasses.fields(self):
                 if getattr(self, f.name) is None and f.name != "preset":
@@ -62,19 +70,26 @@ class ModelConfig:
                 setattr(self, name, default)
         if self.num_query_groups is None and self.num_attention_heads is not None:
             self.num_query_groups = self.num_attention_heads
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                     "max_sequence_length"):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_sequence_length"):
             value = getattr(self, name)
             require(value is not None, f"model.{name}", "is required (or set model.preset)")
             require(isinstance(value, int) and value > 0, f"model.{name}", f"must be a positive integer, got {value!r}")
         require(self.family in FAMILIES, "model.family", f"must be one of {FAMILIES}, got {self.family!r}")
-        require(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
-                f"{self.hidden_size} is not divisible by model.num_attention_heads={self.num_attention_heads}")
-        require(self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
-                "model.num_query_groups",
-                f"{self.num_query_groups} must divide model.num_attention_heads={self.num_attention_heads}")
-        require(self.vocab_size is not None and self.vocab_size >= 0, "model.vocab_size",
-                f"must be >= 0 (0 = from the tokenizer), got {self.vocab_size!r}")
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.hidden_size",
+            f"{self.hidden_size} is not divisible by model.num_attention_heads={self.num_attention_heads}",
+        )
+        require(
+            self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
+            "model.num_query_groups",
+            f"{self.num_query_groups} must divide model.num_attention_heads={self.num_attention_heads}",
+        )
+        require(
+            self.vocab_size is not None and self.vocab_size >= 0,
+            "model.vocab_size",
+            f"must be >= 0 (0 = from the tokenizer), got {self.vocab_size!r}",
+        )
         require(self.rotary_base is not None and self.rotary_base > 0, "model.rotary_base", "must be > 0")
         require(self.norm_epsilon is not None and 0 < self.norm_epsilon < 1, "model.norm_epsilon", "must be in (0, 1)")
         require(self.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by", "must be >= 1")
@@ -92,7 +107,7 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
         return -(-self.vocab_size // multiple) * multiple
 
-    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+    def with_vocab(self, vocab_size: int) -> ModelConfig:
         return dataclasses.replace(self, preset=None, vocab_size=vocab_size)
 
     def num_parameters(self) -> int:
@@ -113,31 +128,93 @@ def _preset(**kw) -> ModelConfig:
 PRESETS: dict[str, ModelConfig] = {}
 PRESETS.update(
     # Trains from scratch on the synthetic task in minutes on 2 CPU cores.
-    tiny=_preset(family="llama", num_layers=4, hidden_size=256, ffn_hidden_size=688,
-                 num_attention_heads=4, num_query_groups=2, vocab_size=0, max_sequence_length=256,
-                 rotary_base=10000.0, norm_epsilon=1e-5, qkv_bias=False, tie_word_embeddings=False,
-                 make_vocab_size_divisible_by=8),
+    tiny=_preset(
+        family="llama",
+        num_layers=4,
+        hidden_size=256,
+        ffn_hidden_size=688,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=0,
+        max_sequence_length=256,
+        rotary_base=10000.0,
+        norm_epsilon=1e-5,
+        qkv_bias=False,
+        tie_word_embeddings=False,
+        make_vocab_size_divisible_by=8,
+    ),
     # Unit tests: the smallest shape that still has GQA and several layers.
-    micro=_preset(family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                  num_attention_heads=4, num_query_groups=2, vocab_size=0, max_sequence_length=128,
-                  rotary_base=10000.0, norm_epsilon=1e-5, qkv_bias=False, tie_word_embeddings=False,
-                  make_vocab_size_divisible_by=8),
+    micro=_preset(
+        family="llama",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=0,
+        max_sequence_length=128,
+        rotary_base=10000.0,
+        norm_epsilon=1e-5,
+        qkv_bias=False,
+        tie_word_embeddings=False,
+        make_vocab_size_divisible_by=8,
+    ),
     # ~110M parameters with a 16k vocabulary: the "~100M" benchmark model.
-    small_100m=_preset(family="llama", num_layers=12, hidden_size=768, ffn_hidden_size=2048,
-                       num_attention_heads=12, num_query_groups=4, vocab_size=16384,
-                       max_sequence_length=1024, rotary_base=10000.0, norm_epsilon=1e-5,
-                       qkv_bias=False, tie_word_embeddings=False),
+    small_100m=_preset(
+        family="llama",
+        num_layers=12,
+        hidden_size=768,
+        ffn_hidden_size=2048,
+        num_attention_heads=12,
+        num_query_groups=4,
+        vocab_size=16384,
+        max_sequence_length=1024,
+        rotary_base=10000.0,
+        norm_epsilon=1e-5,
+        qkv_bias=False,
+        tie_word_embeddings=False,
+    ),
     # ~0.89B (16 x 2048, GQA 16/8, 32k vocab): the GPU throughput / MFU benchmark model.
-    llama_1b=_preset(family="llama", num_layers=16, hidden_size=2048, ffn_hidden_size=5632,
-                     num_attention_heads=16, num_query_groups=8, vocab_size=32000,
-                     max_sequence_length=2048, rotary_base=10000.0, norm_epsilon=1e-5,
-                     qkv_bias=False, tie_word_embeddings=False),
-    codellama_7b=_preset(family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
-                         num_attention_heads=32, num_query_groups=32, vocab_size=32016,
-                         max_sequence_length=16384, rotary_base=1000000.0, norm_epsilon=1e-5,
-                         qkv_bias=False, tie_word_embeddings=False),
-    qwen2_5_7b=_preset(family="qwen2", num_layers=28, hidden_size=3584, ffn_hidden_size=18944,
-                       num_attention_heads=28, num_query_groups=4, vocab_size=152064,
-                       max_sequence_length=32768, rotary_base=1000000.0, norm_epsilon=1e-6,
-                       qkv_bias=True, tie_word_embeddings=False),
+    llama_1b=_preset(
+        family="llama",
+        num_layers=16,
+        hidden_size=2048,
+        ffn_hidden_size=5632,
+        num_attention_heads=16,
+        num_query_groups=8,
+        vocab_size=32000,
+        max_sequence_length=2048,
+        rotary_base=10000.0,
+        norm_epsilon=1e-5,
+        qkv_bias=False,
+        tie_word_embeddings=False,
+    ),
+    codellama_7b=_preset(
+        family="llama",
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_attention_heads=32,
+        num_query_groups=32,
+        vocab_size=32016,
+        max_sequence_length=16384,
+        rotary_base=1000000.0,
+        norm_epsilon=1e-5,
+        qkv_bias=False,
+        tie_word_embeddings=False,
+    ),
+    qwen2_5_7b=_preset(
+        family="qwen2",
+        num_layers=28,
+        hidden_size=3584,
+        ffn_hidden_size=18944,
+        num_attention_heads=28,
+        num_query_groups=4,
+        vocab_size=152064,
+        max_sequence_length=32768,
+        rotary_base=1000000.0,
+        norm_epsilon=1e-6,
+        qkv_bias=True,
+        tie_word_embeddings=False,
+    ),
 )

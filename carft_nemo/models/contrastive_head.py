@@ -39,17 +39,23 @@ class ContrastiveHead(nn.Module):
         dtype: parameter dtype (keep float32 for a small head on bf16 models; inputs are cast).
     """
 
-    def __init__(self, hidden_size: int, projection_dim: int = 64, *, sequence_parallel: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        projection_dim: int = 64,
+        *,
+        sequence_parallel: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         if hidden_size < 1 or projection_dim < 1:
             raise ValueError(f"hidden_size and projection_dim must be >= 1, got {hidden_size}, {projection_dim}")
         self.proj = nn.Linear(hidden_size, projection_dim, bias=False, dtype=dtype)
         # Megatron's default linear init scale keeps e_t of order 1 at the start.
-        nn.init.normal_(self.proj.weight, mean=0.0, std=hidden_size ** -0.5)
+        nn.init.normal_(self.proj.weight, mean=0.0, std=hidden_size**-0.5)
         self.sequence_parallel = sequence_parallel
         for param in self.parameters():
-            setattr(param, "sequence_parallel", sequence_parallel)
+            param.sequence_parallel = sequence_parallel
 
     def forward(self, hidden: Tensor) -> Tensor:
         """Project final hidden states ``[s, b, h]`` (any leading dims) to ``[s, b, d]``."""

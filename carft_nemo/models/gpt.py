@@ -63,8 +63,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     return TransformerConfig(**{k: v for k, v in kwargs.items() if k in fields})
 
 
-def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, value_head: bool = False,
-                    pre_process: bool | None = None, post_process: bool | None = None) -> GPTModel:
+def build_gpt_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    value_head: bool = False,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+) -> GPTModel:
     """A GPTModel for this rank's pipeline stage and tensor shard.
 
     ``value_head=True`` builds a critic: the LM output layer is replaced by a scalar head
@@ -84,8 +90,15 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, value_head:
     return gpt
 
 
-def _gpt_model(config: TransformerConfig, model: ModelConfig, parallel: ParallelConfig, use_te: bool,
-               pre: bool, post: bool, value_head: bool) -> GPTModel:
+def _gpt_model(
+    config: TransformerConfig,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    use_te: bool,
+    pre: bool,
+    post: bool,
+    value_head: bool,
+) -> GPTModel:
     return GPTModel(
         config=config,
         transformer_layer_spec=compat.gpt_layer_spec(use_te),

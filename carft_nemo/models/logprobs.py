@@ -31,12 +31,13 @@ def _mask_padded_vocab(scaled: torch.Tensor, vocab_size: int | None) -> torch.Te
     rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     first_padded = vocab_size - rank * shard  # local index of the first padded column
     if first_padded < shard:
-        scaled[..., max(first_padded, 0):] = float("-inf")
+        scaled[..., max(first_padded, 0) :] = float("-inf")
     return scaled
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   vocab_size: int | None = None) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None
+) -> torch.Tensor:
     """log p(targets) under softmax(logits / T) over the first ``vocab_size`` ids.
 
     logits ``[b, s, V/tp]`` (this rank's vocab shard), targets ``[b, s]`` -> ``[b, s]``.

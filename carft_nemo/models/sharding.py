@@ -20,7 +20,7 @@ anything that loads a full, unsharded checkpoint (HF import) into a parallel mod
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -50,14 +50,21 @@ def tp_slice(full: torch.Tensor, dim: int, stride: int, tp_rank: int, tp_size: i
     """
     pieces = tp_size * stride
     if full.size(dim) % pieces:
-        raise ValueError(f"dimension {dim} of size {full.size(dim)} does not split into "
-                         f"tensor_parallel*partition_stride = {tp_size}*{stride} pieces")
+        raise ValueError(
+            f"dimension {dim} of size {full.size(dim)} does not split into "
+            f"tensor_parallel*partition_stride = {tp_size}*{stride} pieces"
+        )
     chunks = torch.split(full, full.size(dim) // pieces, dim=dim)
     return torch.cat(chunks[tp_rank::tp_size], dim=dim)
 
 
-def shard_state_dict_for_tp(full_sd: Mapping[str, torch.Tensor], model: torch.nn.Module,
-                            *, tp_rank: int | None = None, tp_size: int | None = None) -> dict[str, torch.Tensor]:
+def shard_state_dict_for_tp(
+    full_sd: Mapping[str, torch.Tensor],
+    model: torch.nn.Module,
+    *,
+    tp_rank: int | None = None,
+    tp_size: int | None = None,
+) -> dict[str, torch.Tensor]:
     """The state dict ``model`` (this rank's TP/PP shard) should load, cut from ``full_sd``.
 
     ``full_sd`` is the state dict of the same architecture built at TP=1, PP=1 (keys of the
@@ -89,8 +96,10 @@ def shard_state_dict_for_tp(full_sd: Mapping[str, torch.Tensor], model: torch.nn
         if param is not None and getattr(param, "tensor_model_parallel", False) and tp_size > 1:
             full = tp_slice(full, param.partition_dim, getattr(param, "partition_stride", 1), tp_rank, tp_size)
         if tuple(full.shape) != tuple(own.shape):
-            raise ValueError(f"{key!r}: full state dict gives shape {tuple(full.shape)} for this shard, "
-                             f"the model has {tuple(own.shape)} (different padded vocab or architecture?)")
+            raise ValueError(
+                f"{key!r}: full state dict gives shape {tuple(full.shape)} for this shard, "
+                f"the model has {tuple(own.shape)} (different padded vocab or architecture?)"
+            )
         out[key] = full.to(dtype=own.dtype, device=own.device)
     return out
 
@@ -102,8 +111,11 @@ def load_full_state_dict(model: torch.nn.Module, full_sd: Mapping[str, torch.Ten
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of a TP=1, PP=1 model's state dict, keyed as :func:`shard_state_dict_for_tp` expects."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in _unwrap(model).state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 __all__ = ["full_state_dict", "load_full_state_dict", "shard_state_dict_for_tp", "tp_slice"]

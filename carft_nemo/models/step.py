@@ -12,8 +12,8 @@ place, hence metrics are detached copies.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Callable, Iterator, Sequence
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -26,8 +26,9 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _forward_step(loss_fn: LossFn, capture_hidden: bool, hidden_to_loss: bool, batches: Iterator[Batch],
-                  model: torch.nn.Module):
+def _forward_step(
+    loss_fn: LossFn, capture_hidden: bool, hidden_to_loss: bool, batches: Iterator[Batch], model: torch.nn.Module
+):
     batch = next(batches)
     tokens = batch["tokens"]
     positions, mask = causal_inputs(tokens)
@@ -48,9 +49,15 @@ def _forward_step(loss_fn: LossFn, capture_hidden: bool, hidden_to_loss: bool, b
     return output, score
 
 
-def forward_backward(model: torch.nn.Module, micro_batches: Sequence[Batch], loss_fn: LossFn, *,
-                     forward_only: bool = False, capture_hidden: bool = False,
-                     hidden_to_loss: bool = False) -> list[dict[str, torch.Tensor]]:
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: Sequence[Batch],
+    loss_fn: LossFn,
+    *,
+    forward_only: bool = False,
+    capture_hidden: bool = False,
+    hidden_to_loss: bool = False,
+) -> list[dict[str, torch.Tensor]]:
     """Run the layout's schedule over ``micro_batches`` (each with ``tokens [b, s]``).
 
     Gradients accumulate into the model (call ``TrainableModel.zero_grad()`` first and
@@ -65,8 +72,13 @@ def forward_backward(model: torch.nn.Module, micro_batches: Sequence[Batch], los
     b, s = micro_batches[0]["tokens"].shape
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn, capture_hidden, hidden_to_loss),
-        data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches),
-        seq_length=s, micro_batch_size=b, forward_only=forward_only)
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
 
 
 def lm_loss(temperature: float = 1.0) -> LossFn:

@@ -63,8 +63,10 @@ def run_main(cfg: MainConfig) -> Path:
 
     stages = [StageResult("sft", out / "sft")]
     pending = [m for m in cfg.methods if not _finished(out / m / "summary.json")]
-    with shared_ray(max((worker_cpus(getattr(cfg, m)) for m in pending), default=0),
-                    address=getattr(cfg, pending[0]).ray_address if pending else None):
+    with shared_ray(
+        max((worker_cpus(getattr(cfg, m)) for m in pending), default=0),
+        address=getattr(cfg, pending[0]).ray_address if pending else None,
+    ):
         for method in cfg.methods:
             rl_cfg: RLConfig = getattr(cfg, method)
             rl_cfg.sft_checkpoint = str(out / "sft")
@@ -74,10 +76,12 @@ def run_main(cfg: MainConfig) -> Path:
             elif run_rl(rl_cfg)["stopped_early"]:
                 raise SystemExit(0)
             stages.append(StageResult(method, out / method))
-    notes = [f"total wall time {time.perf_counter() - started:.0f} s (this invocation; a resumed run counts only itself)",
-             f"seed {cfg.sft.train.seed}; model preset {cfg.sft.model.preset}; resolved config: config.yaml",
-             "RL stages start from the final SFT checkpoint; 'accuracy before' of an RL stage is that checkpoint's",
-             f"SFT checkpoints: {summary['final_checkpoint']}"]
+    notes = [
+        f"total wall time {time.perf_counter() - started:.0f} s (this invocation; a resumed run counts only itself)",
+        f"seed {cfg.sft.train.seed}; model preset {cfg.sft.model.preset}; resolved config: config.yaml",
+        "RL stages start from the final SFT checkpoint; 'accuracy before' of an RL stage is that checkpoint's",
+        f"SFT checkpoints: {summary['final_checkpoint']}",
+    ]
     report = write_report(out, stages, title="carft-nemo main job", notes=notes)
     LOG.info("report: %s", report)
     return report

@@ -2,8 +2,9 @@
 
 One SFT checkpoint (``shared_sft``, the default: as in the paper, every RL method starts
 from the same SFT model, and the seeds vary the RL runs) or one SFT per seed; then for each
-seed every RL method from that SFT checkpoint with that seed. Per run we keep the held-out accuracy curve (greedy, every ``rl.eval_every``
-steps, step 0 = the SFT model) and report per method
+seed every RL method from that SFT checkpoint with that seed. Per run we keep the held-out
+accuracy curve (greedy, every ``rl.eval_every`` steps, step 0 = the SFT model) and report
+per method
 
 - final held-out accuracy: mean, sample standard deviation, min and max over seeds;
 - stability: the largest drop of held-out accuracy below its running best during RL
@@ -27,9 +28,10 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from carft_nemo.config import require, save_resolved
 from carft_nemo.distributed.layout import shutdown
@@ -45,6 +47,7 @@ def _carft(mode: str, partial_reward: bool) -> Callable[[RLConfig], RLConfig]:
     def variant(base: RLConfig) -> RLConfig:
         cl = dataclasses.replace(base.contrastive, enabled=True, mode=mode, partial_reward=partial_reward)
         return dataclasses.replace(base, contrastive=cl)
+
     return variant
 
 
@@ -55,10 +58,18 @@ def _reft(base: RLConfig) -> RLConfig:
 def _grpo(base: RLConfig) -> RLConfig:
     """Dr.GRPO with the same number of samples per step as the PPO runs (questions / G)."""
     group = 8
-    require(base.rl.questions_per_step % group == 0, "rl.questions_per_step",
-            f"Dr.GRPO in the study keeps samples per step: {base.rl.questions_per_step} must divide by {group}")
-    loop = dataclasses.replace(base.rl, algorithm="grpo", samples_per_question=group,
-                               questions_per_step=base.rl.questions_per_step // group, kl_coef=0.0)
+    require(
+        base.rl.questions_per_step % group == 0,
+        "rl.questions_per_step",
+        f"Dr.GRPO in the study keeps samples per step: {base.rl.questions_per_step} must divide by {group}",
+    )
+    loop = dataclasses.replace(
+        base.rl,
+        algorithm="grpo",
+        samples_per_question=group,
+        questions_per_step=base.rl.questions_per_step // group,
+        kl_coef=0.0,
+    )
     return dataclasses.replace(base, rl=loop, contrastive=dataclasses.replace(base.contrastive, enabled=False))
 
 
@@ -124,8 +135,12 @@ def run_study(cfg: StudyConfig) -> Path:
                 if (seed, method) not in pending:
                     continue
                 run_out = out / f"seed_{seed}" / method
-                base = dataclasses.replace(cfg.rl, sft_checkpoint=sft_cfg.output_dir, output_dir=str(run_out),
-                                           rl=dataclasses.replace(cfg.rl.rl, seed=seed))
+                base = dataclasses.replace(
+                    cfg.rl,
+                    sft_checkpoint=sft_cfg.output_dir,
+                    output_dir=str(run_out),
+                    rl=dataclasses.replace(cfg.rl.rl, seed=seed),
+                )
                 LOG.info("study: %s, seed %d", method, seed)
                 if run_rl(METHODS[method](base))["stopped_early"]:
                     raise SystemExit(0)
@@ -135,6 +150,7 @@ def run_study(cfg: StudyConfig) -> Path:
 
 
 # ---------------------------------------------------------------------------- analysis
+
 
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     """Held-out accuracy by step (step 0 = before RL), last value per step."""
@@ -155,8 +171,13 @@ def largest_drop(curve: list[tuple[int, float]]) -> float:
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def collect_results(out: Path, seeds: list[int], methods: list[str], *, shared_sft: bool = False) -> dict[str, Any]:
@@ -164,8 +185,10 @@ def collect_results(out: Path, seeds: list[int], methods: list[str], *, shared_s
     for seed in seeds:
         sft_path = (out / "sft" if shared_sft else out / f"seed_{seed}" / "sft") / "summary.json"
         if not (shared_sft and per_run["sft"]):
-            per_run["sft"][seed] = {"accuracy": json.loads(sft_path.read_text())["accuracy_after"],
-                                    "largest_drop": None}
+            per_run["sft"][seed] = {
+                "accuracy": json.loads(sft_path.read_text())["accuracy_after"],
+                "largest_drop": None,
+            }
         for method in methods:
             run_dir = out / f"seed_{seed}" / method
             if not _done(run_dir):
@@ -173,9 +196,12 @@ def collect_results(out: Path, seeds: list[int], methods: list[str], *, shared_s
             summary = json.loads((run_dir / "summary.json").read_text())
             curve = eval_curve(run_dir)
             per_run.setdefault(method, {})[seed] = {
-                "accuracy": summary["accuracy_after"], "largest_drop": largest_drop(curve),
-                "reward_last_steps": summary["reward_last_steps"], "curve": curve,
-                "wall_time_s": summary["wall_time_s"]}
+                "accuracy": summary["accuracy_after"],
+                "largest_drop": largest_drop(curve),
+                "reward_last_steps": summary["reward_last_steps"],
+                "curve": curve,
+                "wall_time_s": summary["wall_time_s"],
+            }
     aggregate = {}
     for method, runs in per_run.items():
         accs = [r["accuracy"] for r in runs.values()]
@@ -185,8 +211,14 @@ def collect_results(out: Path, seeds: list[int], methods: list[str], *, shared_s
             entry["largest_drop"] = _stats(drops)
             entry["reward_last_steps"] = _stats([r["reward_last_steps"] for r in runs.values()])
         aggregate[method] = entry
-    return {"seeds": seeds, "methods": methods, "shared_sft": shared_sft, "per_run": per_run,
-            "aggregate": aggregate, "claims": check_claims(aggregate)}
+    return {
+        "seeds": seeds,
+        "methods": methods,
+        "shared_sft": shared_sft,
+        "per_run": per_run,
+        "aggregate": aggregate,
+        "claims": check_claims(aggregate),
+    }
 
 
 def _compare(aggregate: dict, a: str, b: str, key: str, higher_is_better: bool = True) -> dict[str, Any] | None:
@@ -207,7 +239,13 @@ CLAIMS = [
     ("both signals beat the positive signal alone", "carft_both", "carft_positive", "accuracy", True),
     ("both signals beat the negative signal alone", "carft_both", "carft_negative", "accuracy", True),
     ("the partial reward helps", "carft_both_partial_reward", "carft_both", "accuracy", True),
-    ("CARFT is more stable than ReFT (smaller largest drop)", "carft_both_partial_reward", "reft", "largest_drop", False),
+    (
+        "CARFT is more stable than ReFT (smaller largest drop)",
+        "carft_both_partial_reward",
+        "reft",
+        "largest_drop",
+        False,
+    ),
 ]
 
 
@@ -230,24 +268,45 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
         acc = agg["accuracy"]
         drop = agg.get("largest_drop")
         rew = agg.get("reward_last_steps")
-        rows.append([method, str(acc["n"]), f"{_pct(acc['mean'])} ± {_pct(acc['std'])}",
-                     f"{_pct(acc['min'])} – {_pct(acc['max'])}",
-                     f"{_pct(drop['mean'])} (max {_pct(drop['max'])})" if drop else "–",
-                     f"{rew['mean']:.3f}" if rew else "–"])
-    claims = [[c["claim"], c["verdict"], f"{100 * c['difference']:+.1f}", f"{100 * c['standard_error']:.1f}"]
-              for c in results["claims"]]
+        rows.append(
+            [
+                method,
+                str(acc["n"]),
+                f"{_pct(acc['mean'])} ± {_pct(acc['std'])}",
+                f"{_pct(acc['min'])} – {_pct(acc['max'])}",
+                f"{_pct(drop['mean'])} (max {_pct(drop['max'])})" if drop else "–",
+                f"{rew['mean']:.3f}" if rew else "–",
+            ]
+        )
+    claims = [
+        [c["claim"], c["verdict"], f"{100 * c['difference']:+.1f}", f"{100 * c['standard_error']:.1f}"]
+        for c in results["claims"]
+    ]
     seeds = results["seeds"]
-    sft_note = ("one SFT checkpoint shared by all seeds (the sft row is that single run)" if results.get("shared_sft")
-                else "one SFT run per seed")
-    lines = ["# Reproduction study results", "",
-             f"Seeds: {seeds}; {sft_note}. Held-out accuracy in % (greedy), mean ± sample std over seeds.", "",
-             table(["method", "runs", "final accuracy", "range", "largest drop below running best", "train reward (last 5)"],
-                   rows), "",
-             "## What holds", "",
-             "A claim holds when the mean difference is positive and larger than the standard error of the "
-             "difference of the means (sqrt(sa^2/n + sb^2/n)); 'largest drop' differences are counted as "
-             "improvements when smaller.", "",
-             table(["claim", "verdict", "difference (points)", "standard error (points)"], claims), ""]
+    sft_note = (
+        "one SFT checkpoint shared by all seeds (the sft row is that single run)"
+        if results.get("shared_sft")
+        else "one SFT run per seed"
+    )
+    lines = [
+        "# Reproduction study results",
+        "",
+        f"Seeds: {seeds}; {sft_note}. Held-out accuracy in % (greedy), mean ± sample std over seeds.",
+        "",
+        table(
+            ["method", "runs", "final accuracy", "range", "largest drop below running best", "train reward (last 5)"],
+            rows,
+        ),
+        "",
+        "## What holds",
+        "",
+        "A claim holds when the mean difference is positive and larger than the standard error of the "
+        "difference of the means (sqrt(sa^2/n + sb^2/n)); 'largest drop' differences are counted as "
+        "improvements when smaller.",
+        "",
+        table(["claim", "verdict", "difference (points)", "standard error (points)"], claims),
+        "",
+    ]
     series = {}
     for method in results["methods"]:
         runs = results["per_run"].get(method, {})
@@ -261,8 +320,13 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
             if len(vals) == len(runs):
                 mean_curve.append((s, statistics.fmean(vals)))
         series[method] = mean_curve
-    png = plot_curves(series, out / "accuracy_curves.png", title="held-out accuracy during RL (mean over seeds)",
-                      ylabel="accuracy", smooth=1)
+    png = plot_curves(
+        series,
+        out / "accuracy_curves.png",
+        title="held-out accuracy during RL (mean over seeds)",
+        ylabel="accuracy",
+        smooth=1,
+    )
     if png is not None:
         lines += ["## Held-out accuracy during RL", "", "![accuracy](accuracy_curves.png)", ""]
     lines += [f"Wall time of this invocation: {results['wall_time_s_this_invocation'] / 60:.1f} min.", ""]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -13,8 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 Series = Sequence[tuple[float, float]]
 
 
-def plot_curves(series: Mapping[str, Series], path: str | Path, *, title: str, xlabel: str = "step",
-                ylabel: str = "", smooth: int = 1) -> Path | None:
+def plot_curves(
+    series: Mapping[str, Series],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str = "step",
+    ylabel: str = "",
+    smooth: int = 1,
+) -> Path | None:
     """One line per named series; ``smooth`` > 1 adds a running mean (raw line faded).
 
     Returns the PNG path, or None when there is nothing to draw.
@@ -29,8 +36,11 @@ def plot_curves(series: Mapping[str, Series], path: str | Path, *, title: str, x
         xs = [p[0] for p in points]
         ys = [p[1] for p in points]
         if smooth > 1 and len(ys) > smooth:
-            line, = ax.plot(xs, ys, alpha=0.25, linewidth=1)
-            means = [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
+            (line,) = ax.plot(xs, ys, alpha=0.25, linewidth=1)
+            means = [
+                sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1])
+                for i in range(len(ys))
+            ]
             ax.plot(xs, means, color=line.get_color(), label=label, linewidth=2)
         else:
             ax.plot(xs, ys, label=label, linewidth=2, marker="o" if len(xs) < 30 else None, markersize=3)

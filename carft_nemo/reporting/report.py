@@ -50,8 +50,13 @@ def stages_of(specs: list[str]) -> list[StageResult]:
     """
     if len(specs) == 1 and "=" not in specs[0]:
         root = Path(specs[0])
-        children = sorted((d for d in root.iterdir() if d.is_dir() and _is_run_dir(d)),
-                          key=lambda d: (d.name != "sft", d.name)) if root.is_dir() else []
+        children = (
+            sorted(
+                (d for d in root.iterdir() if d.is_dir() and _is_run_dir(d)), key=lambda d: (d.name != "sft", d.name)
+            )
+            if root.is_dir()
+            else []
+        )
         if not children:
             raise FileNotFoundError(f"{root}: no stage folders (with summary.json or metrics.jsonl) in it")
         return [StageResult(d.name, d) for d in children]
@@ -84,14 +89,38 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
     rows = []
     for stage in stages:
         s = stage.summary
-        rows.append([stage.name, _fmt(s.get("accuracy_before")), _fmt(s.get("accuracy_after")),
-                     _fmt_change(s.get("held_out_change")),
-                     _fmt(s.get("reward_first_steps")), _fmt(s.get("reward_last_steps")),
-                     _fmt(s.get("steps")), _fmt(s.get("wall_time_s"))])
-    lines = [f"# {title}", "", "## Results", "",
-             table(["stage", "accuracy before", "accuracy after", "answers fixed / broken (sign test)",
-                    "train reward, first 5 steps",
-                    "train reward, last 5 steps", "steps", "wall time (s)"], rows), ""]
+        rows.append(
+            [
+                stage.name,
+                _fmt(s.get("accuracy_before")),
+                _fmt(s.get("accuracy_after")),
+                _fmt_change(s.get("held_out_change")),
+                _fmt(s.get("reward_first_steps")),
+                _fmt(s.get("reward_last_steps")),
+                _fmt(s.get("steps")),
+                _fmt(s.get("wall_time_s")),
+            ]
+        )
+    lines = [
+        f"# {title}",
+        "",
+        "## Results",
+        "",
+        table(
+            [
+                "stage",
+                "accuracy before",
+                "accuracy after",
+                "answers fixed / broken (sign test)",
+                "train reward, first 5 steps",
+                "train reward, last 5 steps",
+                "steps",
+                "wall time (s)",
+            ],
+            rows,
+        ),
+        "",
+    ]
     curves = {
         "loss.png": ("training loss", "loss", 5),
         "eval_accuracy.png": ("held-out accuracy (greedy)", "eval_accuracy", 1),

@@ -21,9 +21,25 @@ import sys
 # Modules a ReFT P-CoT program may import. Everything is imported *now*, before the file
 # policy is active, so a program's ``import fractions`` is a sys.modules lookup.
 ALLOWED_MODULES = (
-    "math", "cmath", "fractions", "decimal", "datetime", "statistics", "itertools",
-    "functools", "collections", "operator", "numbers", "random", "re", "string",
-    "heapq", "bisect", "typing", "time", "calendar",
+    "math",
+    "cmath",
+    "fractions",
+    "decimal",
+    "datetime",
+    "statistics",
+    "itertools",
+    "functools",
+    "collections",
+    "operator",
+    "numbers",
+    "random",
+    "re",
+    "string",
+    "heapq",
+    "bisect",
+    "typing",
+    "time",
+    "calendar",
 )
 # Lazily imported by allowed modules (datetime.strptime, locale-aware formatting); loaded
 # now because the policy refuses new imports once the program runs.
@@ -34,14 +50,55 @@ for _name in _PRELOADED:
 # Audit events that are refused outright (prefix match). Sockets, process creation,
 # signals to other processes, native code, filesystem mutation, tracing hooks.
 FORBIDDEN_EVENT_PREFIXES = (
-    "socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
-    "os.fork", "os.forkpty", "os.kill", "os.killpg", "signal.", "ctypes.", "os.putenv",
-    "os.unsetenv", "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.symlink",
-    "os.link", "os.truncate", "os.chmod", "os.chown", "os.chdir", "os.chroot",
-    "os.setxattr", "os.removexattr", "os.utime", "shutil.", "sys.settrace", "sys.setprofile",
-    "sys.addaudithook", "sys.remote_exec", "mmap.", "winreg.", "webbrowser.", "urllib.",
-    "http.", "ftplib.", "smtplib.", "telnetlib.", "pty.", "fcntl.", "resource.setrlimit",
-    "pdb.", "cpython.run_", "code.__new__", "function.__new__", "import",
+    "socket.",
+    "subprocess.",
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.fork",
+    "os.forkpty",
+    "os.kill",
+    "os.killpg",
+    "signal.",
+    "ctypes.",
+    "os.putenv",
+    "os.unsetenv",
+    "os.remove",
+    "os.rename",
+    "os.rmdir",
+    "os.mkdir",
+    "os.symlink",
+    "os.link",
+    "os.truncate",
+    "os.chmod",
+    "os.chown",
+    "os.chdir",
+    "os.chroot",
+    "os.setxattr",
+    "os.removexattr",
+    "os.utime",
+    "shutil.",
+    "sys.settrace",
+    "sys.setprofile",
+    "sys.addaudithook",
+    "sys.remote_exec",
+    "mmap.",
+    "winreg.",
+    "webbrowser.",
+    "urllib.",
+    "http.",
+    "ftplib.",
+    "smtplib.",
+    "telnetlib.",
+    "pty.",
+    "fcntl.",
+    "resource.setrlimit",
+    "pdb.",
+    "cpython.run_",
+    "code.__new__",
+    "function.__new__",
+    "import",
 )
 # Events that name a path: allowed only inside the scratch folder.
 PATH_EVENTS = ("open", "os.listdir", "os.scandir", "glob.glob", "os.walk")
@@ -123,6 +180,7 @@ def _unshare_network():
     """
     try:
         import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         clone_newuser, clone_newnet = 0x10000000, 0x40000000
         return libc.unshare(clone_newuser | clone_newnet) == 0 or libc.unshare(clone_newnet) == 0
@@ -146,11 +204,11 @@ def _to_report(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             import numbers
+
             if isinstance(value, numbers.Real) and not isinstance(value, bool):
                 value = float(value)  # Fraction, Decimal
             else:
-                return {"status": "NOT_A_NUMBER" if value is not None else "NO_RESULT",
-                        "repr": repr(value)[:200]}
+                return {"status": "NOT_A_NUMBER" if value is not None else "NO_RESULT", "repr": repr(value)[:200]}
         except Exception as err:  # noqa: BLE001 - odd __float__ implementations
             return {"status": "NOT_A_NUMBER", "repr": f"<unconvertible: {type(err).__name__}>"}
     try:
@@ -206,7 +264,7 @@ def main():
     sys.__stdout__.write(READY)
     sys.__stdout__.flush()
     report = _run(source, limits["entry"], output, importer)
-    report["stdout"] = output.getvalue()[-limits["max_output_chars"]:]
+    report["stdout"] = output.getvalue()[-limits["max_output_chars"] :]
     report["netns"] = netns
     sys.__stdout__.write("\n" + json.dumps(report) + "\n")
     sys.__stdout__.flush()

@@ -59,10 +59,8 @@ def parse_number(text: str) -> float | None:
 
 
 def _after_last(pattern: re.Pattern[str], text: str) -> str | None:
-    last = None
-    for last in pattern.finditer(text):
-        pass
-    return None if last is None else text[last.end():]
+    matches = list(pattern.finditer(text))
+    return text[matches[-1].end() :] if matches else None
 
 
 def extract_ncot_answer(completion: str) -> float | None:

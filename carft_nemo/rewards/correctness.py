@@ -14,7 +14,7 @@ similarity-based partial reward; that is computed elsewhere and plugged in here 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from carft_nemo.data.records import Example
 from carft_nemo.rewards.answer import DEFAULT_TOLERANCE, extract_ncot_answer, is_correct
@@ -47,8 +47,9 @@ class RewardResult:
     failure: str | None
 
 
-def _from_value(value: float | None, gold: float, failure: str | None, tolerance: float,
-                wrong_reward: float) -> RewardResult:
+def _from_value(
+    value: float | None, gold: float, failure: str | None, tolerance: float, wrong_reward: float
+) -> RewardResult:
     if value is None:
         return RewardResult(NO_ANSWER_REWARD, False, False, None, failure)
     if is_correct(value, gold, tolerance):
@@ -56,15 +57,17 @@ def _from_value(value: float | None, gold: float, failure: str | None, tolerance
     return RewardResult(wrong_reward, False, True, value, None)
 
 
-def ncot_reward(completion: str, gold: float, *, tolerance: float = DEFAULT_TOLERANCE,
-                wrong_reward: float = WRONG_REWARD) -> RewardResult:
+def ncot_reward(
+    completion: str, gold: float, *, tolerance: float = DEFAULT_TOLERANCE, wrong_reward: float = WRONG_REWARD
+) -> RewardResult:
     """ReFT reward of an N-CoT completion (pure function of the text and the gold answer)."""
     value = extract_ncot_answer(completion)
     return _from_value(value, gold, "no_answer", tolerance, wrong_reward)
 
 
-def pcot_reward(result: SandboxResult, gold: float, *, tolerance: float = DEFAULT_TOLERANCE,
-                wrong_reward: float = WRONG_REWARD) -> RewardResult:
+def pcot_reward(
+    result: SandboxResult, gold: float, *, tolerance: float = DEFAULT_TOLERANCE, wrong_reward: float = WRONG_REWARD
+) -> RewardResult:
     """ReFT reward of a P-CoT completion, given what its program returned in the sandbox."""
     value = result.value if result.ok else None
     return _from_value(value, gold, result.status.value, tolerance, wrong_reward)

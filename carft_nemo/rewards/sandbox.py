@@ -57,9 +57,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 from carft_nemo.config.base import require
 
@@ -69,16 +69,16 @@ WORKER = Path(__file__).with_name("_sandbox_worker.py")
 class SandboxStatus(str, enum.Enum):
     """Outcome of one program. Everything but ``OK`` is a failure."""
 
-    OK = "OK"                              # solution() returned a finite real number
-    TIMEOUT = "TIMEOUT"                    # wall-clock deadline or RLIMIT_CPU reached
-    EXCEPTION = "EXCEPTION"                # the program raised (incl. RecursionError, SystemExit)
-    SYNTAX_ERROR = "SYNTAX_ERROR"          # the program does not compile
-    KILLED = "KILLED"                      # the child died from a signal we did not send for time
-    NO_RESULT = "NO_RESULT"                # no solution() / returned None / child gave no report
-    NOT_A_NUMBER = "NOT_A_NUMBER"          # returned something that is not a finite real number
+    OK = "OK"  # solution() returned a finite real number
+    TIMEOUT = "TIMEOUT"  # wall-clock deadline or RLIMIT_CPU reached
+    EXCEPTION = "EXCEPTION"  # the program raised (incl. RecursionError, SystemExit)
+    SYNTAX_ERROR = "SYNTAX_ERROR"  # the program does not compile
+    KILLED = "KILLED"  # the child died from a signal we did not send for time
+    NO_RESULT = "NO_RESULT"  # no solution() / returned None / child gave no report
+    NOT_A_NUMBER = "NOT_A_NUMBER"  # returned something that is not a finite real number
     OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"  # printed more than the output limit
-    MEMORY = "MEMORY"                      # MemoryError under RLIMIT_AS
-    FORBIDDEN = "FORBIDDEN"                # touched network / processes / files / imports the policy refuses
+    MEMORY = "MEMORY"  # MemoryError under RLIMIT_AS
+    FORBIDDEN = "FORBIDDEN"  # touched network / processes / files / imports the policy refuses
 
 
 @dataclasses.dataclass
@@ -139,8 +139,9 @@ class SandboxResult:
         return self.status is SandboxStatus.OK
 
 
-def _read_bounded(proc: subprocess.Popen, deadline: float, cap: int,
-                  run_timeout: float) -> tuple[bytes, bytes, str | None, float]:
+def _read_bounded(
+    proc: subprocess.Popen, deadline: float, cap: int, run_timeout: float
+) -> tuple[bytes, bytes, str | None, float]:
     """Read the child's stdout/stderr until EOF, the deadline, or ``cap`` bytes in total.
 
     ``deadline`` first bounds start-up; at the child's first output (its ready marker) it
@@ -193,12 +194,17 @@ def _kill_group(pgid: int) -> None:
 
 
 def _limits_json(config: SandboxConfig) -> str:
-    return json.dumps({
-        "cpu_time_s": config.cpu_time_s, "memory_mb": config.memory_mb,
-        "max_output_chars": config.max_output_chars, "max_file_bytes": config.max_file_bytes,
-        "entry": config.entry, "unshare_network": config.unshare_network,
-        "enforce_policy": config.enforce_policy,
-    })
+    return json.dumps(
+        {
+            "cpu_time_s": config.cpu_time_s,
+            "memory_mb": config.memory_mb,
+            "max_output_chars": config.max_output_chars,
+            "max_file_bytes": config.max_file_bytes,
+            "entry": config.entry,
+            "unshare_network": config.unshare_network,
+            "enforce_policy": config.enforce_policy,
+        }
+    )
 
 
 def _interpret(returncode: int, stdout: bytes, reason: str | None) -> tuple[SandboxStatus, float | None, str, str]:
@@ -238,8 +244,13 @@ def run_program(source: str, config: SandboxConfig = SandboxConfig()) -> Sandbox
     try:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-B", str(WORKER), _limits_json(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=scratch, env={}, start_new_session=True, close_fds=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=scratch,
+            env={},
+            start_new_session=True,
+            close_fds=True,
         )
         deadline = start + config.startup_timeout_s
         try:
@@ -248,8 +259,9 @@ def run_program(source: str, config: SandboxConfig = SandboxConfig()) -> Sandbox
         except BrokenPipeError:
             pass  # the child died early; its exit status says why
         # The pipe cap allows for JSON escaping of the (already bounded) captured output.
-        stdout, _, reason, deadline = _read_bounded(proc, deadline, 4 * config.max_output_chars + 65536,
-                                                    config.timeout_s)
+        stdout, _, reason, deadline = _read_bounded(
+            proc, deadline, 4 * config.max_output_chars + 65536, config.timeout_s
+        )
         if reason is None and not _wait_unreaped(proc.pid, deadline):
             reason = "timeout"
         _kill_group(proc.pid)  # always: children that outlived the program die here

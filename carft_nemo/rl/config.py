@@ -8,7 +8,6 @@ is ReFT, with ``contrastive.enabled: true`` it is CARFT, and ``algorithm: grpo``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from carft_nemo.algorithms.contrastive.config import ContrastiveConfig
 from carft_nemo.config import require
@@ -124,7 +123,7 @@ class RLLoopConfig:
     critic_warmup_steps: int = 0
     # ReFT scores a response that hit the length limit without EOS like any other (its text
     # usually has no answer line -> 0). A number here overrides that score instead.
-    unfinished_score: Optional[float] = None
+    unfinished_score: float | None = None
     eval_every: int = 10  # greedy held-out evaluation every N steps (and before/after); 0 = only before/after
     eval_examples: int = 200
     save_every: int = 10
@@ -134,8 +133,14 @@ class RLLoopConfig:
 
     def __post_init__(self) -> None:
         require(self.algorithm in ALGORITHMS, "rl.algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        for name in ("steps", "questions_per_step", "samples_per_question", "ppo_epochs", "mini_batch_size",
-                     "keep_checkpoints"):
+        for name in (
+            "steps",
+            "questions_per_step",
+            "samples_per_question",
+            "ppo_epochs",
+            "mini_batch_size",
+            "keep_checkpoints",
+        ):
             require(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_examples", "save_every", "kl_coef", "critic_warmup_steps"):
             require(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
@@ -143,12 +148,18 @@ class RLLoopConfig:
         require(0 <= self.lam <= 1, "rl.lam", f"must be in [0, 1], got {self.lam}")
         require(self.clip_ratio > 0, "rl.clip_ratio", f"must be > 0, got {self.clip_ratio}")
         require(self.call_timeout_s > 0, "rl.call_timeout_s", f"must be > 0, got {self.call_timeout_s}")
-        require(self.rollout_size % self.mini_batch_size == 0, "rl.mini_batch_size",
-                f"rollout size questions_per_step*samples_per_question = {self.rollout_size} must be a "
-                f"multiple of mini_batch_size={self.mini_batch_size}")
+        require(
+            self.rollout_size % self.mini_batch_size == 0,
+            "rl.mini_batch_size",
+            f"rollout size questions_per_step*samples_per_question = {self.rollout_size} must be a "
+            f"multiple of mini_batch_size={self.mini_batch_size}",
+        )
         if self.algorithm == "grpo":
-            require(self.samples_per_question >= 2, "rl.samples_per_question",
-                    "Dr.GRPO needs a group of >= 2 samples per question")
+            require(
+                self.samples_per_question >= 2,
+                "rl.samples_per_question",
+                "Dr.GRPO needs a group of >= 2 samples per question",
+            )
 
     @property
     def rollout_size(self) -> int:
@@ -156,7 +167,7 @@ class RLLoopConfig:
 
     @property
     def optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run: the unit of the actor's and critic's ``optim.warmup_steps``/``decay_steps``."""
+        """Optimizer steps of the whole run: the unit of ``optim.warmup_steps`` / ``decay_steps``."""
         return self.steps * self.ppo_epochs * (self.rollout_size // self.mini_batch_size)
 
 
@@ -174,35 +185,47 @@ class RLConfig:
 
     output_dir: str = "outputs/rl"
     sft_checkpoint: str = ""  # SFT output dir (holds checkpoints/ and tokenizer/) or a step_N folder
-    tokenizer_path: Optional[str] = None  # default: <sft output dir>/tokenizer
+    tokenizer_path: str | None = None  # default: <sft output dir>/tokenizer
     model: ModelConfig = field(default_factory=ModelConfig)  # default: the SFT checkpoint's model
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward: RewardServerConfig = field(default_factory=RewardServerConfig)
     contrastive: ContrastiveConfig = field(default_factory=lambda: ContrastiveConfig(enabled=False))
-    encoding: EncodingConfig = field(default_factory=lambda: EncodingConfig(max_prompt_tokens=128, max_total_tokens=256))
+    encoding: EncodingConfig = field(
+        default_factory=lambda: EncodingConfig(max_prompt_tokens=128, max_total_tokens=256)
+    )
     train_data: DatasetConfig = field(default_factory=DatasetConfig)
     eval_data: DatasetConfig = field(default_factory=_default_eval_data)
     generation: GenerationConfig = field(default_factory=_rl_generation)
-    eval_generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=96, greedy=True,
-                                                                                       micro_batch_size=64))
+    eval_generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=96, greedy=True, micro_batch_size=64)
+    )
     rl: RLLoopConfig = field(default_factory=RLLoopConfig)
-    ray_address: Optional[str] = None  # an existing Ray cluster; default: start one on this host
+    ray_address: str | None = None  # an existing Ray cluster; default: start one on this host
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")
         require(self.train_data.split == "train", "train_data.split", "must be 'train'")
         require(not self.generation.greedy, "generation.greedy", "rollouts must sample (set greedy: false)")
         if self.rl.algorithm == "grpo":
-            require(not self.contrastive.enabled, "contrastive.enabled",
-                    "the contrastive signal needs a critic's values; it is not defined for Dr.GRPO")
+            require(
+                not self.contrastive.enabled,
+                "contrastive.enabled",
+                "the contrastive signal needs a critic's values; it is not defined for Dr.GRPO",
+            )
         if self.rl.critic_warmup_steps:
-            require(self.uses_critic_group, "rl.critic_warmup_steps",
-                    "needs PPO with a separate critic (critic.layout: separate): a shared value head trains "
-                    "with the policy")
-            require(self.rl.critic_warmup_steps < self.rl.steps, "rl.critic_warmup_steps",
-                    f"{self.rl.critic_warmup_steps} warm-up rounds leave none of rl.steps={self.rl.steps} to the policy")
+            require(
+                self.uses_critic_group,
+                "rl.critic_warmup_steps",
+                "needs PPO with a separate critic (critic.layout: separate): a shared value head trains "
+                "with the policy",
+            )
+            require(
+                self.rl.critic_warmup_steps < self.rl.steps,
+                "rl.critic_warmup_steps",
+                f"{self.rl.critic_warmup_steps} warm-up rounds leave none of rl.steps={self.rl.steps} to the policy",
+            )
 
     @property
     def uses_critic_group(self) -> bool:

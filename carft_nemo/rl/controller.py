@@ -29,7 +29,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -56,8 +56,8 @@ from carft_nemo.workers.critic import CriticSpec, CriticTrainSettings, CriticWor
 from carft_nemo.workers.model_worker import ReplicaMap, concat_rows, shard_rows
 from carft_nemo.workers.reward import RewardPool
 
-
 # ---------------------------------------------------------------------------- start-up checks
+
 
 def resolve_sft(cfg: RLConfig) -> tuple[Path, Path, ModelConfig]:
     """(SFT checkpoint step folder, tokenizer folder, model config) from ``cfg.sft_checkpoint``."""
@@ -91,12 +91,17 @@ def check_layouts(cfg: RLConfig, model: ModelConfig) -> dict[str, int]:
     rollout, mini = cfg.rl.rollout_size, cfg.rl.mini_batch_size
     for role, micro in groups:
         dp = dps[role]
-        require(rollout % (dp * micro) == 0, f"{role}.micro_batch_size",
-                f"the rollout of {rollout} samples must split into {dp} data-parallel replicas x micro-batches "
-                f"of {micro}")
+        require(
+            rollout % (dp * micro) == 0,
+            f"{role}.micro_batch_size",
+            f"the rollout of {rollout} samples must split into {dp} data-parallel replicas x micro-batches of {micro}",
+        )
         if role != "reference":
-            require(mini % (dp * micro) == 0, "rl.mini_batch_size",
-                    f"{mini} must be a multiple of {role} data parallel x micro_batch_size = {dp} x {micro}")
+            require(
+                mini % (dp * micro) == 0,
+                "rl.mini_batch_size",
+                f"{mini} must be a multiple of {role} data parallel x micro_batch_size = {dp} x {micro}",
+            )
     return dps
 
 
@@ -115,6 +120,7 @@ def _common_steps(roots: list[Path]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the run
+
 
 class RLRun:
     """State of one RL run on the controller; :meth:`run` is the loop."""
@@ -151,8 +157,11 @@ class RLRun:
         self.train_prompts = prompts
         if cfg.contrastive.enabled:
             annotated, _ = encode_sft(self.train_examples, self.tokenizer, cfg.encoding)
-            require(len(annotated) == len(self.train_examples), "encoding",
-                    "every kept question needs its annotated CoT (lower encoding limits dropped some)")
+            require(
+                len(annotated) == len(self.train_examples),
+                "encoding",
+                "every kept question needs its annotated CoT (lower encoding limits dropped some)",
+            )
             self.train_annotated = annotated
         evals = load_examples(cfg.eval_data)
         if cfg.rl.eval_examples:
@@ -160,48 +169,88 @@ class RLRun:
         self.eval_prompts, eval_kept, _ = encode_prompts(evals, self.tokenizer, cfg.encoding)
         eval_keep = set(eval_kept)
         self.eval_examples = [ex for ex in evals if ex.id in eval_keep]
-        LOG.info("data: %d training questions (%d prompts cut/dropped), %d held-out questions",
-                 len(self.train_examples), stats.prompts_truncated + stats.dropped, len(self.eval_examples))
+        LOG.info(
+            "data: %d training questions (%d prompts cut/dropped), %d held-out questions",
+            len(self.train_examples),
+            stats.prompts_truncated + stats.dropped,
+            len(self.eval_examples),
+        )
 
     # ------------------------------------------------------------------ workers
 
     def start_workers(self) -> None:
         cfg = self.cfg
-        dims = dict(num_layers=self.model_cfg.num_layers, num_attention_heads=self.model_cfg.num_attention_heads,
-                    num_query_groups=self.model_cfg.num_query_groups)
+        dims = dict(
+            num_layers=self.model_cfg.num_layers,
+            num_attention_heads=self.model_cfg.num_attention_heads,
+            num_query_groups=self.model_cfg.num_query_groups,
+        )
         self.owns_ray = start_local_ray(num_cpus=worker_cpus(cfg), address=cfg.ray_address)
         total = cfg.rl.optimizer_steps  # the LR schedules count optimizer steps, several per RL step
         t0 = time.perf_counter()
-        actor = RayWorkerGroup(ActorWorker, cfg.actor.num_workers, cfg.actor.parallel, seed=cfg.rl.seed, model_dims=dims)
+        actor = RayWorkerGroup(
+            ActorWorker, cfg.actor.num_workers, cfg.actor.parallel, seed=cfg.rl.seed, model_dims=dims
+        )
         self.groups["actor"] = actor
-        spec = ActorSpec(self.model_cfg, cfg.actor.parallel, str(self.sft_step), str(self.tokenizer_dir),
-                         optim=cfg.actor.optim, total_steps=total, shared_value_head=cfg.uses_shared_value_head,
-                         contrastive_dim=cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0,
-                         keep_reference=cfg.reference.mode == "swap" and cfg.rl.kl_coef > 0,
-                         micro_batch_size=cfg.actor.micro_batch_size, cpu_threads=cfg.actor.cpu_threads,
-                         temperature=cfg.generation.temperature)
+        spec = ActorSpec(
+            self.model_cfg,
+            cfg.actor.parallel,
+            str(self.sft_step),
+            str(self.tokenizer_dir),
+            optim=cfg.actor.optim,
+            total_steps=total,
+            shared_value_head=cfg.uses_shared_value_head,
+            contrastive_dim=cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0,
+            keep_reference=cfg.reference.mode == "swap" and cfg.rl.kl_coef > 0,
+            micro_batch_size=cfg.actor.micro_batch_size,
+            cpu_threads=cfg.actor.cpu_threads,
+            temperature=cfg.generation.temperature,
+        )
         calls = {"actor": actor.submit("setup", spec)}
         if cfg.uses_critic_group:
-            critic = RayWorkerGroup(CriticWorker, cfg.critic.num_workers, cfg.critic.parallel, seed=cfg.rl.seed + 1,
-                                    model_dims=dims)
+            critic = RayWorkerGroup(
+                CriticWorker, cfg.critic.num_workers, cfg.critic.parallel, seed=cfg.rl.seed + 1, model_dims=dims
+            )
             self.groups["critic"] = critic
-            calls["critic"] = critic.submit("setup", CriticSpec(
-                self.model_cfg, cfg.critic.parallel, cfg.critic.optim, str(self.sft_step), total_steps=total,
-                micro_batch_size=cfg.critic.micro_batch_size, cpu_threads=cfg.critic.cpu_threads))
+            calls["critic"] = critic.submit(
+                "setup",
+                CriticSpec(
+                    self.model_cfg,
+                    cfg.critic.parallel,
+                    cfg.critic.optim,
+                    str(self.sft_step),
+                    total_steps=total,
+                    micro_batch_size=cfg.critic.micro_batch_size,
+                    cpu_threads=cfg.critic.cpu_threads,
+                ),
+            )
         if cfg.reference.mode == "group" and cfg.rl.kl_coef > 0:
-            ref = RayWorkerGroup(ActorWorker, cfg.reference.num_workers, cfg.reference.parallel, seed=cfg.rl.seed,
-                                 model_dims=dims)
+            ref = RayWorkerGroup(
+                ActorWorker, cfg.reference.num_workers, cfg.reference.parallel, seed=cfg.rl.seed, model_dims=dims
+            )
             self.groups["reference"] = ref
-            calls["reference"] = ref.submit("setup", dataclasses.replace(
-                spec, parallel=cfg.reference.parallel, optim=None, shared_value_head=False, contrastive_dim=0,
-                keep_reference=False))
+            calls["reference"] = ref.submit(
+                "setup",
+                dataclasses.replace(
+                    spec,
+                    parallel=cfg.reference.parallel,
+                    optim=None,
+                    shared_value_head=False,
+                    contrastive_dim=0,
+                    keep_reference=False,
+                ),
+            )
         self.reward = RewardPool(cfg.reward.num_workers, cfg.reward.tolerance, cfg.reward.sandbox)
         self.groups["reward"] = self.reward
         wait_all(calls, cfg.rl.call_timeout_s)
-        self.maps = {role: ReplicaMap.from_layouts(g.layouts) for role, g in self.groups.items()
-                     if isinstance(g, RayWorkerGroup)}
-        LOG.info("workers up in %.1f s: %s", time.perf_counter() - t0,
-                 ", ".join(f"{role} x{len(g.actors)}" for role, g in self.groups.items()))
+        self.maps = {
+            role: ReplicaMap.from_layouts(g.layouts) for role, g in self.groups.items() if isinstance(g, RayWorkerGroup)
+        }
+        LOG.info(
+            "workers up in %.1f s: %s",
+            time.perf_counter() - t0,
+            ", ".join(f"{role} x{len(g.actors)}" for role, g in self.groups.items()),
+        )
 
     def stop_workers(self) -> None:
         """Kill every role's actors, then the Ray instance if this run started it (see shared_ray)."""
@@ -219,8 +268,10 @@ class RLRun:
     def _sharded(self, role: str, method: str, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> list:
         group, rmap = self.groups[role], self.maps[role]
         shards = shard_rows(batch, rmap.data_parallel)
-        return [getattr(actor, method).remote(shard, *args, **kwargs)
-                for actor, shard in zip(group.actors, rmap.per_rank(shards))]
+        return [
+            getattr(actor, method).remote(shard, *args, **kwargs)
+            for actor, shard in zip(group.actors, rmap.per_rank(shards))
+        ]
 
     def _joined(self, role: str, results: list) -> dict[str, torch.Tensor]:
         return concat_rows(self.maps[role].answers(results))
@@ -233,14 +284,18 @@ class RLRun:
         questions = schedule.global_indices(step)
         sample_q = [q for q in questions for _ in range(cfg.rl.samples_per_question)]
         prompts = [self.train_prompts[q] for q in sample_q]
-        gen_cfg = dataclasses.replace(cfg.generation, seed=cfg.rl.seed * 7919 + step,
-                                      eos_token_ids=(self.tokenizer.eos_token_id,),
-                                      pad_token_id=self.tokenizer.pad_token_id)
+        gen_cfg = dataclasses.replace(
+            cfg.generation,
+            seed=cfg.rl.seed * 7919 + step,
+            eos_token_ids=(self.tokenizer.eos_token_id,),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         rmap = self.maps["actor"]
         per = len(prompts) // rmap.data_parallel
-        shards = [(prompts[d * per:(d + 1) * per], gen_cfg) for d in range(rmap.data_parallel)]
-        results = wait_all({"actor": self.groups["actor"].submit_per_rank("generate", rmap.per_rank(shards))},
-                           cfg.rl.call_timeout_s)["actor"]
+        shards = [(prompts[d * per : (d + 1) * per], gen_cfg) for d in range(rmap.data_parallel)]
+        results = wait_all(
+            {"actor": self.groups["actor"].submit_per_rank("generate", rmap.per_rank(shards))}, cfg.rl.call_timeout_s
+        )["actor"]
         return sample_q, join_rollouts(rmap.answers(results))
 
     def make_experience(self, sample_q: list[int], rollout: Any, phases: dict[str, float]) -> tuple[dict, dict]:
@@ -260,11 +315,19 @@ class RLRun:
         # CARFT: the annotated sequences ride in the same actor / critic calls as the on-policy
         # ones (rows appended, right-padded to a common width; causal attention makes the padding
         # invisible), so they cost their FLOPs but no extra round trip or schedule set-up.
-        both = ({"tokens": _stack_rows(batch.tokens, annotated.tokens, pad),
-                 "lengths": torch.cat([tokens["lengths"], annotated.lengths])} if carft else tokens)
+        both = (
+            {
+                "tokens": _stack_rows(batch.tokens, annotated.tokens, pad),
+                "lengths": torch.cat([tokens["lengths"], annotated.lengths]),
+            }
+            if carft
+            else tokens
+        )
         if cfg.uses_critic_group:
             calls["critic"] = self._sharded("critic", "infer", both)
-        outputs = ("logprobs",) + (("values",) if cfg.uses_shared_value_head else ()) + (("embeddings",) if carft else ())
+        outputs = (
+            ("logprobs",) + (("values",) if cfg.uses_shared_value_head else ()) + (("embeddings",) if carft else ())
+        )
         calls["actor"] = self._sharded("actor", "forward", both, outputs=outputs)
         if cfg.rl.kl_coef > 0:
             if cfg.reference.mode == "group":
@@ -277,8 +340,11 @@ class RLRun:
         phases["critic"] = finished.get("critic", t0) - t0
         phases["reward"] = finished["reward"] - t0
 
-        role_of = {"actor": "actor", "critic": "critic",
-                   "reference": "reference" if cfg.reference.mode == "group" else "actor"}
+        role_of = {
+            "actor": "actor",
+            "critic": "critic",
+            "reference": "reference" if cfg.reference.mode == "group" else "actor",
+        }
         out = {k: self._joined(role_of[k], v) for k, v in results.items() if k != "reward"}
         if carft:
             rows, width, ann_width = batch.tokens.shape[0], batch.tokens.shape[1], annotated.tokens.shape[1]
@@ -299,12 +365,18 @@ class RLRun:
         metrics: dict[str, float] = {}
         exp = {"tokens": batch.tokens, "action_mask": mask, "old_logprobs": logprobs}
         if carft:
-            token_values = (out["actor"]["values"] if cfg.uses_shared_value_head else out["critic"]["values"])
-            ann_values = (out["actor_annotated"]["values"] if cfg.uses_shared_value_head
-                          else out["critic_annotated"]["values"])
-            exp.update(response_mask=batch.response_mask, correct=correct, critic_token_values=token_values,
-                       ann_embeddings=out["actor_annotated"]["embeddings"], ann_values=ann_values,
-                       ann_cot_mask=annotated.cot_mask)
+            token_values = out["actor"]["values"] if cfg.uses_shared_value_head else out["critic"]["values"]
+            ann_values = (
+                out["actor_annotated"]["values"] if cfg.uses_shared_value_head else out["critic_annotated"]["values"]
+            )
+            exp.update(
+                response_mask=batch.response_mask,
+                correct=correct,
+                critic_token_values=token_values,
+                ann_embeddings=out["actor_annotated"]["embeddings"],
+                ann_values=ann_values,
+                ann_cot_mask=annotated.cot_mask,
+            )
             if cfg.contrastive.uses_negative:
                 exp.update(lcs_split(annotated, batch))
             wrong_extractable = extracted & ~correct
@@ -333,12 +405,18 @@ class RLRun:
             exp.update(old_values=old_values, returns=returns)
         exp["advantages"] = adv
         lengths = batch.response_lengths.float()
-        metrics.update({
-            "reward": float(rewards.mean()), "score": float(scores.mean()), "accuracy": float(correct.float().mean()),
-            "extracted": float(extracted.float().mean()), "kl": float((kl.sum(dim=1)).mean()),
-            "response_length": float(lengths.mean()), "finished": float(finished_mask.float().mean()),
-            "advantage_abs_mean": float(masked_mean(adv.abs(), mask)),
-        })
+        metrics.update(
+            {
+                "reward": float(rewards.mean()),
+                "score": float(scores.mean()),
+                "accuracy": float(correct.float().mean()),
+                "extracted": float(extracted.float().mean()),
+                "kl": float((kl.sum(dim=1)).mean()),
+                "response_length": float(lengths.mean()),
+                "finished": float(finished_mask.float().mean()),
+                "advantage_abs_mean": float(masked_mean(adv.abs(), mask)),
+            }
+        )
         return exp, metrics
 
     def train(self, step: int, exp: dict[str, torch.Tensor], phases: dict[str, float]) -> dict[str, float]:
@@ -347,21 +425,36 @@ class RLRun:
         dp = self.dps["actor"]
         grpo = cfg.rl.algorithm == "grpo"
         settings = ActorLossSettings(
-            epochs=cfg.rl.ppo_epochs, mini_batch_rows=cfg.rl.mini_batch_size // dp, seed=cfg.rl.seed * 31 + step,
-            clip_ratio=cfg.rl.clip_ratio, temperature=cfg.generation.temperature,
-            constant_normalizer=drgrpo_normalizer(cfg.rl.mini_batch_size, cfg.generation.max_new_tokens) if grpo else 0.0,
-            shared_value=cfg.uses_shared_value_head, value_clip=cfg.critic.value_clip,
+            epochs=cfg.rl.ppo_epochs,
+            mini_batch_rows=cfg.rl.mini_batch_size // dp,
+            seed=cfg.rl.seed * 31 + step,
+            clip_ratio=cfg.rl.clip_ratio,
+            temperature=cfg.generation.temperature,
+            constant_normalizer=drgrpo_normalizer(cfg.rl.mini_batch_size, cfg.generation.max_new_tokens)
+            if grpo
+            else 0.0,
+            shared_value=cfg.uses_shared_value_head,
+            value_clip=cfg.critic.value_clip,
             value_loss_coef=cfg.critic.value_loss_coef,
-            contrastive=cfg.contrastive if cfg.contrastive.enabled else None)
+            contrastive=cfg.contrastive if cfg.contrastive.enabled else None,
+        )
         actor_keys = [k for k in exp if cfg.uses_shared_value_head or k not in ("old_values", "returns")]
         calls = {}
         if step >= cfg.rl.critic_warmup_steps:
             calls["actor"] = self._sharded("actor", "train", {k: exp[k] for k in actor_keys}, settings)
         if cfg.uses_critic_group:
             critic_batch = {k: exp[k] for k in ("tokens", "action_mask", "old_values", "returns")}
-            calls["critic"] = self._sharded("critic", "train", critic_batch, CriticTrainSettings(
-                epochs=cfg.rl.ppo_epochs, mini_batch_rows=cfg.rl.mini_batch_size // self.dps["critic"],
-                seed=cfg.rl.seed * 31 + step, value_clip=cfg.critic.value_clip))
+            calls["critic"] = self._sharded(
+                "critic",
+                "train",
+                critic_batch,
+                CriticTrainSettings(
+                    epochs=cfg.rl.ppo_epochs,
+                    mini_batch_rows=cfg.rl.mini_batch_size // self.dps["critic"],
+                    seed=cfg.rl.seed * 31 + step,
+                    value_clip=cfg.critic.value_clip,
+                ),
+            )
         results = wait_all(calls, cfg.rl.call_timeout_s)
         phases["training"] = time.perf_counter() - t0
         actor_sums = self.maps["actor"].answers(results["actor"])[0] if "actor" in results else None
@@ -370,20 +463,36 @@ class RLRun:
 
     def evaluate(self, step: int, name: str, logger: RunLogger) -> tuple[EvalResult, PairedChange | None]:
         t0 = time.perf_counter()
-        gen_cfg = dataclasses.replace(self.cfg.eval_generation, eos_token_ids=(self.tokenizer.eos_token_id,),
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        answers = wait_all({"actor": self.groups["actor"].submit("evaluate", self.eval_examples, self.eval_prompts,
-                                                                 gen_cfg)}, self.cfg.rl.call_timeout_s)["actor"]
+        gen_cfg = dataclasses.replace(
+            self.cfg.eval_generation,
+            eos_token_ids=(self.tokenizer.eos_token_id,),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        answers = wait_all(
+            {"actor": self.groups["actor"].submit("evaluate", self.eval_examples, self.eval_prompts, gen_cfg)},
+            self.cfg.rl.call_timeout_s,
+        )["actor"]
         got = answers[0]
-        result = EvalResult(got["summary"]["accuracy"], None, got["summary"]["num_examples"],
-                            got["summary"]["mean_response_tokens"], got["records"])
+        result = EvalResult(
+            got["summary"]["accuracy"],
+            None,
+            got["summary"]["num_examples"],
+            got["summary"]["mean_response_tokens"],
+            got["records"],
+        )
         return result, record_eval(result, self.out / "eval", name, step, logger, time.perf_counter() - t0)
 
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
-        calls = {"actor": self.groups["actor"].submit(
-            "save", str(self.ckpt_roots["actor"]), step, {"step": step},
-            {"stage": self.cfg.method, "model": dataclasses.asdict(self.model_cfg)})}
+        calls = {
+            "actor": self.groups["actor"].submit(
+                "save",
+                str(self.ckpt_roots["actor"]),
+                step,
+                {"step": step},
+                {"stage": self.cfg.method, "model": dataclasses.asdict(self.model_cfg)},
+            )
+        }
         if "critic" in self.ckpt_roots:
             calls["critic"] = self.groups["critic"].submit("save", str(self.ckpt_roots["critic"]), step)
         wait_all(calls, self.cfg.rl.call_timeout_s)
@@ -393,7 +502,7 @@ class RLRun:
     def _prune(self) -> None:
         """Keep the newest ``keep_checkpoints`` steps complete for every role (never break a common step)."""
         roots = list(self.ckpt_roots.values())
-        keep = set(_common_steps(roots)[-self.cfg.rl.keep_checkpoints:])
+        keep = set(_common_steps(roots)[-self.cfg.rl.keep_checkpoints :])
         for root in roots:
             for s, path in list_checkpoints(root):
                 if s not in keep and s < max(keep, default=0):
@@ -455,20 +564,28 @@ class RLRun:
                 preemption.restore()
             after, change = (None, None) if stopped_early else self.evaluate(step, "final", logger)
         except WorkerFailure as err:
-            LOG.error("%s; the newest complete checkpoint under %s is usable: rerun the same command to resume",
-                      err, self.out / "checkpoints")
+            LOG.error(
+                "%s; the newest complete checkpoint under %s is usable: rerun the same command to resume",
+                err,
+                self.out / "checkpoints",
+            )
             raise
         finally:
             if logger is not None:
                 logger.close()  # no progress bar redrawn after the error line at exit
             self.stop_workers()
-        summary = {"method": cfg.method, "steps": step, "stopped_early": stopped_early,
-                   "final_checkpoint": str(self.ckpt_roots["actor"]),
-                   "accuracy_before": baseline_accuracy(self.out / "eval"),
-                   "accuracy_after": after.accuracy if after else None,
-                   "held_out_change": change.as_dict() if change else None,
-                   "reward_first_steps": _mean(rewards[:5]), "reward_last_steps": _mean(rewards[-5:]),
-                   "wall_time_s": time.perf_counter() - self.started}
+        summary = {
+            "method": cfg.method,
+            "steps": step,
+            "stopped_early": stopped_early,
+            "final_checkpoint": str(self.ckpt_roots["actor"]),
+            "accuracy_before": baseline_accuracy(self.out / "eval"),
+            "accuracy_after": after.accuracy if after else None,
+            "held_out_change": change.as_dict() if change else None,
+            "reward_first_steps": _mean(rewards[:5]),
+            "reward_last_steps": _mean(rewards[-5:]),
+            "wall_time_s": time.perf_counter() - self.started,
+        }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -485,11 +602,11 @@ def _columns(t: torch.Tensor, key: str, width: int) -> torch.Tensor:
     return t[:, : width - 1] if key == "logprobs" else t[:, :width]
 
 
-def _mean(xs: list[float]) -> Optional[float]:
+def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _train_metrics(actor: Optional[dict[str, float]], critic: Optional[dict[str, float]]) -> dict[str, float]:
+def _train_metrics(actor: dict[str, float] | None, critic: dict[str, float] | None) -> dict[str, float]:
     """Step metrics from the workers' sums (see ActorWorker.train / CriticWorker.train).
 
     ``actor`` is None in a critic warm-up round (the policy was not updated).
@@ -497,12 +614,17 @@ def _train_metrics(actor: Optional[dict[str, float]], critic: Optional[dict[str,
     out: dict[str, float] = {"policy_updated": float(actor is not None)}
     if actor is not None:
         tokens = max(actor.get("policy/tokens", 0.0), 1.0)
-        out.update({"actor_loss": actor["loss"] / max(actor["updates"], 1.0),
-                    "clip_fraction": actor.get("policy/clipped_tokens", 0.0) / tokens,
-                    "approx_kl": actor.get("policy/approx_kl", 0.0) / tokens,
-                    "ratio_mean": actor.get("policy/ratio", 0.0) / tokens,
-                    "entropy": actor.get("policy/entropy", 0.0) / tokens,
-                    "grad_norm": actor["grad_norm"], "updates_skipped": actor["updates_skipped"]})
+        out.update(
+            {
+                "actor_loss": actor["loss"] / max(actor["updates"], 1.0),
+                "clip_fraction": actor.get("policy/clipped_tokens", 0.0) / tokens,
+                "approx_kl": actor.get("policy/approx_kl", 0.0) / tokens,
+                "ratio_mean": actor.get("policy/ratio", 0.0) / tokens,
+                "entropy": actor.get("policy/entropy", 0.0) / tokens,
+                "grad_norm": actor["grad_norm"],
+                "updates_skipped": actor["updates_skipped"],
+            }
+        )
     value_source = critic if critic is not None else (actor or {})
     if "value/tokens" in value_source:
         vt = max(value_source["value/tokens"], 1.0)
@@ -510,8 +632,13 @@ def _train_metrics(actor: Optional[dict[str, float]], critic: Optional[dict[str,
         out["value_clip_fraction"] = value_source["value/clipped_tokens"] / vt
     if critic is not None:
         out["critic_grad_norm"] = critic["grad_norm"]
-    for key in ("contrastive/loss", "contrastive/positive_loss", "contrastive/negative_loss",
-                "contrastive/num_positive", "contrastive/num_negative"):
+    for key in (
+        "contrastive/loss",
+        "contrastive/positive_loss",
+        "contrastive/negative_loss",
+        "contrastive/num_positive",
+        "contrastive/num_negative",
+    ):
         if actor is not None and key in actor:
             out[key] = actor[key] / max(actor.get("count/micro_batches", 0.0), 1.0)
     return out

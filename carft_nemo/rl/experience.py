@@ -8,8 +8,8 @@ in which action column j is taken is therefore ``values[:, j]`` (= ``values[:, :
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -20,8 +20,12 @@ from carft_nemo.generation.rollout import Rollout, RolloutBatch
 
 def join_rollouts(parts: Sequence[Rollout]) -> Rollout:
     """Concatenate the rollouts of the data-parallel replicas, in replica order."""
-    return Rollout(prompts=[p for r in parts for p in r.prompts], responses=[x for r in parts for x in r.responses],
-                   logprobs=[x for r in parts for x in r.logprobs], finished=[x for r in parts for x in r.finished])
+    return Rollout(
+        prompts=[p for r in parts for p in r.prompts],
+        responses=[x for r in parts for x in r.responses],
+        logprobs=[x for r in parts for x in r.logprobs],
+        finished=[x for r in parts for x in r.finished],
+    )
 
 
 def action_mask(batch: RolloutBatch) -> torch.Tensor:
@@ -31,14 +35,17 @@ def action_mask(batch: RolloutBatch) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AnnotatedBatch:
-    """Prompt + annotated CoT (+ EOS) of each sample's question: ``tokens``/``cot_mask`` ``[B, Sa]``, ``lengths [B]``."""
+    """Prompt + annotated CoT (+ EOS) of each sample's question.
+
+    ``tokens`` and ``cot_mask`` ``[B, Sa]``, ``lengths [B]``.
+    """
 
     tokens: torch.Tensor
     cot_mask: torch.Tensor
     lengths: torch.Tensor
 
     @classmethod
-    def build(cls, encoded: Sequence[EncodedExample], pad_id: int) -> "AnnotatedBatch":
+    def build(cls, encoded: Sequence[EncodedExample], pad_id: int) -> AnnotatedBatch:
         batch = collate([e.tokens for e in encoded], pad_id, loss_masks=[e.loss_mask for e in encoded])
         return cls(batch["tokens"], batch["loss_mask"].bool(), batch["lengths"])
 
@@ -46,8 +53,11 @@ class AnnotatedBatch:
 def lcs_split(annotated: AnnotatedBatch, rollout: RolloutBatch) -> dict[str, torch.Tensor]:
     """LCS membership of annotated vs on-policy CoT tokens (CARFT's negative signal), ``[B, .]``."""
     spans = lcs_spans(annotated.tokens.t(), annotated.cot_mask.t(), rollout.tokens.t(), rollout.response_mask.t())
-    return {"ann_common": spans.annotated_common.t(), "gen_common": spans.on_policy_common.t(),
-            "lcs_length": spans.length}
+    return {
+        "ann_common": spans.annotated_common.t(),
+        "gen_common": spans.on_policy_common.t(),
+        "lcs_length": spans.length,
+    }
 
 
 def pooled_embeddings(embeddings: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class BatchSchedule:
             epoch, offset = divmod(start + len(out), self.dataset_size)
             order = self._epoch_order(epoch)
             take = min(self.global_batch_size - len(out), self.dataset_size - offset)
-            out.extend(order[offset:offset + take].tolist())
+            out.extend(order[offset : offset + take].tolist())
         return out
 
     def rank_indices(self, step: int, dp_rank: int, dp_size: int) -> list[int]:
@@ -45,7 +45,7 @@ class BatchSchedule:
         if self.global_batch_size % dp_size:
             raise ValueError(f"global batch {self.global_batch_size} not divisible by data parallel size {dp_size}")
         per_rank = self.global_batch_size // dp_size
-        return self.global_indices(step)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        return self.global_indices(step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch_size / self.dataset_size

@@ -15,7 +15,7 @@ any layout. That is what makes TP/PP/DP runs and resumed runs agree.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from megatron.core import parallel_state as ps
@@ -38,7 +38,9 @@ def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, to
     if total % micro_batch_size:
         raise ValueError(f"batch of {total} rows is not divisible by micro_batch_size={micro_batch_size}")
     dev = device.local_device()
-    return [{k: v[i:i + micro_batch_size].to(dev) for k, v in batch.items()} for i in range(0, total, micro_batch_size)]
+    return [
+        {k: v[i : i + micro_batch_size].to(dev) for k, v in batch.items()} for i in range(0, total, micro_batch_size)
+    ]
 
 
 def data_parallel_sum(value: torch.Tensor | float) -> float:
@@ -69,12 +71,15 @@ def run_forward_backward(
     microbatches = split_microbatches(batch, micro_batch_size)
     scale = ps.get_data_parallel_world_size() * len(microbatches) / max(normalizer, 1e-12)
 
-    def scaled_loss(output: torch.Tensor, micro: Batch, *hidden: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def scaled_loss(
+        output: torch.Tensor, micro: Batch, *hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss_sum, metrics = loss_fn(output, micro, *hidden)
         return loss_sum * scale, {**metrics, "loss_sum": loss_sum.detach()}
 
-    outputs = forward_backward(model, microbatches, scaled_loss, forward_only=forward_only,
-                               hidden_to_loss=hidden_to_loss)
+    outputs = forward_backward(
+        model, microbatches, scaled_loss, forward_only=forward_only, hidden_to_loss=hidden_to_loss
+    )
     return _share_last_stage_metrics(outputs, normalizer)
 
 
@@ -93,8 +98,9 @@ def _share_last_stage_metrics(outputs: Sequence[dict[str, torch.Tensor]], normal
         local = torch.zeros(len(keys), dtype=torch.float64)
     local = local.to(device.local_device())
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(local, src=ps.get_pipeline_model_parallel_last_rank(),
-                                    group=ps.get_pipeline_model_parallel_group())
+        torch.distributed.broadcast(
+            local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
     if local.numel():
         local = all_reduce_sum_no_grad(local, ps.get_data_parallel_group())
     result = dict(zip(keys, local.tolist()))

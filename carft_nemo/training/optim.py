@@ -47,7 +47,9 @@ class OptimConfig:
         require(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         require(self.decay_steps >= 0, "optim.decay_steps", "must be >= 0")
-        require(self.schedule in LR_SCHEDULES, "optim.schedule", f"must be one of {LR_SCHEDULES}, got {self.schedule!r}")
+        require(
+            self.schedule in LR_SCHEDULES, "optim.schedule", f"must be one of {LR_SCHEDULES}, got {self.schedule!r}"
+        )
 
 
 @dataclass
@@ -75,8 +77,9 @@ class TrainableModel:
         return self.optimizer.param_groups[0]["lr"]
 
 
-def make_trainable(gpt: torch.nn.Module, model_cfg: ModelConfig, parallel: ParallelConfig,
-                   optim: OptimConfig, total_steps: int) -> TrainableModel:
+def make_trainable(
+    gpt: torch.nn.Module, model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int
+) -> TrainableModel:
     """Wrap a freshly built model in megatron DDP and give it an optimizer and LR schedule."""
     bf16 = device.default_dtype(model_cfg.bf16) == torch.bfloat16
     config = gpt.config
@@ -84,25 +87,43 @@ def make_trainable(gpt: torch.nn.Module, model_cfg: ModelConfig, parallel: Paral
         ddp = DistributedDataParallel(
             config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                use_distributed_optimizer=parallel.use_distributed_optimizer),
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=parallel.use_distributed_optimizer,
+            ),
             gpt,
         )
         optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
-                optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-                adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-                clip_grad=optim.clip_grad, bf16=bf16, fp16=False,
+                optimizer="adam",
+                lr=optim.lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1,
+                adam_beta2=optim.adam_beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                bf16=bf16,
+                fp16=False,
                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                use_distributed_optimizer=parallel.use_distributed_optimizer),
+                use_distributed_optimizer=parallel.use_distributed_optimizer,
+            ),
             [ddp],
         )
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     decay = optim.decay_steps or max(total_steps, 1)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
-        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(decay, optim.warmup_steps + 1),
-        lr_decay_style=optim.schedule, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
-        wd_incr_steps=max(decay, 1), wd_incr_style="constant")
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(decay, optim.warmup_steps + 1),
+        lr_decay_style=optim.schedule,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(decay, 1),
+        wd_incr_style="constant",
+    )
     return TrainableModel(ddp, optimizer, scheduler)

@@ -11,8 +11,9 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from tqdm import tqdm
 
@@ -32,8 +33,17 @@ def setup_logging(enabled: bool) -> None:
 class RunLogger:
     """Metrics sink for one stage (``sft``, ``ppo``, ...) under ``out_dir``."""
 
-    def __init__(self, out_dir: str | Path, stage: str, *, enabled: bool, total_steps: int,
-                 start_step: int = 0, tensorboard: bool = True, progress: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        stage: str,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.stage = stage
         self.out_dir = Path(out_dir)
@@ -48,8 +58,9 @@ class RunLogger:
 
             self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         if progress:
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True,
-                             file=sys.stderr, mininterval=1.0)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True, file=sys.stderr, mininterval=1.0
+            )
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:

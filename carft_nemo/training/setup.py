@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch.distributed as dist
 
@@ -45,8 +46,15 @@ class PolicyGroup:
         return MegatronGenerator(self.trainable.model, vocab_size=vocab_size)
 
 
-def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int, *,
-                 init_from_hf: Optional[str] = None, value_head: bool = False) -> PolicyGroup:
+def build_policy(
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    optim: OptimConfig,
+    total_steps: int,
+    *,
+    init_from_hf: str | None = None,
+    value_head: bool = False,
+) -> PolicyGroup:
     """Build the model for this rank's stage/shard, load HF weights if asked, wrap for training."""
     gpt = build_gpt_model(model_cfg, parallel, value_head=value_head)
     if init_from_hf:

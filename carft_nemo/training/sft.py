@@ -14,11 +14,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from carft_nemo.algorithms.sft import masked_token_nll_sum, shift_for_next_token
+from carft_nemo.checkpoint.dist_checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from carft_nemo.config import require, save_resolved
 from carft_nemo.data.datasets import DatasetConfig, load_examples
 from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig, collate_sft, encode_prompts, encode_sft
@@ -28,7 +29,6 @@ from carft_nemo.evaluation.runner import EvalResult, baseline_accuracy, evaluate
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.logprobs import token_logprobs
-from carft_nemo.checkpoint.dist_checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from carft_nemo.training.batches import BatchSchedule
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward
 from carft_nemo.training.optim import OptimConfig
@@ -52,13 +52,22 @@ class SFTLoopConfig:
     vote_k: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "global_batch_size", "micro_batch_size", "keep_checkpoints", "pad_to_multiple_of",
-                     "vote_k"):
+        for name in (
+            "steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "keep_checkpoints",
+            "pad_to_multiple_of",
+            "vote_k",
+        ):
             require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "eval_examples", "save_every"):
             require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
-                f"{self.global_batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}")
+        require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "train.global_batch_size",
+            f"{self.global_batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}",
+        )
 
 
 def _default_eval_data() -> DatasetConfig:
@@ -70,16 +79,19 @@ class SFTConfig:
     """The SFT recipe: ``recipes/sft.py --config configs/sft-*.yaml``."""
 
     output_dir: str = "outputs/sft"
-    init_from_hf: Optional[str] = None  # local HF folder (config.json + safetensors) to start from
+    init_from_hf: str | None = None  # local HF folder (config.json + safetensors) to start from
     model: ModelConfig = field(default_factory=ModelConfig)  # set model.preset or the fields
     parallel: parallel_layout.ParallelConfig = field(default_factory=parallel_layout.ParallelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, min_lr=1e-4))
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    encoding: EncodingConfig = field(default_factory=lambda: EncodingConfig(max_prompt_tokens=128, max_total_tokens=256))
+    encoding: EncodingConfig = field(
+        default_factory=lambda: EncodingConfig(max_prompt_tokens=128, max_total_tokens=256)
+    )
     train_data: DatasetConfig = field(default_factory=DatasetConfig)
     eval_data: DatasetConfig = field(default_factory=_default_eval_data)
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=96, greedy=True,
-                                                                                  micro_batch_size=64))
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=96, greedy=True, micro_batch_size=64)
+    )
     train: SFTLoopConfig = field(default_factory=SFTLoopConfig)
 
     def __post_init__(self) -> None:
@@ -91,9 +103,12 @@ def check_world_layout(cfg: SFTConfig, world_size: int) -> int:
     """Validate the layout against the world size before anything starts; returns DP size."""
     require(not cfg.model.is_unset, "model.preset", "set model.preset (e.g. tiny) or the architecture fields")
     dp = parallel_layout.check_model_layout(cfg.parallel, world_size, cfg.model)
-    require(cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0, "train.global_batch_size",
-            f"{cfg.train.global_batch_size} must be a multiple of micro_batch_size*data_parallel = "
-            f"{cfg.train.micro_batch_size}*{dp}")
+    require(
+        cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0,
+        "train.global_batch_size",
+        f"{cfg.train.global_batch_size} must be a multiple of micro_batch_size*data_parallel = "
+        f"{cfg.train.micro_batch_size}*{dp}",
+    )
     return dp
 
 
@@ -110,9 +125,13 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     started = time.perf_counter()
     check_world_layout(cfg, parallel_layout.current_world_size())  # before any process group starts
-    layout = parallel_layout.initialize(cfg.parallel, seed=cfg.train.seed, num_layers=cfg.model.num_layers,
-                                        num_attention_heads=cfg.model.num_attention_heads,
-                                        num_query_groups=cfg.model.num_query_groups)
+    layout = parallel_layout.initialize(
+        cfg.parallel,
+        seed=cfg.train.seed,
+        num_layers=cfg.model.num_layers,
+        num_attention_heads=cfg.model.num_attention_heads,
+        num_query_groups=cfg.model.num_query_groups,
+    )
     setup_logging(layout.is_logging_rank)
     if layout.is_logging_rank:
         save_resolved(cfg, out / "config.yaml")
@@ -124,13 +143,19 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     tokenizer = prepare_tokenizer(cfg.tokenizer, train_examples, out / "tokenizer")
     encoded, trunc = encode_sft(train_examples, tokenizer, cfg.encoding)
     eval_prompts, _, _ = encode_prompts(eval_examples, tokenizer, cfg.encoding)
-    LOG.info("data: %d train sequences (%d responses truncated, %d dropped), %d eval questions",
-             len(encoded), trunc.responses_truncated, trunc.dropped, len(eval_examples))
+    LOG.info(
+        "data: %d train sequences (%d responses truncated, %d dropped), %d eval questions",
+        len(encoded),
+        trunc.responses_truncated,
+        trunc.dropped,
+        len(eval_examples),
+    )
 
     model_cfg = cfg.model.with_vocab(len(tokenizer)) if not cfg.model.vocab_size else cfg.model
     policy = build_policy(model_cfg, cfg.parallel, cfg.optim, cfg.train.steps, init_from_hf=cfg.init_from_hf)
-    gen_cfg = dataclasses.replace(cfg.generation, eos_token_ids=(tokenizer.eos_token_id,),
-                                  pad_token_id=tokenizer.pad_token_id)
+    gen_cfg = dataclasses.replace(
+        cfg.generation, eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id
+    )
     generator = policy.generator(len(tokenizer))
     ckpt_dir = out / "checkpoints"
     start_step = 0
@@ -144,14 +169,20 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     def run_eval(step: int, name: str) -> tuple[EvalResult, PairedChange | None]:
         t0 = time.perf_counter()
         result = evaluate(generator, tokenizer, eval_examples, eval_prompts, gen_cfg, vote_k=cfg.train.vote_k)
-        change = record_eval(result, out / "eval", name, step, logger, time.perf_counter() - t0,
-                             is_logging_rank=layout.is_logging_rank)
+        change = record_eval(
+            result, out / "eval", name, step, logger, time.perf_counter() - t0, is_logging_rank=layout.is_logging_rank
+        )
         return result, change
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt_dir, step, {"policy": policy.trainable}, data_state={"step": step},
-                        metadata={"stage": "sft", "model": dataclasses.asdict(model_cfg)},
-                        keep_last=cfg.train.keep_checkpoints)
+        save_checkpoint(
+            ckpt_dir,
+            step,
+            {"policy": policy.trainable},
+            data_state={"step": step},
+            metadata={"stage": "sft", "model": dataclasses.asdict(model_cfg)},
+            keep_last=cfg.train.keep_checkpoints,
+        )
 
     if cfg.train.eval_before and start_step == 0:
         run_eval(start_step, "before")
@@ -167,15 +198,26 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             normalizer = data_parallel_sum(loss_mask.sum())
             policy.trainable.model.train()
             policy.trainable.zero_grad()
-            metrics = run_forward_backward(policy.trainable.model,
-                                           {"tokens": inputs, "labels": labels, "loss_mask": loss_mask},
-                                           loss_fn=_sft_loss(len(tokenizer)), normalizer=normalizer,
-                                           micro_batch_size=cfg.train.micro_batch_size)
+            metrics = run_forward_backward(
+                policy.trainable.model,
+                {"tokens": inputs, "labels": labels, "loss_mask": loss_mask},
+                loss_fn=_sft_loss(len(tokenizer)),
+                normalizer=normalizer,
+                micro_batch_size=cfg.train.micro_batch_size,
+            )
             ok, grad_norm = policy.trainable.step()
             step += 1
-            logger.log(step, {"loss": metrics["loss"], "lr": policy.trainable.lr, "grad_norm": grad_norm,
-                              "update_ok": float(ok), "epoch": schedule.epoch_of(step),
-                              "step_time_s": time.perf_counter() - t0})
+            logger.log(
+                step,
+                {
+                    "loss": metrics["loss"],
+                    "lr": policy.trainable.lr,
+                    "grad_norm": grad_norm,
+                    "update_ok": float(ok),
+                    "epoch": schedule.epoch_of(step),
+                    "step_time_s": time.perf_counter() - t0,
+                },
+            )
             logger.advance()
             last = step == cfg.train.steps
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
@@ -193,12 +235,17 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         preemption.restore()
     after, change = (None, None) if stopped_early else run_eval(step, "final")
     logger.close()
-    summary = {"steps": step, "stopped_early": stopped_early, "final_checkpoint": str(ckpt_dir),
-               "accuracy_before": baseline_accuracy(out / "eval") if layout.is_logging_rank else None,
-               "accuracy_after": after.accuracy if after else None,
-               "held_out_change": change.as_dict() if change else None,
-               "tokenizer": str(out / "tokenizer"), "vocab_size": len(tokenizer),
-               "wall_time_s": time.perf_counter() - started}
+    summary = {
+        "steps": step,
+        "stopped_early": stopped_early,
+        "final_checkpoint": str(ckpt_dir),
+        "accuracy_before": baseline_accuracy(out / "eval") if layout.is_logging_rank else None,
+        "accuracy_after": after.accuracy if after else None,
+        "held_out_change": change.as_dict() if change else None,
+        "tokenizer": str(out / "tokenizer"),
+        "vocab_size": len(tokenizer),
+        "wall_time_s": time.perf_counter() - started,
+    }
     if layout.is_logging_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

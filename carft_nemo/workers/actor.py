@@ -12,7 +12,7 @@ it in Ray through :class:`~carft_nemo.distributed.ray_group.RayWorkerGroup`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -42,7 +42,7 @@ class ActorSpec:
     parallel: ParallelConfig
     init_checkpoint: str  # SFT checkpoint (root or step_N) holding group "policy"
     tokenizer_path: str
-    optim: Optional[OptimConfig] = None  # None: frozen (reference group)
+    optim: OptimConfig | None = None  # None: frozen (reference group)
     total_steps: int = 1
     shared_value_head: bool = False
     contrastive_dim: int = 0  # > 0: CARFT projection head of that size
@@ -63,8 +63,11 @@ class ActorWorker(ModelWorker):
         load_model_weights(spec.init_checkpoint, POLICY_GROUP, gpt, skip_prefixes=POLICY_HEADS)
         self.reference_state = None
         if spec.keep_reference:
-            self.reference_state = {k: v.detach().to("cpu", copy=True) for k, v in gpt.state_dict().items()
-                                    if torch.is_tensor(v) and not k.startswith(POLICY_HEADS)}
+            self.reference_state = {
+                k: v.detach().to("cpu", copy=True)
+                for k, v in gpt.state_dict().items()
+                if torch.is_tensor(v) and not k.startswith(POLICY_HEADS)
+            }
         if spec.optim is not None:
             self.trainable = make_trainable(gpt, spec.model, spec.parallel, spec.optim, spec.total_steps)
             self.model = self.trainable.model
@@ -79,8 +82,9 @@ class ActorWorker(ModelWorker):
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Rollout:
         return self.generator.generate(prompts, cfg)
 
-    def forward(self, batch: Batch, *, outputs: tuple[str, ...] = ("logprobs",),
-                reference: bool = False) -> dict[str, torch.Tensor] | None:
+    def forward(
+        self, batch: Batch, *, outputs: tuple[str, ...] = ("logprobs",), reference: bool = False
+    ) -> dict[str, torch.Tensor] | None:
         """Per-token outputs of this replica's rows (last stage; ``None`` elsewhere).
 
         ``outputs`` from: ``logprobs`` ``[B, S-1]`` (log p of tokens[:, 1:] at the sampling
@@ -108,15 +112,23 @@ class ActorWorker(ModelWorker):
         dp_group = self.layout.group("dp") if self.layout is not None else None
 
         def make_loss(mini: dict[str, torch.Tensor], num_micro: int):
-            normalizer = (settings.constant_normalizer if settings.constant_normalizer
-                          else self.global_count(mini["action_mask"]))
+            normalizer = (
+                settings.constant_normalizer if settings.constant_normalizer else self.global_count(mini["action_mask"])
+            )
             dp = self.layout.data_parallel if self.layout is not None else 1
-            return actor_loss(gpt, settings, self.vocab_size, dp_group,
-                              mean_term_weight=normalizer / (dp * num_micro)), normalizer
+            return actor_loss(
+                gpt, settings, self.vocab_size, dp_group, mean_term_weight=normalizer / (dp * num_micro)
+            ), normalizer
 
-        return self.train_epochs(batch, epochs=settings.epochs, mini_batch_rows=settings.mini_batch_rows,
-                                 micro_batch_size=self.spec.micro_batch_size, seed=settings.seed,
-                                 make_loss=make_loss, hidden_to_loss=True)
+        return self.train_epochs(
+            batch,
+            epochs=settings.epochs,
+            mini_batch_rows=settings.mini_batch_rows,
+            micro_batch_size=self.spec.micro_batch_size,
+            seed=settings.seed,
+            make_loss=make_loss,
+            hidden_to_loss=True,
+        )
 
     # ------------------------------------------------------------------ evaluation and state
 
@@ -127,8 +139,9 @@ class ActorWorker(ModelWorker):
         return {"summary": result.summary(), "records": result.records}
 
     def save(self, root: str, step: int, data_state: dict[str, Any], metadata: dict[str, Any]) -> str:
-        path = save_checkpoint(root, step, {POLICY_GROUP: self.trainable}, data_state=data_state,
-                               metadata=metadata, keep_last=0)
+        path = save_checkpoint(
+            root, step, {POLICY_GROUP: self.trainable}, data_state=data_state, metadata=metadata, keep_last=0
+        )
         return str(path)
 
     def load(self, path: str) -> int:

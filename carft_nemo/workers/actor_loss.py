@@ -20,12 +20,12 @@ shared critic: ``old_values [b,T]``, ``returns [b,T]``; CARFT: ``response_mask [
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
-from carft_nemo.algorithms.contrastive import CoTBatch, ContrastiveConfig, LcsSpans, contrastive_loss
+from carft_nemo.algorithms.contrastive import ContrastiveConfig, CoTBatch, LcsSpans, contrastive_loss
 from carft_nemo.algorithms.ppo import clipped_policy_loss, clipped_value_loss
 from carft_nemo.models.heads import CONTRASTIVE_HEAD, shared_values
 from carft_nemo.models.logprobs import token_entropy, token_logprobs
@@ -42,11 +42,12 @@ class ActorLossSettings:
     shared_value: bool = False
     value_clip: float = 0.2
     value_loss_coef: float = 1.0
-    contrastive: Optional[ContrastiveConfig] = None
+    contrastive: ContrastiveConfig | None = None
 
 
-def policy_outputs(gpt: torch.nn.Module, outputs: tuple[str, ...], temperature: float,
-                   vocab_size: int) -> Callable[..., dict[str, torch.Tensor]]:
+def policy_outputs(
+    gpt: torch.nn.Module, outputs: tuple[str, ...], temperature: float, vocab_size: int
+) -> Callable[..., dict[str, torch.Tensor]]:
     """``(logits, micro, hidden) -> {name: [b, ...]}`` for :meth:`ModelWorker.collect_forward`."""
     unknown = set(outputs) - {"logprobs", "values", "embeddings"}
     if unknown:
@@ -55,8 +56,7 @@ def policy_outputs(gpt: torch.nn.Module, outputs: tuple[str, ...], temperature: 
     def fn(logits: torch.Tensor, micro: dict[str, torch.Tensor], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         if "logprobs" in outputs:
-            out["logprobs"] = token_logprobs(logits[:, :-1], micro["tokens"][:, 1:], temperature,
-                                             vocab_size=vocab_size)
+            out["logprobs"] = token_logprobs(logits[:, :-1], micro["tokens"][:, 1:], temperature, vocab_size=vocab_size)
         if "values" in outputs:
             out["values"] = shared_values(gpt, hidden).t()
         if "embeddings" in outputs:
@@ -66,8 +66,9 @@ def policy_outputs(gpt: torch.nn.Module, outputs: tuple[str, ...], temperature: 
     return fn
 
 
-def actor_loss(gpt: torch.nn.Module, settings: ActorLossSettings, vocab_size: int, dp_group,
-               *, mean_term_weight: float) -> Callable:
+def actor_loss(
+    gpt: torch.nn.Module, settings: ActorLossSettings, vocab_size: int, dp_group, *, mean_term_weight: float
+) -> Callable:
     """The training loss function of one mini-batch (see the module docstring)."""
     dp_size = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
     cl_cfg = settings.contrastive if settings.contrastive is not None and settings.contrastive.enabled else None
@@ -76,8 +77,9 @@ def actor_loss(gpt: torch.nn.Module, settings: ActorLossSettings, vocab_size: in
         mask = micro["action_mask"].bool()
         logits = logits[:, :-1]
         logp = token_logprobs(logits, micro["tokens"][:, 1:], settings.temperature, vocab_size=vocab_size)
-        total, metrics = clipped_policy_loss(logp, micro["old_logprobs"], micro["advantages"], mask,
-                                             settings.clip_ratio)
+        total, metrics = clipped_policy_loss(
+            logp, micro["old_logprobs"], micro["advantages"], mask, settings.clip_ratio
+        )
         metrics = dict(metrics)
         entropy = token_entropy(logits, settings.temperature, vocab_size=vocab_size)
         metrics["policy/entropy"] = (entropy * mask).sum()
@@ -85,20 +87,25 @@ def actor_loss(gpt: torch.nn.Module, settings: ActorLossSettings, vocab_size: in
         values = None
         if settings.shared_value:
             values = shared_values(gpt, hidden)  # [s, b], value after reading token t
-            v_sum, v_metrics = clipped_value_loss(values.t()[:, :-1], micro["old_values"], micro["returns"], mask,
-                                                  settings.value_clip)
+            v_sum, v_metrics = clipped_value_loss(
+                values.t()[:, :-1], micro["old_values"], micro["returns"], mask, settings.value_clip
+            )
             total = total + settings.value_loss_coef * v_sum
             metrics.update(v_metrics)
         if cl_cfg is not None:
             token_values = values if values is not None else micro["critic_token_values"].t()
-            on_policy = CoTBatch(getattr(gpt, CONTRASTIVE_HEAD)(hidden), token_values, micro["response_mask"].t().bool())
-            annotated = CoTBatch(micro["ann_embeddings"].transpose(0, 1), micro["ann_values"].t(),
-                                 micro["ann_cot_mask"].t().bool())
+            on_policy = CoTBatch(
+                getattr(gpt, CONTRASTIVE_HEAD)(hidden), token_values, micro["response_mask"].t().bool()
+            )
+            annotated = CoTBatch(
+                micro["ann_embeddings"].transpose(0, 1), micro["ann_values"].t(), micro["ann_cot_mask"].t().bool()
+            )
             lcs = None
             if cl_cfg.uses_negative:
                 lcs = LcsSpans(micro["ann_common"].t().bool(), micro["gen_common"].t().bool(), micro["lcs_length"])
-            cl_loss, cl_metrics = contrastive_loss(cl_cfg, on_policy, annotated, micro["correct"].bool(), lcs,
-                                                   dp_group=dp_group)
+            cl_loss, cl_metrics = contrastive_loss(
+                cl_cfg, on_policy, annotated, micro["correct"].bool(), lcs, dp_group=dp_group
+            )
             total = total + cl_loss * mean_term_weight
             # metrics are global-batch values on every rank; / dp so that the DP sum restores them
             metrics.update({k: v / dp_size for k, v in cl_metrics.items()})

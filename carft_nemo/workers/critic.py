@@ -66,16 +66,24 @@ class CriticWorker(ModelWorker):
 
         Batch keys: ``tokens [B,S]``, ``action_mask``, ``old_values``, ``returns`` ``[B,S-1]``.
         """
+
         def make_loss(mini: dict[str, torch.Tensor], num_micro: int):
             def loss_fn(output: torch.Tensor, micro: dict[str, torch.Tensor]):
                 values = output.squeeze(-1).float()[:, :-1]
-                return clipped_value_loss(values, micro["old_values"], micro["returns"], micro["action_mask"].bool(),
-                                          settings.value_clip)
+                return clipped_value_loss(
+                    values, micro["old_values"], micro["returns"], micro["action_mask"].bool(), settings.value_clip
+                )
+
             return loss_fn, self.global_count(mini["action_mask"])
 
-        return self.train_epochs(batch, epochs=settings.epochs, mini_batch_rows=settings.mini_batch_rows,
-                                 micro_batch_size=self.spec.micro_batch_size, seed=settings.seed + 1,
-                                 make_loss=make_loss)
+        return self.train_epochs(
+            batch,
+            epochs=settings.epochs,
+            mini_batch_rows=settings.mini_batch_rows,
+            micro_batch_size=self.spec.micro_batch_size,
+            seed=settings.seed + 1,
+            make_loss=make_loss,
+        )
 
     def save(self, root: str, step: int) -> str:
         return str(save_checkpoint(root, step, {CRITIC_GROUP: self.trainable}, keep_last=0))

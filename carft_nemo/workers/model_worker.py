@@ -9,8 +9,9 @@ return ``None`` and the controller reads the last stage (see :class:`ReplicaMap`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ class ReplicaMap:
     answering: tuple[int, ...]  # per DP rank: the global rank on the last stage with TP rank 0
 
     @classmethod
-    def from_layouts(cls, layouts: list[ParallelLayout]) -> "ReplicaMap":
+    def from_layouts(cls, layouts: list[ParallelLayout]) -> ReplicaMap:
         dp = layouts[0].data_parallel
         answering = [-1] * dp
         for lay in layouts:
@@ -60,11 +61,12 @@ def shard_rows(batch: Batch, num_shards: int) -> list[dict[str, torch.Tensor]]:
     if total % num_shards:
         raise ValueError(f"{total} rows cannot be split evenly over {num_shards} data-parallel replicas")
     per = total // num_shards
-    return [{k: v[i * per:(i + 1) * per] for k, v in batch.items()} for i in range(num_shards)]
+    return [{k: v[i * per : (i + 1) * per] for k, v in batch.items()} for i in range(num_shards)]
 
 
-def trim_microbatches(micro_batches: list[dict[str, torch.Tensor]], multiple: int = 1, *,
-                      same_width: bool = False) -> list[dict[str, torch.Tensor]]:
+def trim_microbatches(
+    micro_batches: list[dict[str, torch.Tensor]], multiple: int = 1, *, same_width: bool = False
+) -> list[dict[str, torch.Tensor]]:
     """Cut the ``[b, S]`` tensors of each micro-batch after its longest row, by its ``lengths [b]``
     entry (dropped), rounded up to ``multiple``; ``same_width``: all at the longest of any
     (see ``collect_forward``)."""
@@ -73,8 +75,10 @@ def trim_microbatches(micro_batches: list[dict[str, torch.Tensor]], multiple: in
     if same_width:
         longest = [max(longest)] * len(longest)
     cut = [min(width, -(-max(n, 1) // multiple) * multiple) for n in longest]
-    return [{k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == width else v for k, v in micro.items() if k != "lengths"}
-            for micro, keep in zip(micro_batches, cut)]
+    return [
+        {k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == width else v for k, v in micro.items() if k != "lengths"}
+        for micro, keep in zip(micro_batches, cut)
+    ]
 
 
 def _pad_columns(t: torch.Tensor, cut: int) -> torch.Tensor:
@@ -107,8 +111,14 @@ class ModelWorker(ParallelWorker):
         if not device.has_cuda():
             torch.set_num_threads(cpu_threads)
 
-    def collect_forward(self, batch: Batch, outputs_fn: Callable[..., dict[str, torch.Tensor]], micro_batch_size: int,
-                        *, hidden_to_loss: bool = False) -> dict[str, torch.Tensor] | None:
+    def collect_forward(
+        self,
+        batch: Batch,
+        outputs_fn: Callable[..., dict[str, torch.Tensor]],
+        micro_batch_size: int,
+        *,
+        hidden_to_loss: bool = False,
+    ) -> dict[str, torch.Tensor] | None:
         """Forward-only pass; ``outputs_fn(output, micro[, hidden])`` -> per-row tensors, concatenated.
 
         With a ``lengths [B]`` entry (real tokens per row), rows are grouped into micro-batches
@@ -119,6 +129,7 @@ class ModelWorker(ParallelWorker):
         caller's row order, zero-padded to the batch width; they are defined up to each row's
         length. Returns CPU tensors on the last pipeline stage, ``None`` elsewhere.
         """
+
         def loss_fn(output, micro, *hidden):
             produced = outputs_fn(output, micro, *hidden)
             return torch.zeros((), device=output.device), {k: v.float() for k, v in produced.items()}
@@ -139,21 +150,32 @@ class ModelWorker(ParallelWorker):
         model.eval()
         try:
             with torch.no_grad():
-                per_micro = forward_backward(model, micro_batches, loss_fn,
-                                             forward_only=True, hidden_to_loss=hidden_to_loss)
+                per_micro = forward_backward(
+                    model, micro_batches, loss_fn, forward_only=True, hidden_to_loss=hidden_to_loss
+                )
         finally:
             model.train(was_training)
         if not per_micro:
             return None
-        joined = {k: torch.cat([_pad_columns(m[k], cut) for m, cut in zip(per_micro, cut_columns)], dim=0).cpu()
-                  for k in per_micro[0]}
+        joined = {
+            k: torch.cat([_pad_columns(m[k], cut) for m, cut in zip(per_micro, cut_columns)], dim=0).cpu()
+            for k in per_micro[0]
+        }
         if order is not None:
             joined = {k: torch.empty_like(v).index_copy_(0, order, v) for k, v in joined.items()}
         return joined
 
-    def train_epochs(self, batch: Batch, *, epochs: int, mini_batch_rows: int, micro_batch_size: int, seed: int,
-                     make_loss: Callable[[dict[str, torch.Tensor], int], tuple[Callable, float]],
-                     hidden_to_loss: bool = False) -> dict[str, float]:
+    def train_epochs(
+        self,
+        batch: Batch,
+        *,
+        epochs: int,
+        mini_batch_rows: int,
+        micro_batch_size: int,
+        seed: int,
+        make_loss: Callable[[dict[str, torch.Tensor], int], tuple[Callable, float]],
+        hidden_to_loss: bool = False,
+    ) -> dict[str, float]:
         """``epochs`` passes over this rank's rows in ``mini_batch_rows`` mini-batches, one optimizer step each.
 
         ``make_loss(mini_batch, num_microbatches)`` returns ``(loss_fn, normalizer)`` for
@@ -170,12 +192,18 @@ class ModelWorker(ParallelWorker):
         for epoch in range(epochs):
             order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
             for lo in range(0, rows, mini_batch_rows):
-                idx = order[lo:lo + mini_batch_rows]
+                idx = order[lo : lo + mini_batch_rows]
                 mini = {k: v[idx] for k, v in batch.items()}
                 loss_fn, normalizer = make_loss(mini, mini_batch_rows // micro_batch_size)
                 self.trainable.zero_grad()
-                metrics = run_forward_backward(self.model, mini, loss_fn=loss_fn, normalizer=normalizer,
-                                               micro_batch_size=micro_batch_size, hidden_to_loss=hidden_to_loss)
+                metrics = run_forward_backward(
+                    self.model,
+                    mini,
+                    loss_fn=loss_fn,
+                    normalizer=normalizer,
+                    micro_batch_size=micro_batch_size,
+                    hidden_to_loss=hidden_to_loss,
+                )
                 ok, grad_norm = self.trainable.step()
                 grad_norms.append(grad_norm)
                 skipped += int(not ok)

@@ -7,8 +7,9 @@ P-CoT programs in parallel sandbox processes (``SandboxConfig.max_workers``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from carft_nemo.data.records import Example
 from carft_nemo.rewards.correctness import score_batch
@@ -53,8 +54,10 @@ class RewardPool:
         """Futures, one per worker, each scoring a contiguous part (see :meth:`join`)."""
         n = len(self.actors)
         per = -(-len(completions) // n)
-        return [actor.score.remote(list(completions[i * per:(i + 1) * per]), list(examples[i * per:(i + 1) * per]))
-                for i, actor in enumerate(self.actors)]
+        return [
+            actor.score.remote(list(completions[i * per : (i + 1) * per]), list(examples[i * per : (i + 1) * per]))
+            for i, actor in enumerate(self.actors)
+        ]
 
     @staticmethod
     def join(parts: list[list[ScoredSample]]) -> list[ScoredSample]:

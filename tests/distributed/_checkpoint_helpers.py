@@ -21,9 +21,18 @@ def make_tiny_hf(out_dir: Path, family: str, *, tied: bool, vocab: int = 100, se
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-              rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=tied)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=5000.0,
+        tie_word_embeddings=tied,
+    )
     if family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
     else:
@@ -70,7 +79,13 @@ def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tenso
 
     model.eval()
     with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
-                                    num_microbatches=1, seq_length=tokens.shape[1],
-                                    micro_batch_size=tokens.shape[0], forward_only=True)
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter([None]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+        )
     return store["logits"] if ps.is_pipeline_last_stage() else None

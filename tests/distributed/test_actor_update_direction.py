@@ -26,17 +26,23 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     parallel = ParallelConfig()
-    initialize(parallel, seed=1234, num_layers=model_cfg.num_layers,
-               num_attention_heads=model_cfg.num_attention_heads, num_query_groups=model_cfg.num_query_groups)
+    initialize(
+        parallel,
+        seed=1234,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     try:
-        trainable = make_trainable(build_gpt_model(model_cfg, parallel), model_cfg, parallel,
-                                   OptimConfig(lr=1e-3, schedule="constant"), 10)
+        trainable = make_trainable(
+            build_gpt_model(model_cfg, parallel), model_cfg, parallel, OptimConfig(lr=1e-3, schedule="constant"), 10
+        )
         worker = ModelWorker()
         worker.trainable, worker.model = trainable, trainable.model
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, VOCAB, (B, S), generator=g)
         mask = torch.zeros(B, S - 1, dtype=torch.bool)
-        mask[:, PROMPT - 1:] = True  # response = tokens[PROMPT:]
+        mask[:, PROMPT - 1 :] = True  # response = tokens[PROMPT:]
         fn = policy_outputs(unwrap(trainable.model), ("logprobs",), 1.0, VOCAB)
         before = worker.collect_forward({"tokens": tokens}, fn, B, hidden_to_loss=True)["logprobs"]
         advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None].expand(B, S - 1) * mask
@@ -47,8 +53,9 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
             normalizer = constant_normalizer or float(mini["action_mask"].sum())
             return actor_loss(unwrap(trainable.model), settings, VOCAB, None, mean_term_weight=0.0), normalizer
 
-        worker.train_epochs(batch, epochs=1, mini_batch_rows=B, micro_batch_size=2, seed=0, make_loss=make_loss,
-                            hidden_to_loss=True)
+        worker.train_epochs(
+            batch, epochs=1, mini_batch_rows=B, micro_batch_size=2, seed=0, make_loss=make_loss, hidden_to_loss=True
+        )
         after = worker.collect_forward({"tokens": tokens}, fn, B, hidden_to_loss=True)["logprobs"]
         return (before * mask).sum(1).tolist(), (after * mask).sum(1).tolist()
     finally:
@@ -57,6 +64,6 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
 
 @pytest.mark.parametrize("constant_normalizer", [0.0, 64.0], ids=["ppo_token_mean", "drgrpo_constant"])
 def test_update_follows_the_advantage_sign(constant_normalizer):
-    (before, after), = run_ranks(_logps_before_after, 1, constant_normalizer)
+    ((before, after),) = run_ranks(_logps_before_after, 1, constant_normalizer)
     for row, sign in enumerate([1, -1, 1, -1]):
         assert (after[row] - before[row]) * sign > 0, (row, before, after)

@@ -15,8 +15,12 @@ import torch
 from tests.multiprocess import run_ranks
 
 VOCAB, B, S, SA, PROMPT = 64, 4, 14, 12, 5
-CASES = {"tp1_separate": (1, "separate"), "tp1_shared": (1, "shared"),
-         "tp2_separate": (2, "separate"), "tp2_shared": (2, "shared")}
+CASES = {
+    "tp1_separate": (1, "separate"),
+    "tp1_shared": (1, "shared"),
+    "tp2_separate": (2, "separate"),
+    "tp2_shared": (2, "shared"),
+}
 
 
 def _batch(layout: str) -> dict[str, torch.Tensor]:
@@ -28,15 +32,29 @@ def _batch(layout: str) -> dict[str, torch.Tensor]:
     prompts = [torch.randint(1, VOCAB, (PROMPT,), generator=g).tolist() for _ in range(B)]
     responses = [torch.randint(1, 6, (S - PROMPT - i,), generator=g).tolist() for i in range(B)]
     rollout = Rollout(prompts, responses, [[0.0] * len(r) for r in responses], [True] * B).to_batch(0)
-    ann = [EncodedExample(str(i), p + torch.randint(1, 6, (SA - PROMPT,), generator=g).tolist(),
-                          [0] * PROMPT + [1] * (SA - PROMPT), PROMPT) for i, p in enumerate(prompts)]
+    ann = [
+        EncodedExample(
+            str(i),
+            p + torch.randint(1, 6, (SA - PROMPT,), generator=g).tolist(),
+            [0] * PROMPT + [1] * (SA - PROMPT),
+            PROMPT,
+        )
+        for i, p in enumerate(prompts)
+    ]
     annotated = AnnotatedBatch.build(ann, 0)
     mask = rollout.response_mask[:, 1:]
-    batch = {"tokens": rollout.tokens, "action_mask": mask, "old_logprobs": torch.zeros(B, S - 1),
-             "advantages": torch.zeros(B, S - 1), "response_mask": rollout.response_mask,
-             "correct": torch.tensor([True, True, False, False]),
-             "ann_embeddings": torch.randn(B, SA, 8, generator=g), "ann_values": torch.randn(B, SA, generator=g),
-             "ann_cot_mask": annotated.cot_mask, **lcs_split(annotated, rollout)}
+    batch = {
+        "tokens": rollout.tokens,
+        "action_mask": mask,
+        "old_logprobs": torch.zeros(B, S - 1),
+        "advantages": torch.zeros(B, S - 1),
+        "response_mask": rollout.response_mask,
+        "correct": torch.tensor([True, True, False, False]),
+        "ann_embeddings": torch.randn(B, SA, 8, generator=g),
+        "ann_values": torch.randn(B, SA, generator=g),
+        "ann_cot_mask": annotated.cot_mask,
+        **lcs_split(annotated, rollout),
+    }
     if layout == "shared":
         batch.update(old_values=torch.zeros(B, S - 1), returns=torch.zeros(B, S - 1))
     else:
@@ -57,30 +75,45 @@ def _grad_norms(tp: int, layout: str, contrastive_on: bool) -> dict[str, float]:
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     parallel = ParallelConfig(tensor_parallel=tp)
-    layout_info = initialize(parallel, seed=1234, num_layers=model_cfg.num_layers,
-                             num_attention_heads=model_cfg.num_attention_heads,
-                             num_query_groups=model_cfg.num_query_groups)
+    layout_info = initialize(
+        parallel,
+        seed=1234,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     gpt = build_gpt_model(model_cfg, parallel)
     attach_policy_heads(gpt, shared_value_head=layout == "shared", contrastive_dim=8)
     trainable = make_trainable(gpt, model_cfg, parallel, OptimConfig(lr=1e-3), 1)
-    settings = ActorLossSettings(epochs=1, mini_batch_rows=B, seed=0, shared_value=layout == "shared",
-                                 value_loss_coef=0.0,
-                                 contrastive=ContrastiveConfig(enabled=contrastive_on, mode="both", coef=1.0,
-                                                               projection_dim=8))
+    settings = ActorLossSettings(
+        epochs=1,
+        mini_batch_rows=B,
+        seed=0,
+        shared_value=layout == "shared",
+        value_loss_coef=0.0,
+        contrastive=ContrastiveConfig(enabled=contrastive_on, mode="both", coef=1.0, projection_dim=8),
+    )
     dp_group = layout_info.group("dp")
     dp = layout_info.data_parallel
     rows = B // dp
-    mine = {k: v[layout_info.dp_rank * rows:(layout_info.dp_rank + 1) * rows] for k, v in _batch(layout).items()}
+    mine = {k: v[layout_info.dp_rank * rows : (layout_info.dp_rank + 1) * rows] for k, v in _batch(layout).items()}
     trainable.zero_grad()
     normalizer = float(_batch(layout)["action_mask"].sum())
-    run_forward_backward(trainable.model, mine, loss_fn=actor_loss(unwrap(trainable.model), settings, VOCAB, dp_group,
-                                                                   mean_term_weight=normalizer / (dp * 1)),
-                         normalizer=normalizer, micro_batch_size=rows, hidden_to_loss=True)
+    run_forward_backward(
+        trainable.model,
+        mine,
+        loss_fn=actor_loss(unwrap(trainable.model), settings, VOCAB, dp_group, mean_term_weight=normalizer / (dp * 1)),
+        normalizer=normalizer,
+        micro_batch_size=rows,
+        hidden_to_loss=True,
+    )
     model = unwrap(trainable.model)
     grad = lambda p: float(p.main_grad.norm())  # noqa: E731 - megatron DDP accumulates into main_grad
-    return {"decoder_layer0": sum(grad(p) for p in model.decoder.layers[0].parameters()),
-            "word_embeddings": grad(model.embedding.word_embeddings.weight),
-            "contrastive_head": grad(model.contrastive_head.proj.weight)}
+    return {
+        "decoder_layer0": sum(grad(p) for p in model.decoder.layers[0].parameters()),
+        "word_embeddings": grad(model.embedding.word_embeddings.weight),
+        "contrastive_head": grad(model.contrastive_head.proj.weight),
+    }
 
 
 def _all_cases(rank: int, world: int) -> dict:

@@ -19,8 +19,9 @@ SCRIPT = ROOT / "recipes" / "convert_checkpoint.py"
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
 
 
 def _main():

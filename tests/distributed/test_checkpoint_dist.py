@@ -7,8 +7,8 @@ the expensive part):
    RNG, data position). Batches draw from python/numpy/torch RNGs and megatron's tracker,
    so a state that is not restored changes the losses. A fresh model from another seed,
    with scrambled RNGs, loads the checkpoint and must reproduce steps 4-6 bit for bit.
-2. TP=1 (data parallel 2) loads the TP=2 checkpoint and must give the TP=2 model's loss and, after one more Adam step with the
-   resharded moments, the same next loss (to float tolerance).
+2. TP=1 (data parallel 2) loads the TP=2 checkpoint and must give the TP=2 model's loss and,
+   after one more Adam step with the resharded moments, the same next loss (to float tolerance).
 3. PP=2 trains one step and saves; PP=1 loads it and must give the same loss and next loss.
 """
 
@@ -65,9 +65,9 @@ def _train_step(tm, position: int, use_tracker: bool = True) -> float | None:
 
 
 def _eval_loss(tm, position: int = 999) -> float | None:
-    from carft_nemo.models.step import forward_backward, lm_loss
-
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from carft_nemo.models.step import forward_backward, lm_loss
 
     # leave every RNG as it was, so evaluating does not perturb the run being compared
     tracker = get_cuda_rng_tracker()
@@ -99,8 +99,14 @@ def _phases(rank: int, world: int, root: str):
     for step in range(STEPS):
         losses.append(_train_step(tm, position=step))
         if step + 1 == SAVE_AT:
-            save_checkpoint(Path(root) / "tp2", SAVE_AT, {"policy": tm}, data_state={"position": SAVE_AT},
-                            metadata={"note": "test"}, keep_last=2)
+            save_checkpoint(
+                Path(root) / "tp2",
+                SAVE_AT,
+                {"policy": tm},
+                data_state={"position": SAVE_AT},
+                metadata={"note": "test"},
+                keep_last=2,
+            )
             out["lr_at_save"] = tm.lr
     out["uninterrupted"] = losses[SAVE_AT:]
     final_uninterrupted = {k: v.clone() for k, v in tm.model.module.state_dict().items() if v is not None}

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed._checkpoint_helpers import (BATCH, SEQ, hf_logits, make_tiny_hf, megatron_logits,
-                                                   tiny_model_config)
+from tests.distributed._checkpoint_helpers import (
+    BATCH,
+    SEQ,
+    hf_logits,
+    make_tiny_hf,
+    megatron_logits,
+    tiny_model_config,
+)
 from tests.multiprocess import run_ranks
 
 LAYOUTS = ((1, 1), (2, 1), (1, 2))  # (tp, pp) on 2 processes; TP=1 PP=1 runs data-parallel

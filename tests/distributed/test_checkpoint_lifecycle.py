@@ -10,8 +10,13 @@ from tests.multiprocess import run_ranks
 
 
 def _lifecycle(rank: int, world: int, root: str):
-    from carft_nemo.checkpoint.dist_checkpoint import (CheckpointError, find_latest_checkpoint, list_checkpoints,
-                                                       load_checkpoint, save_checkpoint)
+    from carft_nemo.checkpoint.dist_checkpoint import (
+        CheckpointError,
+        find_latest_checkpoint,
+        list_checkpoints,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from carft_nemo.distributed.layout import ParallelConfig, initialize
     from carft_nemo.models.config import ModelConfig
     from carft_nemo.models.gpt import build_gpt_model
@@ -38,8 +43,9 @@ def _lifecycle(rank: int, world: int, root: str):
         "missing": lambda: load_checkpoint(Path(root) / "step_9", {"policy": model}),
         "empty_root": lambda: load_checkpoint(Path(root) / "nothing_here", {"policy": model}),
         "wrong_group": lambda: load_checkpoint(root, {"critic": model}),
-        "wrong_shape": lambda: load_checkpoint(root, {"policy": build_gpt_model(
-            ModelConfig(preset="micro", vocab_size=64, hidden_size=32), parallel)}),
+        "wrong_shape": lambda: load_checkpoint(
+            root, {"policy": build_gpt_model(ModelConfig(preset="micro", vocab_size=64, hidden_size=32), parallel)}
+        ),
     }.items():
         try:
             call()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from carft_nemo.algorithms.contrastive import CoTBatch, ContrastiveConfig, contrastive_loss, lcs_spans
+from carft_nemo.algorithms.contrastive import ContrastiveConfig, CoTBatch, contrastive_loss, lcs_spans
 from tests.multiprocess import run_ranks
 
 F64 = torch.float64
@@ -49,9 +49,14 @@ def loss_and_grads(case: dict, rows: slice, cfg_kwargs: dict, dp_group) -> dict[
 
     spans = lcs_spans(case["ids_ann"], case["mask_ann"], case["ids_gen"], case["mask_gen"])
     spans = type(spans)(spans.annotated_common[:, rows], spans.on_policy_common[:, rows], spans.length[rows])
-    loss, metrics = contrastive_loss(ContrastiveConfig(**cfg_kwargs), cot(case["hidden_gen"], case["mask_gen"]),
-                                     cot(case["hidden_ann"], case["mask_ann"]), case["correct"][rows], spans,
-                                     dp_group=dp_group)
+    loss, metrics = contrastive_loss(
+        ContrastiveConfig(**cfg_kwargs),
+        cot(case["hidden_gen"], case["mask_gen"]),
+        cot(case["hidden_ann"], case["mask_ann"]),
+        case["correct"][rows],
+        spans,
+        dp_group=dp_group,
+    )
     loss.backward()
     return {"loss": loss.detach(), "logged": metrics["contrastive/loss"], "proj": proj.grad, "value": value.grad}
 
@@ -73,8 +78,13 @@ SPLITS = {"even": [(0, 3), (3, 6)], "uneven": [(0, 4), (4, 6)]}
 
 
 def _rank_fn(rank: int, world: int, case: dict) -> dict[str, dict]:
-    return to_numpy({f"{split}/{name}": loss_and_grads(case, slice(*rows[rank]), kw, dist.group.WORLD)
-                     for split, rows in SPLITS.items() for name, kw in CONFIGS.items()})
+    return to_numpy(
+        {
+            f"{split}/{name}": loss_and_grads(case, slice(*rows[rank]), kw, dist.group.WORLD)
+            for split, rows in SPLITS.items()
+            for name, kw in CONFIGS.items()
+        }
+    )
 
 
 def test_two_ranks_equal_one_process():

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from carft_nemo.algorithms.contrastive import (
-    CoTBatch,
     ContrastiveConfig,
+    CoTBatch,
     contrastive_loss,
     lcs_spans,
     pool_cot_embedding,
@@ -40,8 +40,9 @@ def _shard_loss(case: dict, rows: slice, group) -> dict[str, torch.Tensor]:
 
     LCS spans are computed on the full sequences and then sliced, as the data pipeline would.
     """
-    sharded = {k: (v[rows] if k in ("hidden_gen", "hidden_ann", "mask_gen", "mask_ann") else v)
-               for k, v in case.items()}
+    sharded = {
+        k: (v[rows] if k in ("hidden_gen", "hidden_ann", "mask_gen", "mask_ann") else v) for k, v in case.items()
+    }
     spans = lcs_spans(case["ids_ann"], case["mask_ann"], case["ids_gen"], case["mask_gen"])
     sharded["spans"] = type(spans)(spans.annotated_common[rows], spans.on_policy_common[rows], spans.length)
     return _loss_with_spans(sharded, group)
@@ -51,9 +52,14 @@ def _loss_with_spans(case: dict, group) -> dict[str, torch.Tensor]:
     proj = case["proj"].clone().requires_grad_(True)
     value = case["value"].clone().requires_grad_(True)
     cot = lambda h, m: CoTBatch(h @ proj.t(), h @ value, m)  # noqa: E731
-    loss, _ = contrastive_loss(ContrastiveConfig(mode="both", coef=1.0, detach_annotated=False),
-                               cot(case["hidden_gen"], case["mask_gen"]), cot(case["hidden_ann"], case["mask_ann"]),
-                               case["correct"], case["spans"], seq_group=group)
+    loss, _ = contrastive_loss(
+        ContrastiveConfig(mode="both", coef=1.0, detach_annotated=False),
+        cot(case["hidden_gen"], case["mask_gen"]),
+        cot(case["hidden_ann"], case["mask_ann"]),
+        case["correct"],
+        case["spans"],
+        seq_group=group,
+    )
     loss.backward()
     return {"loss": loss.detach(), "proj": proj.grad, "value": value.grad}
 
@@ -63,8 +69,12 @@ def _rank_fn(rank: int, world: int, pool_case, loss_case) -> dict[str, dict]:
     rows = slice(rank * s // world, (rank + 1) * s // world)
     s_loss = loss_case["hidden_gen"].shape[0]
     loss_rows = slice(rank * s_loss // world, (rank + 1) * s_loss // world)
-    return to_numpy({"pool": pooled_and_grads(*pool_case, rows, dist.group.WORLD),
-                     "loss": _shard_loss(loss_case, loss_rows, dist.group.WORLD)})
+    return to_numpy(
+        {
+            "pool": pooled_and_grads(*pool_case, rows, dist.group.WORLD),
+            "loss": _shard_loss(loss_case, loss_rows, dist.group.WORLD),
+        }
+    )
 
 
 def test_two_sequence_shards_equal_unsharded():

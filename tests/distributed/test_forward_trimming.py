@@ -12,8 +12,10 @@ VOCAB, B, S = 64, 6, 20
 
 def test_trim_microbatches_cuts_to_the_longest_row_rounded_up():
     tokens = torch.arange(4 * 10).view(4, 10)
-    micro = [{"tokens": tokens[:2], "lengths": torch.tensor([3, 5]), "other": torch.ones(2)},
-             {"tokens": tokens[2:], "lengths": torch.tensor([9, 2])}]
+    micro = [
+        {"tokens": tokens[:2], "lengths": torch.tensor([3, 5]), "other": torch.ones(2)},
+        {"tokens": tokens[2:], "lengths": torch.tensor([9, 2])},
+    ]
     cut = trim_microbatches(micro)
     assert [m["tokens"].shape[1] for m in cut] == [5, 9]
     assert torch.equal(cut[0]["tokens"], tokens[:2, :5]) and torch.equal(cut[0]["other"], torch.ones(2))
@@ -27,7 +29,9 @@ def test_sequence_multiple_follows_sequence_and_context_parallel():
 
     assert ParallelConfig(tensor_parallel=4).sequence_multiple == 1
     assert ParallelConfig(tensor_parallel=4, sequence_parallel=True).sequence_multiple == 4
-    assert ParallelConfig(tensor_parallel=4, sequence_parallel=True, context_parallel=3).sequence_multiple == 12  # lcm(4, 6)
+    assert (
+        ParallelConfig(tensor_parallel=4, sequence_parallel=True, context_parallel=3).sequence_multiple == 12
+    )  # lcm(4, 6)
     assert ParallelConfig(context_parallel=2).sequence_multiple == 4
 
 
@@ -41,8 +45,13 @@ def _outputs(rank: int, world: int) -> tuple[dict, dict, list[int]]:
     from carft_nemo.workers.model_worker import ModelWorker
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
-    initialize(ParallelConfig(), seed=1234, num_layers=model_cfg.num_layers,
-               num_attention_heads=model_cfg.num_attention_heads, num_query_groups=model_cfg.num_query_groups)
+    initialize(
+        ParallelConfig(),
+        seed=1234,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     try:
         worker = ModelWorker()
         worker.model = build_gpt_model(model_cfg, ParallelConfig())
@@ -60,7 +69,7 @@ def _outputs(rank: int, world: int) -> tuple[dict, dict, list[int]]:
 
 
 def test_trimmed_forward_matches_the_full_width_one():
-    (full, trimmed, lengths), = run_ranks(_outputs, 1)
+    ((full, trimmed, lengths),) = run_ranks(_outputs, 1)
     full = {k: torch.from_numpy(v) for k, v in full.items()}
     trimmed = {k: torch.from_numpy(v) for k, v in trimmed.items()}
     assert set(full) == set(trimmed) == {"logprobs", "values", "embeddings"}

@@ -28,8 +28,13 @@ def _setup(tp: int, pp: int):
     # Larger init than 0.02 spreads the logits, so argmax is not decided by float noise.
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB, init_method_std=0.1)
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
-    initialize(parallel, seed=1234, num_layers=model_cfg.num_layers,
-               num_attention_heads=model_cfg.num_attention_heads, num_query_groups=model_cfg.num_query_groups)
+    initialize(
+        parallel,
+        seed=1234,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     return build_gpt_model(model_cfg, parallel)
 
 
@@ -74,13 +79,14 @@ def _naive_greedy(model, prompt: list[int], max_new: int, eos: int | None) -> tu
             tok = int(last.argmax())
             pick[0], pick[1] = tok, float(last.log_softmax(-1)[tok].detach())
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(pick, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                pick, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            )
         seq.append(int(pick[0]))
         logps.append(float(pick[1]))
         if eos is not None and seq[-1] == eos:
             break
-    return seq[len(prompt):], logps
+    return seq[len(prompt) :], logps
 
 
 def _reference_sampling_logprobs(model, rollout, cfg) -> torch.Tensor | None:
@@ -122,8 +128,7 @@ def _check_layout(rank: int, world: int, tp: int, pp: int) -> dict:
     naive = [_naive_greedy(model, p, MAX_NEW, None) for p in PROMPTS]
     report["greedy"] = greedy.responses
     report["naive"] = [t for t, _ in naive]
-    report["greedy_lp_err"] = max(abs(a - b) for (_, ref), got in zip(naive, greedy.logprobs)
-                                  for a, b in zip(ref, got))
+    report["greedy_lp_err"] = max(abs(a - b) for (_, ref), got in zip(naive, greedy.logprobs) for a, b in zip(ref, got))
 
     # 2. EOS: stop at a token that greedy emits mid-way in prompt 0's continuation.
     eos = greedy.responses[0][4]
@@ -134,8 +139,9 @@ def _check_layout(rank: int, world: int, tp: int, pp: int) -> dict:
     report["eos_naive"] = [_naive_greedy(model, p, MAX_NEW, eos)[0] for p in PROMPTS]
 
     # 3. micro-batches of similar length give the same greedy tokens.
-    report["micro"] = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW, greedy=True,
-                                                             micro_batch_size=2)).responses
+    report["micro"] = gen.generate(
+        PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW, greedy=True, micro_batch_size=2)
+    ).responses
 
     # 4. sampled log-probs == full forward under the same temperature / top-k / top-p.
     cfg = GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.7, top_k=20, top_p=0.9, seed=7)
@@ -148,8 +154,9 @@ def _check_layout(rank: int, world: int, tp: int, pp: int) -> dict:
         report["sample_lp_finite"] = bool(torch.isfinite(ref[mask]).all())
     report["sampled"] = sampled.responses
     report["sampled_again"] = gen.generate(PROMPTS, cfg).responses
-    report["sampled_other_seed"] = gen.generate(PROMPTS, GenerationConfig(
-        max_new_tokens=MAX_NEW, temperature=0.7, top_k=20, top_p=0.9, seed=8)).responses
+    report["sampled_other_seed"] = gen.generate(
+        PROMPTS, GenerationConfig(max_new_tokens=MAX_NEW, temperature=0.7, top_k=20, top_p=0.9, seed=8)
+    ).responses
     report["max_id"] = max(t for r in sampled.responses + report["sampled_other_seed"] for t in r)
 
     # 5. a training step right after generation (PPO's pattern) must work: megatron caches

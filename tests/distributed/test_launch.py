@@ -22,12 +22,12 @@ TIMEOUT = 300
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     """Run in its own session so a hang can be killed with every child (no process left behind)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore",
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(var, None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -38,7 +38,9 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def _result(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("SMOKE_RESULT ")]
     assert len(lines) == 1, f"expected one SMOKE_RESULT line (rank 0 only), got {len(lines)}:\n{proc.stdout}"
     return json.loads(lines[0].split(" ", 1)[1])
@@ -59,8 +61,19 @@ def test_smoke_single_process() -> None:
 
 def test_smoke_under_torchrun_tp2() -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(SMOKE), "--tp", "2", *SMALL]
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(SMOKE),
+        "--tp",
+        "2",
+        *SMALL,
+    ]
     result = _result(_run(cmd))
     assert (result["world_size"], result["tp"], result["dp"]) == (2, 2, 1)
     _assert_learns(result)

@@ -26,7 +26,7 @@ def _check(rank: int, world: int) -> dict[str, float]:
     for tp in (1, 2):
         initialize(ParallelConfig(tensor_parallel=tp))
         shard = PADDED // tp
-        local = logits[..., ps.get_tensor_model_parallel_rank() * shard:][..., :shard].clone()
+        local = logits[..., ps.get_tensor_model_parallel_rank() * shard :][..., :shard].clone()
         out[f"tp{tp}_logp"] = (token_logprobs(local, targets, T, vocab_size=VOCAB) - ref).abs().max().item()
         out[f"tp{tp}_entropy"] = (token_entropy(local, T, vocab_size=VOCAB) - ref_entropy).abs().max().item()
         out[f"tp{tp}_unmasked_gap"] = (token_logprobs(local, targets, T) - ref).abs().max().item()

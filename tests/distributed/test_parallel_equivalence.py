@@ -34,9 +34,14 @@ CASES = {
 
 def _micro_batches() -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    return [{"tokens": torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=gen),
-             "labels": torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=gen),
-             "returns": torch.randn(MICRO_BATCH, SEQ, generator=gen)} for _ in range(MICRO_BATCHES)]
+    return [
+        {
+            "tokens": torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=gen),
+            "labels": torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=gen),
+            "returns": torch.randn(MICRO_BATCH, SEQ, generator=gen),
+        }
+        for _ in range(MICRO_BATCHES)
+    ]
 
 
 def _value_loss(values: torch.Tensor, batch: dict[str, torch.Tensor]):
@@ -60,8 +65,13 @@ def _train_once(model_overrides: dict, layout: dict, critic: bool, seed: int, in
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB, **model_overrides)
     parallel = ParallelConfig(**layout)
-    lay = initialize(parallel, seed=seed, num_layers=model_cfg.num_layers,
-                     num_attention_heads=model_cfg.num_attention_heads, num_query_groups=model_cfg.num_query_groups)
+    lay = initialize(
+        parallel,
+        seed=seed,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
     gpt = build_gpt_model(model_cfg, parallel, value_head=critic)
     if init_sd is None:
         if critic:  # the head starts at zero; give it weights so values are not trivially equal
@@ -74,8 +84,9 @@ def _train_once(model_overrides: dict, layout: dict, critic: bool, seed: int, in
         load_full_state_dict(gpt, init_sd)
     before = _tensors(gpt)
     # adam_eps large: Adam's first step is ~lr*g/(|g|+eps); a tiny eps would amplify 1e-9 gradient noise
-    trainable = make_trainable(gpt, model_cfg, parallel, OptimConfig(lr=1e-2, adam_eps=1e-2, schedule="constant"),
-                               total_steps=1)
+    trainable = make_trainable(
+        gpt, model_cfg, parallel, OptimConfig(lr=1e-2, adam_eps=1e-2, schedule="constant"), total_steps=1
+    )
     trainable.zero_grad()
     loss_fn = _value_loss if critic else lm_loss(TEMPERATURE)
     metrics = forward_backward(trainable.model, _micro_batches(), loss_fn, capture_hidden=True)
@@ -136,7 +147,9 @@ def test_policy_matches_single_device(report, case: str) -> None:
 
 def test_critic_value_head_matches_under_tp2(report) -> None:
     for key in ("loss", "values", "hidden", "weights_after_step", "grad_norm"):
-        assert _worst(report, "critic_tp2", key) < TOL, f"critic: {key} differs by {_worst(report, 'critic_tp2', key):.3e}"
+        assert _worst(report, "critic_tp2", key) < TOL, (
+            f"critic: {key} differs by {_worst(report, 'critic_tp2', key):.3e}"
+        )
     assert _worst(report, "critic_tp2", "weights_moved") > 1e-3
 
 

@@ -43,8 +43,11 @@ class ForwardWorker(ParallelWorker):
         labels = torch.randint(0, VOCAB, (2, 16), generator=gen)
         with torch.no_grad():
             logits = gpt(tokens, *causal_inputs(tokens))
-        return {"logprobs": token_logprobs(logits, labels, TEMPERATURE), "vocab_shard": logits.shape[-1],
-                "pid": __import__("os").getpid()}
+        return {
+            "logprobs": token_logprobs(logits, labels, TEMPERATURE),
+            "vocab_shard": logits.shape[-1],
+            "pid": __import__("os").getpid(),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -77,5 +80,10 @@ def test_actors_form_group_and_tp2_matches_tp1(ray_cluster) -> None:
 
 def test_bad_layout_rejected_before_actors_start(ray_cluster) -> None:
     with pytest.raises(ConfigError, match=r"parallel\.tensor_parallel: 2 does not divide model\.num_query_groups=1"):
-        RayWorkerGroup(ForwardWorker, 2, ParallelConfig(tensor_parallel=2),
-                       model_dims=dict(num_layers=2, num_attention_heads=4, num_query_groups=1), worker_args=(VOCAB,))
+        RayWorkerGroup(
+            ForwardWorker,
+            2,
+            ParallelConfig(tensor_parallel=2),
+            model_dims=dict(num_layers=2, num_attention_heads=4, num_query_groups=1),
+            worker_args=(VOCAB,),
+        )

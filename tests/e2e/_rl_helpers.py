@@ -14,8 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import psutil
 import pytest
@@ -23,19 +23,38 @@ import pytest
 from carft_nemo.training.run_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-SFT_ARGS = ["train.steps=2", "train.eval_before=false", "train.eval_every=0", "train.eval_examples=8",
-            "generation.max_new_tokens=16"]
-TINY_RL_ARGS = ["rl.save_every=1", "rl.eval_every=0", "rl.eval_examples=8", "rl.questions_per_step=8",
-                "rl.mini_batch_size=8", "actor.micro_batch_size=8", "critic.micro_batch_size=8",
-                "generation.max_new_tokens=48", "eval_generation.max_new_tokens=48"]
+SFT_ARGS = [
+    "train.steps=2",
+    "train.eval_before=false",
+    "train.eval_every=0",
+    "train.eval_examples=8",
+    "generation.max_new_tokens=16",
+]
+TINY_RL_ARGS = [
+    "rl.save_every=1",
+    "rl.eval_every=0",
+    "rl.eval_examples=8",
+    "rl.questions_per_step=8",
+    "rl.mini_batch_size=8",
+    "actor.micro_batch_size=8",
+    "critic.micro_batch_size=8",
+    "generation.max_new_tokens=48",
+    "eval_generation.max_new_tokens=48",
+]
 RUN_TIMEOUT_S = 600.0  # one recipe run (SFT or RL) at test size
 RESUMED = re.compile(r"resumed from \S+ \(step (\d+)\)")
 
 
 def env() -> dict[str, str]:
     """Loopback-only, one thread per process, and never an outside Ray cluster."""
-    out = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1",
-           "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    out = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     out.pop("RAY_ADDRESS", None)
     return out
 
@@ -48,8 +67,16 @@ def sft_command(out: Path) -> list[str]:
 def rl_command(sft: Path, out: Path, *overrides: str) -> list[str]:
     """The ReFT tiny recipe at test size; later ``overrides`` win over :data:`TINY_RL_ARGS`."""
     config = ROOT / "configs" / "reft-tiny-synthetic.yaml"
-    return [sys.executable, str(ROOT / "recipes" / "rl.py"), "--config", str(config), f"sft_checkpoint={sft}",
-            f"output_dir={out}", *TINY_RL_ARGS, *overrides]
+    return [
+        sys.executable,
+        str(ROOT / "recipes" / "rl.py"),
+        "--config",
+        str(config),
+        f"sft_checkpoint={sft}",
+        f"output_dir={out}",
+        *TINY_RL_ARGS,
+        *overrides,
+    ]
 
 
 def checkpoint_complete(out: Path, role: str, step: int) -> bool:
@@ -61,8 +88,9 @@ def checkpoint_steps(out: Path, role: str) -> list[int]:
     root = out / "checkpoints" / role
     if not root.is_dir():
         return []
-    return sorted(int(p.name[5:]) for p in root.iterdir()
-                  if re.fullmatch(r"step_\d+", p.name) and (p / "COMPLETE").is_file())
+    return sorted(
+        int(p.name[5:]) for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "COMPLETE").is_file()
+    )
 
 
 def training_steps(records: list[dict]) -> list[int]:
@@ -74,7 +102,7 @@ def metrics(out: Path) -> list[dict]:
     return read_metrics(out / "metrics.jsonl")
 
 
-def resumed_step(stderr: str) -> Optional[int]:
+def resumed_step(stderr: str) -> int | None:
     found = RESUMED.findall(stderr)
     return int(found[-1]) if found else None
 
@@ -87,8 +115,9 @@ class Run:
         self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
         self._out = self.stdout_path.open("w")
         self._err = self.stderr_path.open("w")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=self._out, stderr=self._err,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            command, cwd=ROOT, env=env(), stdout=self._out, stderr=self._err, start_new_session=True
+        )
         self.tree: dict[tuple[int, float], psutil.Process] = {}
 
     def watch(self) -> list[psutil.Process]:

@@ -28,8 +28,13 @@ CLUSTER_DAEMONS = {"munged", "slurmctld", "slurmscriptd", "slurmd"}  # slurmscri
 def require_slurm() -> None:
     """Skip where Slurm cannot run (no root, missing tools); under CI (which installs it), fail instead."""
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    reason = (f"missing {', '.join(missing)} (apt-get install slurm-wlm munge iproute2)" if missing else
-              "needs root for a network namespace" if os.geteuid() != 0 else "")
+    reason = (
+        f"missing {', '.join(missing)} (apt-get install slurm-wlm munge iproute2)"
+        if missing
+        else "needs root for a network namespace"
+        if os.geteuid() != 0
+        else ""
+    )
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"real-Slurm test cannot run in CI: {reason}")
@@ -59,70 +64,82 @@ class LoopbackSlurm:
         (self.root / "etc" / "plugstack.conf").write_text("")
         cpus = os.cpu_count() or 1
         r = self.root
-        self.conf.write_text("\n".join([
-            "ClusterName=carfttest",
-            "SlurmctldHost=localhost",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            # cred_expire: how long a requeued job waits before it may start again (default 120 s)
-            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
-            # Slurm's own ports: free in a namespace of our own. NoInAddrAny: listen on the node's
-            # address (127.0.0.1); binding the wildcard fails where the namespace has only loopback.
-            "SlurmctldPort=6817",
-            "SlurmdPort=6818",
-            "CommunicationParameters=NoInAddrAny",
-            f"StateSaveLocation={r}/state",
-            f"SlurmdSpoolDir={r}/spool/%n",
-            f"SlurmctldPidFile={r}/run/slurmctld.pid",
-            f"SlurmdPidFile={r}/run/slurmd.pid",
-            f"SlurmctldLogFile={r}/log/slurmctld.log",
-            f"SlurmdLogFile={r}/log/slurmd.log",
-            f"PlugStackConfig={r}/etc/plugstack.conf",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/none",
-            "MpiDefault=none",
-            "MailProg=/bin/true",
-            "SchedulerType=sched/backfill",
-            "SchedulerParameters=bf_interval=1",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory",
-            "DefMemPerCPU=1000",  # without it a job takes the whole node's memory
-            "ReturnToService=2",
-            "InactiveLimit=0",
-            "MinJobAge=600",  # keep finished jobs visible to scontrol while the test reads them
-            "KillWait=5",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=carfttest",
+                    "SlurmctldHost=localhost",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    # cred_expire: how long a requeued job waits before it may start again (default 120 s)
+                    f"AuthInfo=socket={self.munge_socket},cred_expire=10",
+                    # Slurm's own ports: free in a namespace of our own. NoInAddrAny: listen on the node's
+                    # address (127.0.0.1); binding the wildcard fails where the namespace has only loopback.
+                    "SlurmctldPort=6817",
+                    "SlurmdPort=6818",
+                    "CommunicationParameters=NoInAddrAny",
+                    f"StateSaveLocation={r}/state",
+                    f"SlurmdSpoolDir={r}/spool/%n",
+                    f"SlurmctldPidFile={r}/run/slurmctld.pid",
+                    f"SlurmdPidFile={r}/run/slurmd.pid",
+                    f"SlurmctldLogFile={r}/log/slurmctld.log",
+                    f"SlurmdLogFile={r}/log/slurmd.log",
+                    f"PlugStackConfig={r}/etc/plugstack.conf",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    "MpiDefault=none",
+                    "MailProg=/bin/true",
+                    "SchedulerType=sched/backfill",
+                    "SchedulerParameters=bf_interval=1",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    "DefMemPerCPU=1000",  # without it a job takes the whole node's memory
+                    "ReturnToService=2",
+                    "InactiveLimit=0",
+                    "MinJobAge=600",  # keep finished jobs visible to scontrol while the test reads them
+                    "KillWait=5",
+                    f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN",
+                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
 
     def _in_netns(self, command: list[str]) -> list[str]:
         # nsenter, not `ip netns exec`: that one also remounts /sys, hiding the cgroup tree slurmd reads.
         return ["nsenter", f"--net=/run/netns/{self.netns}", *command]
 
-    def start(self) -> "LoopbackSlurm":
+    def start(self) -> LoopbackSlurm:
         self._write_config()
         subprocess.run(["ip", "netns", "add", self.netns], check=True, timeout=30)
         # Besides loopback, one link-local address on a veth pair that leads nowhere (no route): glibc's
         # getaddrinfo(AF_INET, AI_ADDRCONFIG), which Slurm uses, finds nothing where a namespace has
         # no IPv4 address but loopback. Ray, finding no route out, still settles on 127.0.0.1.
-        for command in (["ip", "link", "set", "lo", "up"],
-                        ["ip", "link", "add", "carft0", "type", "veth", "peer", "name", "carft1"],
-                        ["ip", "addr", "add", "169.254.77.1/32", "dev", "carft0"],
-                        ["ip", "link", "set", "carft0", "up"], ["ip", "link", "set", "carft1", "up"]):
+        for command in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "link", "add", "carft0", "type", "veth", "peer", "name", "carft1"],
+            ["ip", "addr", "add", "169.254.77.1/32", "dev", "carft0"],
+            ["ip", "link", "set", "carft0", "up"],
+            ["ip", "link", "set", "carft1", "up"],
+        ):
             subprocess.run(self._in_netns(command), check=True, timeout=30, capture_output=True)
         key = self.root / "munge" / "munge.key"
-        subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True, timeout=30,
-                       capture_output=True)
+        subprocess.run(["mungekey", "--create", "--keyfile", str(key)], check=True, timeout=30, capture_output=True)
         m = self.root / "munge"
         daemons = [
-            ["munged", f"--key-file={key}", f"--socket={self.munge_socket}", f"--pid-file={m}/munged.pid",
-             f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"],
+            [
+                "munged",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={m}/munged.pid",
+                f"--log-file={m}/munged.log",
+                f"--seed-file={m}/munged.seed",
+            ],
             ["slurmctld", "-f", str(self.conf)],
             ["slurmd", "-f", str(self.conf), "-N", "localhost"],
         ]
@@ -140,11 +157,24 @@ class LoopbackSlurm:
         raise RuntimeError(f"the node is '{state}', not idle, {START_TIMEOUT_S:.0f} s after start\n{self.logs()}")
 
     # ------------------------------------------------------------------ use
-    def run(self, command: list[str], *, check: bool = True, env: dict[str, str] | None = None,
-            cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        command: list[str],
+        *,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
         """Run a command (a Slurm client, usually) inside the cluster's namespace."""
-        done = subprocess.run(self._in_netns(command), env={**self.env, **(env or {})}, cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            self._in_netns(command),
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} -> {done.returncode}: {done.stderr}")
         return done

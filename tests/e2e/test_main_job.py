@@ -2,8 +2,9 @@
 
 ``test_quick_main_job`` (CI): SFT -> ReFT, CARFT, Dr.GRPO -> report, on a few-minute budget:
 every stage finishes, writes its summary and predictions, and the report has one row and
-one curve per stage; the evaluation recipe reproduces the ReFT stage's final evaluation. ``test_main_job_trains_evaluates_and_reports`` (marked ``full``: about
-20 minutes, not in CI) runs the first Quick-start command exactly and checks the README's
+one curve per stage; the evaluation recipe reproduces the ReFT stage's final evaluation.
+``test_main_job_trains_evaluates_and_reports`` (marked ``full``: about 20 minutes, not in CI)
+runs the first Quick-start command exactly and checks the README's
 claims: held-out accuracy after SFT (seed 1234) is at least the stated floor and above the
 untrained model's, and the RL stages start from it.
 """
@@ -24,8 +25,14 @@ README_ACCURACY_FLOOR = 0.25  # README states 35% measured (seed 1234); the floo
 
 def _run_main(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "recipes" / "main.py"), *args], cwd=ROOT, env=env,
-                          timeout=timeout, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "main.py"), *args],
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -60,19 +67,33 @@ def _check_evaluation_recipe_reproduces_reft(out: Path, eval_out: Path) -> None:
     reft = json.loads((out / "reft" / "summary.json").read_text())
     n = len((out / "reft" / "eval" / "final_predictions.jsonl").read_text().splitlines())
     assert reft["held_out_change"]["compared"] == n, reft
-    assert reft["held_out_change"]["fixed"] - reft["held_out_change"]["broken"] == \
-        round((reft["accuracy_after"] - reft["accuracy_before"]) * n), reft
+    assert reft["held_out_change"]["fixed"] - reft["held_out_change"]["broken"] == round(
+        (reft["accuracy_after"] - reft["accuracy_before"]) * n
+    ), reft
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "evaluate.py"),
-                          f"checkpoint={out / 'reft' / 'checkpoints' / 'actor'}", f"tokenizer={out / 'sft' / 'tokenizer'}",
-                          f"output_dir={eval_out}", f"data.limit={n}", "generation.max_new_tokens=48",
-                          f"compare_to={out / 'sft' / 'eval' / 'final_predictions.jsonl'}"],
-                         cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "evaluate.py"),
+            f"checkpoint={out / 'reft' / 'checkpoints' / 'actor'}",
+            f"tokenizer={out / 'sft' / 'tokenizer'}",
+            f"output_dir={eval_out}",
+            f"data.limit={n}",
+            "generation.max_new_tokens=48",
+            f"compare_to={out / 'sft' / 'eval' / 'final_predictions.jsonl'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.splitlines()[-1])
     assert summary["accuracy"] == pytest.approx(reft["accuracy_after"]), (summary, reft)
-    assert {k: summary["change"][k] for k in ("compared", "fixed", "broken", "sign_test_p")} == \
-        pytest.approx(reft["held_out_change"]), (summary, reft)
+    assert {k: summary["change"][k] for k in ("compared", "fixed", "broken", "sign_test_p")} == pytest.approx(
+        reft["held_out_change"]
+    ), (summary, reft)
 
 
 @pytest.mark.slow

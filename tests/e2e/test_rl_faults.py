@@ -21,8 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e._rl_helpers import (ROOT, RUN_TIMEOUT_S, Run, checkpoint_complete, checkpoint_steps, env, metrics,
-                                   resumed_step, rl_command, training_steps)
+from tests.e2e._rl_helpers import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    Run,
+    checkpoint_complete,
+    checkpoint_steps,
+    env,
+    metrics,
+    resumed_step,
+    rl_command,
+    training_steps,
+)
 
 KILL_TO_EXIT_LIMIT_S = 60.0
 EXIT_GRACE_S = 10.0  # time Ray gets, after the driver exits, to take its processes down
@@ -47,8 +57,11 @@ def killed_run(sft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Kille
     try:
         # The critic's step_1 is the brief's trigger; the actor's too, so that step 1 is a
         # common checkpoint whichever role finished saving first (the rerun asserts on it).
-        run.wait_until(lambda: checkpoint_complete(out, "critic", 1) and checkpoint_complete(out, "actor", 1),
-                       RUN_TIMEOUT_S, "step_1 checkpoint of both roles")
+        run.wait_until(
+            lambda: checkpoint_complete(out, "critic", 1) and checkpoint_complete(out, "actor", 1),
+            RUN_TIMEOUT_S,
+            "step_1 checkpoint of both roles",
+        )
         critics, actors = run.workers("CriticWorker"), run.workers("ActorWorker")
         if len(critics) != 1 or len(actors) != 1:
             pytest.fail(f"expected one ray::CriticWorker and one ray::ActorWorker under the driver: {critics} {actors}")
@@ -57,11 +70,20 @@ def killed_run(sft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Kille
         try:
             code = run.wait(KILL_TO_EXIT_LIMIT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"driver still running {KILL_TO_EXIT_LIMIT_S:.0f} s after its critic was SIGKILLed:\n"
-                        f"{run.stderr()[-3000:]}")
+            pytest.fail(
+                f"driver still running {KILL_TO_EXIT_LIMIT_S:.0f} s after its critic was SIGKILLed:\n"
+                f"{run.stderr()[-3000:]}"
+            )
         kill_to_exit = time.monotonic() - t_kill
-        return KilledRun(out, code, run.stderr(), kill_to_exit, run.survivors(EXIT_GRACE_S), len(metrics(out)),
-                         (out / "summary.json").exists())
+        return KilledRun(
+            out,
+            code,
+            run.stderr(),
+            kill_to_exit,
+            run.survivors(EXIT_GRACE_S),
+            len(metrics(out)),
+            (out / "summary.json").exists(),
+        )
     finally:
         run.cleanup()
 
@@ -88,13 +110,21 @@ def test_critic_sigkill_error_is_last_stderr_line(killed_run: KilledRun) -> None
 def test_rerun_after_critic_kill_resumes_from_common_checkpoint(sft_dir: Path, killed_run: KilledRun) -> None:
     out = killed_run.out
     common = max(set(checkpoint_steps(out, "actor")) & set(checkpoint_steps(out, "critic")), default=0)
-    assert 1 <= common < 3, f"the killed run left checkpoints actor {checkpoint_steps(out, 'actor')}, " \
-                            f"critic {checkpoint_steps(out, 'critic')}; need a common step in [1, 3)"
+    assert 1 <= common < 3, (
+        f"the killed run left checkpoints actor {checkpoint_steps(out, 'actor')}, "
+        f"critic {checkpoint_steps(out, 'critic')}; need a common step in [1, 3)"
+    )
     before = metrics(out)
     assert len(before) == killed_run.metrics_before_rerun
 
-    rerun = subprocess.run(rl_command(sft_dir, out, "rl.steps=3"), cwd=ROOT, env=env(), timeout=RUN_TIMEOUT_S,
-                           capture_output=True, text=True)
+    rerun = subprocess.run(
+        rl_command(sft_dir, out, "rl.steps=3"),
+        cwd=ROOT,
+        env=env(),
+        timeout=RUN_TIMEOUT_S,
+        capture_output=True,
+        text=True,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert resumed_step(rerun.stderr) == common, rerun.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -105,12 +135,12 @@ def test_rerun_after_critic_kill_resumes_from_common_checkpoint(sft_dir: Path, k
     # "before". So every step <= common appears once in the file, and a step in (common, k] -
     # trained before the kill but lost with its checkpoint - appears twice (the rerun's, later
     # line is the one that counts). Nothing at or below the resume point is trained twice.
-    old, new = training_steps(before), training_steps(metrics(out)[len(before):])
+    old, new = training_steps(before), training_steps(metrics(out)[len(before) :])
     assert old == list(range(1, len(old) + 1)) and len(old) >= common, old
     assert new == list(range(common + 1, 4)), new
     everything = old + new
     assert all(everything.count(s) == 1 for s in range(1, common + 1)), everything
-    assert not any("eval_accuracy" in r and r["step"] == 0 for r in metrics(out)[len(before):])
+    assert not any("eval_accuracy" in r and r["step"] == 0 for r in metrics(out)[len(before) :])
 
 
 @pytest.mark.slow
@@ -135,8 +165,14 @@ def test_sigusr1_saves_both_roles_exits_cleanly_then_rerun_resumes(sft_dir: Path
     assert training_steps(metrics(out)) == list(range(1, stopped + 1))
     assert not survivors, f"processes of the run alive {EXIT_GRACE_S:.0f} s after exit: {survivors}"
 
-    rerun = subprocess.run(rl_command(sft_dir, out, f"rl.steps={stopped + 1}", "rl.save_every=0"), cwd=ROOT, env=env(),
-                           timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
+    rerun = subprocess.run(
+        rl_command(sft_dir, out, f"rl.steps={stopped + 1}", "rl.save_every=0"),
+        cwd=ROOT,
+        env=env(),
+        timeout=RUN_TIMEOUT_S,
+        capture_output=True,
+        text=True,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert resumed_step(rerun.stderr) == stopped, rerun.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -14,16 +14,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
-    "model.preset=micro", "train.steps=10", "train.save_every=2", "train.eval_every=0", "train.eval_examples=12",
-    "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_before=false",
-    "train_data.synthetic.n_train=200", "train_data.synthetic.n_test=12", "eval_data.synthetic.n_train=200",
-    "eval_data.synthetic.n_test=12", "generation.max_new_tokens=24", "optim.warmup_steps=2",
+    "model.preset=micro",
+    "train.steps=10",
+    "train.save_every=2",
+    "train.eval_every=0",
+    "train.eval_examples=12",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.eval_before=false",
+    "train_data.synthetic.n_train=200",
+    "train_data.synthetic.n_test=12",
+    "eval_data.synthetic.n_train=200",
+    "eval_data.synthetic.n_test=12",
+    "generation.max_new_tokens=24",
+    "optim.warmup_steps=2",
 ]
 
 
 def _command(out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "recipes" / "sft.py"), "--config", str(ROOT / "configs" / "sft-tiny-synthetic.yaml"),
-            f"output_dir={out}", *ARGS]
+    return [
+        sys.executable,
+        str(ROOT / "recipes" / "sft.py"),
+        "--config",
+        str(ROOT / "configs" / "sft-tiny-synthetic.yaml"),
+        f"output_dir={out}",
+        *ARGS,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -47,11 +63,24 @@ def _final(out: Path) -> tuple[dict, dict[int, float], list[dict]]:
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path: Path) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_command(straight), check=True, env=_env(), cwd=ROOT, timeout=900,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        _command(straight),
+        check=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=900,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
-    proc = subprocess.Popen(_command(killed), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _command(killed),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 900
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -79,8 +108,14 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path: Path) ->
 
 
 def test_bad_config_key_fails_with_named_key(tmp_path: Path) -> None:
-    result = subprocess.run([*_command(tmp_path / "bad"), "train.stepz=3"], env=_env(), cwd=ROOT, timeout=120,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [*_command(tmp_path / "bad"), "train.stepz=3"],
+        env=_env(),
+        cwd=ROOT,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "train.stepz" in result.stderr and "Traceback" not in result.stderr
 
@@ -88,8 +123,9 @@ def test_bad_config_key_fails_with_named_key(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigusr1_saves_and_exits_cleanly_then_rerun_finishes(tmp_path: Path) -> None:
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(_command(out), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _command(out), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and proc.poll() is None:
         if any(r.get("step", 0) >= 3 and "loss" in r for r in _steps_logged(out)):
@@ -103,7 +139,14 @@ def test_sigusr1_saves_and_exits_cleanly_then_rerun_finishes(tmp_path: Path) -> 
     assert summary["stopped_early"] and 3 <= summary["steps"] < 10
     assert (out / "checkpoints" / f"step_{summary['steps']}" / "COMPLETE").is_file()
 
-    subprocess.run(_command(out), check=True, env=_env(), cwd=ROOT, timeout=900,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _command(out),
+        check=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=900,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 10 and not summary["stopped_early"]

@@ -17,8 +17,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from ray._common.utils import get_ray_address_file
@@ -63,17 +64,34 @@ def _wait(what: str, ready: Callable[[], Any], timeout_s: float, log: Path, clus
     _fail(f"no {what} within {timeout_s:.0f} s", log, cluster)
 
 
-def _preempt_and_requeue(cluster: LoopbackSlurm, sbatch_args: list[str], progressed: Callable[[], bool],
-                         scancel_args: list[str], log: Path) -> str:
+def _preempt_and_requeue(
+    cluster: LoopbackSlurm, sbatch_args: list[str], progressed: Callable[[], bool], scancel_args: list[str], log: Path
+) -> str:
     """Submit; once ``progressed()``, signal the job; wait for its requeued run to finish.
 
     Returns the job's log, after checking that the job completed with exit 0 after
     exactly one requeue and that none of its processes is left.
     """
-    env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CARFT_PYTHON": sys.executable,
-           "RAY_AUTH_MODE": "token"}  # rl.sbatch's own default: a fresh token for the job's Ray
-    submit = cluster.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--mem=3000", "--time=20",
-                          f"--output={log}", *sbatch_args], cwd=ROOT, env=env)
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "CARFT_PYTHON": sys.executable,
+        "RAY_AUTH_MODE": "token",
+    }  # rl.sbatch's own default: a fresh token for the job's Ray
+    submit = cluster.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--gpus-per-node=0",
+            "--mem=3000",
+            "--time=20",
+            f"--output={log}",
+            *sbatch_args,
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     job_id = submit.stdout.strip().split(";")[0]
 
     def ready_to_signal() -> bool:
@@ -116,12 +134,20 @@ def _stopped_and_resumed_at(text: str, steps: int) -> int:
 def test_rl_sbatch_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm, sft_dir: Path, tmp_path: Path) -> None:
     steps, out, log = 6, tmp_path / "rl", tmp_path / "job.out"
     # The value head shares the policy (critic.layout=shared): actor + reward worker fit 2 CPUs.
-    overrides = [f"sft_checkpoint={sft_dir}", f"output_dir={out}", *TINY_RL_ARGS, "critic.layout=shared",
-                 f"rl.steps={steps}"]
+    overrides = [
+        f"sft_checkpoint={sft_dir}",
+        f"output_dir={out}",
+        *TINY_RL_ARGS,
+        "critic.layout=shared",
+        f"rl.steps={steps}",
+    ]
     text = _preempt_and_requeue(
-        cluster, ["--cpus-per-task=2", str(ROOT / "slurm" / "rl.sbatch"), "configs/reft-tiny-synthetic.yaml",
-                  *overrides],
-        lambda: checkpoint_complete(out, "actor", 1), ["--batch"], log)
+        cluster,
+        ["--cpus-per-task=2", str(ROOT / "slurm" / "rl.sbatch"), "configs/reft-tiny-synthetic.yaml", *overrides],
+        lambda: checkpoint_complete(out, "actor", 1),
+        ["--batch"],
+        log,
+    )
 
     _stopped_and_resumed_at(text, steps)
     summary = json.loads((out / "summary.json").read_text())
@@ -139,18 +165,37 @@ def test_rl_sbatch_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm, sft_
 def test_run_sbatch_sft_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm, tmp_path: Path) -> None:
     steps, out, log = 30, tmp_path / "sft", tmp_path / "job.out"
     # save_every=0: the only checkpoint before the end is the one the signal asks for.
-    overrides = [f"output_dir={out}", "model.preset=micro", f"train.steps={steps}", "train.save_every=0",
-                 "train.eval_every=0", "train.eval_before=false", "train.eval_examples=8",
-                 "train.global_batch_size=8", "train.micro_batch_size=4", "train_data.synthetic.n_train=200",
-                 "generation.max_new_tokens=16"]
+    overrides = [
+        f"output_dir={out}",
+        "model.preset=micro",
+        f"train.steps={steps}",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "train.eval_before=false",
+        "train.eval_examples=8",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train_data.synthetic.n_train=200",
+        "generation.max_new_tokens=16",
+    ]
 
     def trained_two_steps() -> bool:
         return sum(1 for r in metrics(out) if "loss" in r) >= 2
 
     text = _preempt_and_requeue(
-        cluster, ["--ntasks-per-node=1", "--cpus-per-task=1", str(ROOT / "slurm" / "run.sbatch"), "recipes/sft.py",
-                  "configs/sft-tiny-synthetic.yaml", *overrides],
-        trained_two_steps, [], log)
+        cluster,
+        [
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            str(ROOT / "slurm" / "run.sbatch"),
+            "recipes/sft.py",
+            "configs/sft-tiny-synthetic.yaml",
+            *overrides,
+        ],
+        trained_two_steps,
+        [],
+        log,
+    )
 
     stopped = _stopped_and_resumed_at(text, steps)
     summary = json.loads((out / "summary.json").read_text())

@@ -23,9 +23,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _study(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    return subprocess.run([sys.executable, str(ROOT / "recipes" / "study.py"), "--config",
-                           str(ROOT / "configs" / "study-quick.yaml"), f"output_dir={out}"],
-                          cwd=ROOT, env=env, timeout=2400, capture_output=True, text=True)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "study.py"),
+            "--config",
+            str(ROOT / "configs" / "study-quick.yaml"),
+            f"output_dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        timeout=2400,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.slow

@@ -16,10 +16,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _smoke(args: list[str], nproc: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           str(ROOT / "recipes" / "smoke.py"), *args]
-    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "MASTER_ADDR": "127.0.0.1"}, capture_output=True,
-                         text=True, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        str(ROOT / "recipes" / "smoke.py"),
+        *args,
+    ]
+    out = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "MASTER_ADDR": "127.0.0.1"}, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("SMOKE_RESULT"))
     return json.loads(line.split(" ", 1)[1])

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.carft_step import METHODS, SETTINGS as CARFT_SETTINGS, GRPO_SAMPLES, explain, method_settings, summarize
-from benchmarks.ppo_step import PHASES, SETTINGS as PPO_SETTINGS, medians, rl_config
+from benchmarks.carft_step import GRPO_SAMPLES, METHODS, explain, method_settings, summarize
+from benchmarks.carft_step import SETTINGS as CARFT_SETTINGS
+from benchmarks.ppo_step import PHASES, medians, rl_config
+from benchmarks.ppo_step import SETTINGS as PPO_SETTINGS
 
 
 @pytest.mark.parametrize("mode", ["full", "quick"])
@@ -30,16 +32,29 @@ def test_ppo_step_settings_load(tmp_path: Path, model: str) -> None:
 
 def _record(total: float, samples: float, **phases: float) -> dict[str, float]:
     rec = {k: 0.0 for k in PHASES} | {"lcs": 0.0, "partial_reward": 0.0}
-    rec.update(phases, total=total, samples=samples, response_length=10.0, sequence_length=20.0,
-               cpu_actor=total, cpu_total=2 * total, cpu_training_actor=total / 2)
+    rec.update(
+        phases,
+        total=total,
+        samples=samples,
+        response_length=10.0,
+        sequence_length=20.0,
+        cpu_actor=total,
+        cpu_total=2 * total,
+        cpu_training_actor=total / 2,
+    )
     return rec
 
 
 def test_summarize_ratios() -> None:
-    records = {"reft": [_record(2.0, 8, logprobs=0.5), _record(4.0, 8, logprobs=0.5), _record(3.0, 8, logprobs=0.5)],
-               "carft": [_record(2.2, 8, logprobs=0.7, lcs=0.01), _record(4.2, 8, logprobs=0.7),
-                         _record(3.3, 8, logprobs=0.7)],
-               "grpo": [_record(12.0, 64)] * 3}
+    records = {
+        "reft": [_record(2.0, 8, logprobs=0.5), _record(4.0, 8, logprobs=0.5), _record(3.0, 8, logprobs=0.5)],
+        "carft": [
+            _record(2.2, 8, logprobs=0.7, lcs=0.01),
+            _record(4.2, 8, logprobs=0.7),
+            _record(3.3, 8, logprobs=0.7),
+        ],
+        "grpo": [_record(12.0, 64)] * 3,
+    }
     s = summarize(records)
     assert s["carft_over_reft_step_time"] == pytest.approx(3.3 / 3.0)
     assert s["carft_over_reft_paired_median"] == pytest.approx(1.1)

@@ -38,13 +38,20 @@ def test_paper_sft_configs_carry_the_paper_settings() -> None:
 
 
 def test_layout_errors_name_the_key() -> None:
-    cfg = load_config(SFTConfig, ROOT / "configs" / "sft-codellama-7b-gsm8k-ncot-1n8g-tp2.yaml",
-                      ["parallel.tensor_parallel=3"])
+    cfg = load_config(
+        SFTConfig, ROOT / "configs" / "sft-codellama-7b-gsm8k-ncot-1n8g-tp2.yaml", ["parallel.tensor_parallel=3"]
+    )
     with pytest.raises(ConfigError, match="parallel"):
         check_world_layout(cfg, 8)
     with pytest.raises(ConfigError, match="train.global_batch_size"):
-        check_world_layout(load_config(SFTConfig, ROOT / "configs" / "sft-tiny-synthetic.yaml",
-                                       ["train.global_batch_size=24", "train.micro_batch_size=16"]), 1)
+        check_world_layout(
+            load_config(
+                SFTConfig,
+                ROOT / "configs" / "sft-tiny-synthetic.yaml",
+                ["train.global_batch_size=24", "train.micro_batch_size=16"],
+            ),
+            1,
+        )
 
 
 def test_unknown_config_kind_is_rejected(tmp_path: Path) -> None:

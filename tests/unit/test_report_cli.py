@@ -21,14 +21,20 @@ def _run_dir(folder: Path, stage: str, rewards: list[float], change: dict | None
         logger.log(step, {"reward": reward})
     logger.log(len(rewards), {"eval_accuracy": 0.75})
     logger.close()
-    (folder / "summary.json").write_text(json.dumps({"accuracy_before": 0.5, "accuracy_after": 0.75,
-                                                     "held_out_change": change, "steps": len(rewards)}))
+    (folder / "summary.json").write_text(
+        json.dumps({"accuracy_before": 0.5, "accuracy_after": 0.75, "held_out_change": change, "steps": len(rewards)})
+    )
     return folder
 
 
 def _report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "recipes" / "report.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "report.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_side_by_side_runs(tmp_path: Path) -> None:

@@ -44,8 +44,11 @@ def _model(cfg: RLConfig, model: str) -> ModelConfig:
 
 
 def test_there_are_eighteen_paper_recipes() -> None:
-    found = {p.name for m, model in itertools.product(METHODS, MODELS)
-             for p in (ROOT / "configs").glob(f"{m}-{model}-*.yaml")}
+    found = {
+        p.name
+        for m, model in itertools.product(METHODS, MODELS)
+        for p in (ROOT / "configs").glob(f"{m}-{model}-*.yaml")
+    }
     assert found == {_path(*r).name for r in RECIPES}
 
 
@@ -116,12 +119,13 @@ def test_layout_check_rejects_what_does_not_divide() -> None:
     with pytest.raises(ConfigError, match="actor.micro_batch_size"):
         check_layouts(_load("carft", "codellama-7b", "gsm8k-ncot", ("actor.micro_batch_size=3",)), model)
     with pytest.raises(ConfigError, match="parallel"):
-        check_layouts(_load("reft", "codellama-7b", "gsm8k-ncot", ("actor.num_workers=6",
-                                                                      "actor.parallel.tensor_parallel=4")), model)
+        check_layouts(
+            _load("reft", "codellama-7b", "gsm8k-ncot", ("actor.num_workers=6", "actor.parallel.tensor_parallel=4")),
+            model,
+        )
     qwen = _model(_load("grpo", "qwen2.5-7b-instruct", "gsm8k-ncot"), "qwen2.5-7b-instruct")
     with pytest.raises(ConfigError, match="tensor_parallel"):  # Qwen2.5-7B has 28 heads, 4 KV heads
-        check_layouts(_load("grpo", "qwen2.5-7b-instruct", "gsm8k-ncot", ("actor.parallel.tensor_parallel=8",)),
-                      qwen)
+        check_layouts(_load("grpo", "qwen2.5-7b-instruct", "gsm8k-ncot", ("actor.parallel.tensor_parallel=8",)), qwen)
 
 
 def test_kl_of_pcot_is_the_recipes_own() -> None:

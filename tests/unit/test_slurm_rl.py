@@ -29,8 +29,9 @@ def _bash(body: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
     """Run ``body`` in bash after sourcing the script (functions only), with a clean Slurm env."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CARFT_"))}
     base.update(PYTHON=PYTHON, REPO=str(ROOT), **(env or {}))
-    return subprocess.run(["bash", "-c", f'source "{SCRIPT}"\n{body}'], env=base, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "-c", f'source "{SCRIPT}"\n{body}'], env=base, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_syntax() -> None:
@@ -56,18 +57,22 @@ def test_main_needs_a_config_and_an_allocation() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     no_config = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
     assert no_config.returncode != 0 and "usage: sbatch" in no_config.stderr
-    no_job = subprocess.run(["bash", str(SCRIPT), "configs/reft-tiny-synthetic.yaml"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    no_job = subprocess.run(
+        ["bash", str(SCRIPT), "configs/reft-tiny-synthetic.yaml"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert no_job.returncode != 0 and "run this script with sbatch" in no_job.stderr
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"SLURM_GPUS_ON_NODE": "8"}, "8"),
-    ({"SLURM_GPUS_PER_NODE": "4"}, "4"),
-    ({"SLURM_GPUS_PER_NODE": "h100:8"}, "8"),
-    ({"SLURM_GPUS_PER_NODE": "gpu:a100:2"}, "2"),
-    ({"SLURM_GPUS_ON_NODE": "8", "CARFT_GPUS_PER_NODE": "6"}, "6"),
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({"SLURM_GPUS_ON_NODE": "8"}, "8"),
+        ({"SLURM_GPUS_PER_NODE": "4"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "h100:8"}, "8"),
+        ({"SLURM_GPUS_PER_NODE": "gpu:a100:2"}, "2"),
+        ({"SLURM_GPUS_ON_NODE": "8", "CARFT_GPUS_PER_NODE": "6"}, "6"),
+    ],
+)
 def test_gpus_per_node(env: dict[str, str], expected: str) -> None:
     result = _bash("gpus_per_node", env)
     assert (result.returncode, result.stdout.strip()) == (0, expected), result.stderr
@@ -122,8 +127,10 @@ def test_sigusr1_is_forwarded_to_the_controller(tmp_path: Path) -> None:
 def test_a_controller_killed_by_the_forwarded_signal_is_requeued(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     script = f"from pathlib import Path; import time; Path({str(ready)!r}).write_text('x'); time.sleep(30)"
-    body = (f'run_forwarding "$PYTHON" -c "{script}"; s=$?; echo "status=$s"; '
-            'should_requeue $s configs/reft-tiny-synthetic.yaml && echo requeue || echo done')
+    body = (
+        f'run_forwarding "$PYTHON" -c "{script}"; s=$?; echo "status=$s"; '
+        "should_requeue $s configs/reft-tiny-synthetic.yaml && echo requeue || echo done"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHON=PYTHON, REPO=str(ROOT))
     proc = subprocess.Popen(["bash", "-c", f'source "{SCRIPT}"\n{body}'], env=env, stdout=subprocess.PIPE, text=True)
@@ -137,13 +144,16 @@ def test_exit_status_passes_through_without_a_signal() -> None:
     assert result.stdout.strip() == "status=5 forwarded="
 
 
-@pytest.mark.parametrize("summary,status,requeue", [
-    ({"stopped_early": True}, 0, True),
-    ({"stopped_early": False}, 0, False),
-    (None, 0, False),
-    ({"stopped_early": True}, 1, False),  # a failed run is not resumed blindly
-    ({"stopped_early": True}, 138, False),  # killed by USR1 that this script did not forward
-])
+@pytest.mark.parametrize(
+    "summary,status,requeue",
+    [
+        ({"stopped_early": True}, 0, True),
+        ({"stopped_early": False}, 0, False),
+        (None, 0, False),
+        ({"stopped_early": True}, 1, False),  # a failed run is not resumed blindly
+        ({"stopped_early": True}, 138, False),  # killed by USR1 that this script did not forward
+    ],
+)
 def test_should_requeue_reads_summary_json(tmp_path: Path, summary: dict | None, status: int, requeue: bool) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -177,17 +187,38 @@ def test_wait_for_gpus_against_a_real_ray_head() -> None:
     port = 46000 + os.getpid() % 3000
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RAY_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHON=PYTHON, REPO=str(ROOT))
-    ip = subprocess.run(["bash", "-c", f'source "{SCRIPT}"\nnode_ip'], env=env, capture_output=True, text=True,
-                        timeout=120).stdout.strip()
+    ip = subprocess.run(
+        ["bash", "-c", f'source "{SCRIPT}"\nnode_ip'], env=env, capture_output=True, text=True, timeout=120
+    ).stdout.strip()
     assert ip, "node_ip printed nothing"
-    head = subprocess.Popen([str(ray_cli), "start", "--head", "--block", f"--node-ip-address={ip}",
-                             f"--port={port}", "--num-cpus=1", "--num-gpus=2", "--include-dashboard=false",
-                             "--disable-usage-stats", f"--temp-dir={temp}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        [
+            str(ray_cli),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={ip}",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--num-gpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def wait(count: int, timeout_s: int) -> subprocess.CompletedProcess:
-            return subprocess.run(["bash", "-c", f'source "{SCRIPT}"\nwait_for_gpus {ip}:{port} {count} {timeout_s}'],
-                                  env=env, capture_output=True, text=True, timeout=300)
+            return subprocess.run(
+                ["bash", "-c", f'source "{SCRIPT}"\nwait_for_gpus {ip}:{port} {count} {timeout_s}'],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
 
         ok = wait(2, 180)
         assert ok.returncode == 0 and "2 of 2 GPUs" in ok.stdout, ok.stdout + ok.stderr

@@ -61,13 +61,18 @@ class ContrastiveConfig:
             require(value is None or value >= 0, f"contrastive.{name}", f"must be >= 0, got {value}")
         require(self.coef >= 0, "contrastive.coef", f"must be >= 0, got {self.coef}")
         require(self.tau > 0, "contrastive.tau", f"must be > 0, got {self.tau}")
-        require(self.projection_dim >= 1, "contrastive.projection_dim",
-                f"must be >= 1, got {self.projection_dim}")
+        require(self.projection_dim >= 1, "contrastive.projection_dim", f"must be >= 1, got {self.projection_dim}")
         clamp = self.clamp_positive_similarity
-        require(clamp is None or -1.0 < clamp <= 1.0, "contrastive.clamp_positive_similarity",
-                f"must be None or in (-1, 1], got {clamp}")
-        require(self.partial_reward_scale >= 0, "contrastive.partial_reward_scale",
-                f"must be >= 0, got {self.partial_reward_scale}")
+        require(
+            clamp is None or -1.0 < clamp <= 1.0,
+            "contrastive.clamp_positive_similarity",
+            f"must be None or in (-1, 1], got {clamp}",
+        )
+        require(
+            self.partial_reward_scale >= 0,
+            "contrastive.partial_reward_scale",
+            f"must be >= 0, got {self.partial_reward_scale}",
+        )
 
     @property
     def weights(self) -> tuple[float, float]:

@@ -62,8 +62,7 @@ class PooledEmbedding:
     nonempty: Tensor
 
 
-def pool_cot_embedding(embeddings: Tensor, values: Tensor, mask: Tensor,
-                       seq_group=None) -> PooledEmbedding:
+def pool_cot_embedding(embeddings: Tensor, values: Tensor, mask: Tensor, seq_group=None) -> PooledEmbedding:
     """Value-softmax pooling ``z_b = sum_t softmax_t(V_{t,b}) e_{t,b}`` over ``mask``.
 
     Args:
@@ -78,8 +77,10 @@ def pool_cot_embedding(embeddings: Tensor, values: Tensor, mask: Tensor,
         where the (global) mask is empty.
     """
     if embeddings.dim() != 3 or values.shape != embeddings.shape[:2] or mask.shape != values.shape:
-        raise ValueError(f"expected embeddings [s, b, d], values and mask [s, b]; got "
-                         f"{tuple(embeddings.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected embeddings [s, b, d], values and mask [s, b]; got "
+            f"{tuple(embeddings.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}"
+        )
     dtype = _compute_dtype(embeddings, values)
     mask = mask.bool()
     values = values.to(dtype)

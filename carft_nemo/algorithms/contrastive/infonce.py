@@ -32,8 +32,9 @@ def cosine_matrix(a: Tensor, c: Tensor) -> Tensor:
     return F.normalize(a, dim=-1, eps=_EPS) @ F.normalize(c, dim=-1, eps=_EPS).t()
 
 
-def info_nce_terms(anchor: Tensor, positive: Tensor, candidates: Tensor, candidate_valid: Tensor,
-                   tau: float, clamp: float | None) -> Tensor:
+def info_nce_terms(
+    anchor: Tensor, positive: Tensor, candidates: Tensor, candidate_valid: Tensor, tau: float, clamp: float | None
+) -> Tensor:
     """Per-anchor InfoNCE ``l_i`` ``[n]`` (module docstring) with cosine similarity.
 
     Args:

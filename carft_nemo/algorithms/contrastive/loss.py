@@ -65,7 +65,7 @@ class CoTBatch:
             if tuple(getattr(self, name).shape) != s_b:
                 raise ValueError(f"{name} must be [s, b] = {s_b}, got {tuple(getattr(self, name).shape)}")
 
-    def detached(self) -> "CoTBatch":
+    def detached(self) -> CoTBatch:
         return CoTBatch(self.embeddings.detach(), self.values.detach(), self.cot_mask)
 
 
@@ -92,8 +92,9 @@ def _compact(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ids.t().gather(1, order), mask_bs.sum(dim=1), order
 
 
-def lcs_spans(annotated_ids: Tensor, annotated_cot_mask: Tensor,
-              on_policy_ids: Tensor, on_policy_cot_mask: Tensor) -> LcsSpans:
+def lcs_spans(
+    annotated_ids: Tensor, annotated_cot_mask: Tensor, on_policy_ids: Tensor, on_policy_cot_mask: Tensor
+) -> LcsSpans:
     """Token-level LCS of the annotated and on-policy CoTs of each sample (full sequences).
 
     Args:
@@ -109,7 +110,7 @@ def lcs_spans(annotated_ids: Tensor, annotated_cot_mask: Tensor,
     return LcsSpans(annotated_common=a_common.t(), on_policy_common=g_common.t(), length=result.length)
 
 
-def _pool(batch: CoTBatch, mask: Tensor, seq_group: "ProcessGroup | None") -> PooledEmbedding:
+def _pool(batch: CoTBatch, mask: Tensor, seq_group: ProcessGroup | None) -> PooledEmbedding:
     return pool_cot_embedding(batch.embeddings, batch.values, mask, seq_group)
 
 
@@ -119,8 +120,8 @@ def contrastive_loss(
     annotated: CoTBatch,
     correct: Tensor,
     lcs: LcsSpans | None = None,
-    dp_group: "ProcessGroup | None" = None,
-    seq_group: "ProcessGroup | None" = None,
+    dp_group: ProcessGroup | None = None,
+    seq_group: ProcessGroup | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CARFT contrastive loss ``coef * (w_pos L_pos + w_neg L_neg)`` for one micro-batch.
 
@@ -172,8 +173,7 @@ def contrastive_loss(
 
     # One gather each for the embeddings (optionally with gradient) and the flags.
     local = torch.cat(feats, dim=1)
-    gathered = (all_gather_with_grad(local, dp_group) if cfg.gather_with_grad
-                else all_gather_no_grad(local, dp_group))
+    gathered = all_gather_with_grad(local, dp_group) if cfg.gather_with_grad else all_gather_no_grad(local, dp_group)
     all_flags = all_gather_no_grad(torch.stack(flags, dim=1).to(torch.int32), dp_group).bool()
     d = gen.z.shape[1]
 
@@ -182,14 +182,32 @@ def contrastive_loss(
     w_pos, w_neg = cfg.weights
     if cfg.uses_positive:
         num_pos = int(all_flags[:, -2 if cfg.uses_negative else -1].sum())
-        loss_pos = positive_loss(ann.z, gen.z, use_pos, gathered[:, :d], all_flags[:, 0],
-                                 num_pos, world, cfg.tau, cfg.clamp_positive_similarity)
+        loss_pos = positive_loss(
+            ann.z,
+            gen.z,
+            use_pos,
+            gathered[:, :d],
+            all_flags[:, 0],
+            num_pos,
+            world,
+            cfg.tau,
+            cfg.clamp_positive_similarity,
+        )
     if cfg.uses_negative:
         num_neg = int(all_flags[:, -1].sum())
-        candidates = torch.cat([gathered[:, d:2 * d], gathered[:, 2 * d:3 * d]], dim=0)
+        candidates = torch.cat([gathered[:, d : 2 * d], gathered[:, 2 * d : 3 * d]], dim=0)
         candidates_valid = torch.cat([all_flags[:, 1], all_flags[:, 2]], dim=0)
-        loss_neg = negative_loss(ann_rest.z, common.z, use_neg, candidates, candidates_valid,
-                                 num_neg, world, cfg.tau, cfg.clamp_positive_similarity)
+        loss_neg = negative_loss(
+            ann_rest.z,
+            common.z,
+            use_neg,
+            candidates,
+            candidates_valid,
+            num_neg,
+            world,
+            cfg.tau,
+            cfg.clamp_positive_similarity,
+        )
 
     loss = cfg.coef * (w_pos * loss_pos + w_neg * loss_neg)
     parts = all_reduce_sum_no_grad(torch.stack([loss_pos.detach(), loss_neg.detach()]), dp_group) / world

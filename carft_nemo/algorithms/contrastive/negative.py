@@ -35,9 +35,17 @@ from carft_nemo.algorithms.contrastive.infonce import info_nce_terms, masked_mea
 __all__ = ["negative_loss"]
 
 
-def negative_loss(z_ann_rest: Tensor, z_gen_common: Tensor, use: Tensor,
-                  candidates: Tensor, candidates_valid: Tensor,
-                  num_global: int, group_size: int, tau: float, clamp: float | None) -> Tensor:
+def negative_loss(
+    z_ann_rest: Tensor,
+    z_gen_common: Tensor,
+    use: Tensor,
+    candidates: Tensor,
+    candidates_valid: Tensor,
+    num_global: int,
+    group_size: int,
+    tau: float,
+    clamp: float | None,
+) -> Tensor:
     """This rank's share of ``L_neg`` (see :mod:`.infonce` for the cross-rank convention).
 
     Args:

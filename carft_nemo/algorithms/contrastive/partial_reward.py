@@ -22,8 +22,9 @@ __all__ = ["embedding_partial_reward"]
 
 
 @torch.no_grad()
-def embedding_partial_reward(cfg: ContrastiveConfig, z_ann: Tensor, z_gen: Tensor, rewards: Tensor,
-                             wrong_extractable: Tensor) -> Tensor:
+def embedding_partial_reward(
+    cfg: ContrastiveConfig, z_ann: Tensor, z_gen: Tensor, rewards: Tensor, wrong_extractable: Tensor
+) -> Tensor:
     """Rewards ``[b]`` with wrong-but-extractable entries replaced by ``scale * cos + offset``.
 
     ``z_ann``, ``z_gen``: ``[b, d]`` pooled CoT embeddings; returns ``rewards`` unchanged

@@ -28,8 +28,17 @@ from carft_nemo.algorithms.contrastive.infonce import info_nce_terms, masked_mea
 __all__ = ["positive_loss"]
 
 
-def positive_loss(z_ann: Tensor, z_gen: Tensor, use: Tensor, gen_all: Tensor, gen_all_valid: Tensor,
-                  num_global: int, group_size: int, tau: float, clamp: float | None) -> Tensor:
+def positive_loss(
+    z_ann: Tensor,
+    z_gen: Tensor,
+    use: Tensor,
+    gen_all: Tensor,
+    gen_all_valid: Tensor,
+    num_global: int,
+    group_size: int,
+    tau: float,
+    clamp: float | None,
+) -> Tensor:
     """This rank's share of ``L_pos`` (see :mod:`.infonce` for the cross-rank convention).
 
     Args:

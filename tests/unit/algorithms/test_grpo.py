@@ -22,8 +22,7 @@ def test_group_advantages_two_groups_of_three_hand_computed():
 
 
 def test_group_advantages_all_equal_group_is_zero():
-    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 2),
-                               torch.zeros(4))
+    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 2), torch.zeros(4))
 
 
 @pytest.mark.parametrize("n,g", [(5, 3), (4, 0)])

@@ -29,11 +29,11 @@ def _m(rows) -> torch.Tensor:
 
 
 def _close(actual: torch.Tensor, expected, tol: float = 1e-12) -> None:
-    torch.testing.assert_close(actual, _t(expected) if not torch.is_tensor(expected) else expected,
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(actual, _t(expected) if not torch.is_tensor(expected) else expected, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- kl_penalized_rewards
+
 
 def test_kl_rewards_hand_computed_score_at_last_response_token():
     mask = _m([[F, T, T, F], [F, F, F, F]])
@@ -58,6 +58,7 @@ def test_kl_rewards_keeps_float32_and_full_row():
 
 
 # ---------------------------------------------------------------- gae_advantages
+
 
 def test_gae_hand_computed_gamma_one():
     r, v, mask = _t([[0.1, -0.2, 1.0]]), _t([[0.5, 0.4, 0.8]]), _m([[T, T, T]])
@@ -102,8 +103,7 @@ def _gae_reference(r, v, mask, gamma, lam):
             delta = r[b][t] + gamma * next_v - v[b][t]
             running = delta + gamma * lam * running
             adv[b][t] = running
-    ret = [[adv[b][t] + v[b][t] if mask[b][t] else 0.0 for t in range(len(r[b]))]
-           for b in range(len(r))]
+    ret = [[adv[b][t] + v[b][t] if mask[b][t] else 0.0 for t in range(len(r[b]))] for b in range(len(r))]
     return adv, ret
 
 
@@ -125,6 +125,7 @@ def test_gae_random_vs_reference_loop(seed, gamma, lam):
 
 
 # ---------------------------------------------------------------- masked mean / whiten
+
 
 def test_masked_mean_hand_and_empty():
     x, mask = _t([[1.0, 2.0, 100.0], [3.0, math.inf, 4.0]]), _m([[T, T, F], [T, F, T]])
@@ -153,6 +154,7 @@ def test_masked_whiten_empty_and_single_entry():
 
 
 # ---------------------------------------------------------------- clipped_policy_loss
+
 
 def _policy_case():
     """Row 0: five response tokens + one pad; row 1 empty with garbage log-probs.
@@ -217,14 +219,14 @@ def test_policy_loss_random_vs_reference_loop(seed):
     adv = torch.randn(shape, generator=g, dtype=F64)
     mask = torch.rand(shape, generator=g) > 0.3
     loss, metrics = clipped_policy_loss(logp, old, adv, mask, clip_ratio=0.2)
-    total, clipped = _policy_reference(logp.tolist(), old.tolist(), adv.tolist(),
-                                       mask.tolist(), 0.2)
+    total, clipped = _policy_reference(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2)
     assert loss.item() == pytest.approx(total, abs=1e-12)
     assert metrics["policy/clipped_tokens"].item() == clipped
     assert metrics["policy/tokens"].item() == int(mask.sum())
 
 
 # ---------------------------------------------------------------- clipped_value_loss
+
 
 def test_value_loss_hand_computed_both_branches():
     # c = 0.2, V_clip = clip(V, V_old - 0.2, V_old + 0.2)

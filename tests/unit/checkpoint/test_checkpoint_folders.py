@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from carft_nemo.checkpoint.dist_checkpoint import (COMPLETE_MARKER, METADATA_FILE, CheckpointError,
-                                                   find_latest_checkpoint, list_checkpoints, prune_checkpoints,
-                                                   read_metadata, resolve_checkpoint)
+from carft_nemo.checkpoint.dist_checkpoint import (
+    COMPLETE_MARKER,
+    METADATA_FILE,
+    CheckpointError,
+    find_latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_metadata,
+    resolve_checkpoint,
+)
 
 
 def _folder(root: Path, name: str, complete: bool) -> Path:

@@ -13,28 +13,63 @@ from carft_nemo.checkpoint.hf_conversion import fuse_qkv, hf_to_megatron, megatr
 from carft_nemo.checkpoint.tp_shard import shard, split_rule
 from carft_nemo.models.config import ModelConfig
 
-CFG = ModelConfig(family="qwen2", num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-                  num_query_groups=2, vocab_size=50, max_sequence_length=64, rotary_base=1e4, norm_epsilon=1e-6,
-                  qkv_bias=True, tie_word_embeddings=False)
-HF = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 50, "hidden_size": 32,
-      "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-      "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "tie_word_embeddings": False}
+CFG = ModelConfig(
+    family="qwen2",
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=48,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=50,
+    max_sequence_length=64,
+    rotary_base=1e4,
+    norm_epsilon=1e-6,
+    qkv_bias=True,
+    tie_word_embeddings=False,
+)
+HF = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 50,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e4,
+    "tie_word_embeddings": False,
+}
 
 
 def _hf_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
-              "lm_head.weight": (cfg.vocab_size, h)}
+    shapes = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (cfg.vocab_size, h),
+    }
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,), p + "mlp.gate_proj.weight": (f, h),
-                       p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
     return {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
 
 
@@ -80,16 +115,21 @@ def test_vocab_rows_are_zero_padded_before_the_split() -> None:
 def test_config_from_hf_matches_and_mismatch_names_fields() -> None:
     assert model_config_from_hf(HF, make_vocab_size_divisible_by=128) == CFG
     other = model_config_from_hf({**HF, "vocab_size": 64, "hidden_size": 64})
-    with pytest.raises(HFConversionError, match="model.hidden_size=32 but .* has 64.*model.vocab_size=50 but .* has 64"):
+    with pytest.raises(
+        HFConversionError, match="model.hidden_size=32 but .* has 64.*model.vocab_size=50 but .* has 64"
+    ):
         check_compatible(CFG, other, where="x/config.json")
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM.*not supported"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"head_dim": 16}, "head_dim"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM.*not supported"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"head_dim": 16}, "head_dim"),
+    ],
+)
 def test_unsupported_hf_configs_are_refused(change: dict, match: str) -> None:
     with pytest.raises(HFConversionError, match=match):
         model_config_from_hf({**HF, **change})

@@ -40,9 +40,11 @@ def _pad(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, torch.tensor([len(s) for s in seqs])
 
 
-def _random_sequences(rng: np.random.Generator, count: int, vocab: int, below_length: int
-                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _random_sequences(
+    rng: np.random.Generator, count: int, vocab: int, below_length: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``count`` a-sequences then ``count`` b-sequences, lengths in [0, below_length)."""
+
     def draw() -> list[np.ndarray]:
         return [rng.integers(0, vocab, rng.integers(0, below_length)) for _ in range(count)]
 
@@ -53,7 +55,7 @@ def _random_sequences(rng: np.random.Generator, count: int, vocab: int, below_le
 def _check_masks(a, b, a_len, b_len, result) -> None:
     for k in range(a.shape[0]):
         ma, mb = result.mask_a[k], result.mask_b[k]
-        assert not ma[a_len[k]:].any() and not mb[b_len[k]:].any()
+        assert not ma[a_len[k] :].any() and not mb[b_len[k] :].any()
         assert int(ma.sum()) == int(mb.sum()) == int(result.length[k])
         assert torch.equal(a[k][ma], b[k][mb])  # the selected tokens form one common subsequence
 
@@ -62,8 +64,15 @@ def test_hand_computed_cases():
     def ids(text: str) -> list[int]:
         return [ord(c) for c in text]
 
-    pairs = [("ABCBDAB", "BDCABA", 4), ("AGGTAB", "GXTXAYB", 4), ("abc", "abc", 3), ("abc", "xyz", 0),
-             ("", "abc", 0), ("", "", 0), ("aaaa", "aa", 2)]
+    pairs = [
+        ("ABCBDAB", "BDCABA", 4),
+        ("AGGTAB", "GXTXAYB", 4),
+        ("abc", "abc", 3),
+        ("abc", "xyz", 0),
+        ("", "abc", 0),
+        ("", "", 0),
+        ("aaaa", "aa", 2),
+    ]
     a, a_len = _pad([np.array(ids(p[0]), dtype=np.int64) for p in pairs])
     b, b_len = _pad([np.array(ids(p[1]), dtype=np.int64) for p in pairs])
     result = lcs_masks(a, b, a_len, b_len)

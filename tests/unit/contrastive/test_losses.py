@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from carft_nemo.algorithms.contrastive import (
-    CoTBatch,
     ContrastiveConfig,
+    CoTBatch,
     LcsSpans,
     contrastive_loss,
     embedding_partial_reward,
@@ -23,8 +23,11 @@ F64 = torch.float64
 def _one_token_batch(vectors: list[list[float]]) -> CoTBatch:
     """Each sample's CoT is a single token, so its embedding is exactly that token's vector."""
     emb = torch.tensor(vectors, dtype=F64)[None]  # [1, b, d]
-    return CoTBatch(emb.clone().requires_grad_(True), torch.zeros(1, len(vectors), dtype=F64),
-                    torch.ones(1, len(vectors), dtype=torch.bool))
+    return CoTBatch(
+        emb.clone().requires_grad_(True),
+        torch.zeros(1, len(vectors), dtype=F64),
+        torch.ones(1, len(vectors), dtype=torch.bool),
+    )
 
 
 def _cos(u, v) -> float:
@@ -68,8 +71,7 @@ def test_paper_gather_passes_no_denominator_gradient():
     """gather_with_grad=False: only the positive numerator -cos(z_ann, z_gen)/tau sends gradient."""
     gen = _one_token_batch([[1.0, 0.5], [0.3, 1.0], [-1.0, 0.2]])
     ann = [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
-    cfg = ContrastiveConfig(mode="positive", coef=1.0, tau=0.2, clamp_positive_similarity=None,
-                            gather_with_grad=False)
+    cfg = ContrastiveConfig(mode="positive", coef=1.0, tau=0.2, clamp_positive_similarity=None, gather_with_grad=False)
     correct = torch.tensor([True, True, False])
     loss, _ = contrastive_loss(cfg, gen, _one_token_batch(ann), correct)
     loss.backward()
@@ -97,8 +99,13 @@ def test_negative_loss_hand_computed():
     zeros = torch.zeros(3, 2, dtype=F64)
     tau = 0.3
     cfg = ContrastiveConfig(mode="negative", coef=1.0, tau=tau, clamp_positive_similarity=None)
-    loss, metrics = contrastive_loss(cfg, CoTBatch(gen_emb, gen_val, gen_mask), CoTBatch(ann_emb, zeros, ann_mask),
-                                     torch.tensor([False, True]), spans)
+    loss, metrics = contrastive_loss(
+        cfg,
+        CoTBatch(gen_emb, gen_val, gen_mask),
+        CoTBatch(ann_emb, zeros, ann_mask),
+        torch.tensor([False, True]),
+        spans,
+    )
     # Hand pooling: common of sample 0 = (1/3) e_0 + (2/3) e_2; its annotated remainder = token 1.
     common0 = (gen_emb[0, 0] + 2 * gen_emb[2, 0]) / 3
     ann_rest0 = ann_emb[1, 0]
@@ -111,14 +118,19 @@ def test_negative_loss_hand_computed():
 
 def _random_case(b: int = 4, s: int = 6, d: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    gen = CoTBatch(torch.randn(s, b, d, dtype=F64, generator=g).requires_grad_(True),
-                   torch.randn(s, b, dtype=F64, generator=g).requires_grad_(True),
-                   torch.rand(s, b, generator=g) > 0.2)
-    ann = CoTBatch(torch.randn(s, b, d, dtype=F64, generator=g).requires_grad_(True),
-                   torch.randn(s, b, dtype=F64, generator=g).requires_grad_(True),
-                   torch.rand(s, b, generator=g) > 0.2)
-    spans = lcs_spans(torch.randint(0, 3, (s, b), generator=g), ann.cot_mask,
-                      torch.randint(0, 3, (s, b), generator=g), gen.cot_mask)
+    gen = CoTBatch(
+        torch.randn(s, b, d, dtype=F64, generator=g).requires_grad_(True),
+        torch.randn(s, b, dtype=F64, generator=g).requires_grad_(True),
+        torch.rand(s, b, generator=g) > 0.2,
+    )
+    ann = CoTBatch(
+        torch.randn(s, b, d, dtype=F64, generator=g).requires_grad_(True),
+        torch.randn(s, b, dtype=F64, generator=g).requires_grad_(True),
+        torch.rand(s, b, generator=g) > 0.2,
+    )
+    spans = lcs_spans(
+        torch.randint(0, 3, (s, b), generator=g), ann.cot_mask, torch.randint(0, 3, (s, b), generator=g), gen.cot_mask
+    )
     correct = torch.tensor([True, False, True, False][:b])
     return gen, ann, spans, correct
 
@@ -129,8 +141,7 @@ def test_gradcheck_losses(mode: str):
     cfg = ContrastiveConfig(mode=mode, coef=1.0, detach_annotated=False, clamp_positive_similarity=None)
 
     def fn(ge, gv, ae, av):
-        return contrastive_loss(cfg, CoTBatch(ge, gv, gen.cot_mask), CoTBatch(ae, av, ann.cot_mask),
-                                correct, spans)[0]
+        return contrastive_loss(cfg, CoTBatch(ge, gv, gen.cot_mask), CoTBatch(ae, av, ann.cot_mask), correct, spans)[0]
 
     loss = fn(gen.embeddings, gen.values, ann.embeddings, ann.values)
     assert loss.requires_grad and loss.item() > 0
@@ -139,11 +150,14 @@ def test_gradcheck_losses(mode: str):
 
 def test_modes_combine_with_weights():
     gen, ann, spans, correct = _random_case(seed=3)
-    vals = {m: contrastive_loss(ContrastiveConfig(mode=m, coef=1.0), gen, ann, correct, spans)[0].item()
-            for m in ("positive", "negative", "both")}
+    vals = {
+        m: contrastive_loss(ContrastiveConfig(mode=m, coef=1.0), gen, ann, correct, spans)[0].item()
+        for m in ("positive", "negative", "both")
+    }
     assert vals["both"] == pytest.approx(0.5 * vals["positive"] + 0.5 * vals["negative"], rel=1e-12)
-    scaled = contrastive_loss(ContrastiveConfig(mode="both", coef=0.3, positive_weight=1.0, negative_weight=0.0),
-                              gen, ann, correct, spans)[0].item()
+    scaled = contrastive_loss(
+        ContrastiveConfig(mode="both", coef=0.3, positive_weight=1.0, negative_weight=0.0), gen, ann, correct, spans
+    )[0].item()
     assert scaled == pytest.approx(0.3 * vals["positive"], rel=1e-12)
     off = contrastive_loss(ContrastiveConfig(enabled=False), gen, ann, correct, spans)[0]
     assert off.item() == 0 and not off.requires_grad
@@ -162,8 +176,10 @@ def test_negative_mode_requires_lcs():
         contrastive_loss(ContrastiveConfig(mode="negative"), gen, ann, correct, None)
 
 
-@pytest.mark.parametrize("field,value", [("mode", "bogus"), ("tau", 0.0), ("projection_dim", 0),
-                                         ("clamp_positive_similarity", 1.5), ("coef", -1.0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("mode", "bogus"), ("tau", 0.0), ("projection_dim", 0), ("clamp_positive_similarity", 1.5), ("coef", -1.0)],
+)
 def test_config_validation_names_field(field: str, value):
     with pytest.raises(ConfigError, match=f"contrastive.{field}"):
         ContrastiveConfig(**{field: value})
@@ -178,8 +194,9 @@ def test_partial_reward_hand_computed():
     torch.testing.assert_close(out, torch.tensor([0.3, 0.1, 0.2, 1.0]))
     assert not out.requires_grad
     custom = ContrastiveConfig(partial_reward=True, partial_reward_scale=0.5, partial_reward_offset=0.0)
-    torch.testing.assert_close(embedding_partial_reward(custom, z_ann, z_gen, rewards, partial)[:2],
-                               torch.tensor([0.5, -0.5]))
+    torch.testing.assert_close(
+        embedding_partial_reward(custom, z_ann, z_gen, rewards, partial)[:2], torch.tensor([0.5, -0.5])
+    )
     off = embedding_partial_reward(ContrastiveConfig(partial_reward=False), z_ann, z_gen, rewards, partial)
     torch.testing.assert_close(off, rewards)
 

@@ -11,14 +11,21 @@ from carft_nemo.data.datasets import DataError, DatasetConfig, load_examples, lo
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.mark.parametrize("name,sub,split,style,rows", [
-    ("gsm8k", "gsm8k", "train", "ncot", 7473), ("gsm8k", "gsm8k", "test", "ncot", 1319),
-    ("svamp", "svamp", "test", "ncot", 1000), ("svamp_reft", "reft", "train", "ncot", 3076),
-    ("svamp_reft", "reft", "train", "pcot", 3043), ("svamp_reft", "reft", "test", "ncot", 1000),
-])
+@pytest.mark.parametrize(
+    "name,sub,split,style,rows",
+    [
+        ("gsm8k", "gsm8k", "train", "ncot", 7473),
+        ("gsm8k", "gsm8k", "test", "ncot", 1319),
+        ("svamp", "svamp", "test", "ncot", 1000),
+        ("svamp_reft", "reft", "train", "ncot", 3076),
+        ("svamp_reft", "reft", "train", "pcot", 3043),
+        ("svamp_reft", "reft", "test", "ncot", 1000),
+    ],
+)
 def test_real_files_load_completely(shared_data, name, sub, split, style, rows):
     examples, report = load_examples_with_report(
-        DatasetConfig(name=name, path=str(shared_data / sub), split=split, cot_style=style))
+        DatasetConfig(name=name, path=str(shared_data / sub), split=split, cot_style=style)
+    )
     assert len(examples) == rows and report.skipped == []
     assert len({e.id for e in examples}) == rows
     assert all(e.cot_style == style and e.question for e in examples)
@@ -28,8 +35,11 @@ def test_gsm8k_fields(shared_data):
     first = load_examples(DatasetConfig(name="gsm8k", path=str(shared_data / "gsm8k"), limit=1))[0]
     assert first.answer == 72.0 and "<<" not in first.cot and "####" not in first.cot
     assert first.cot.startswith("Natalia sold 48/2 = 24 clips")
-    raw = load_examples(DatasetConfig(name="gsm8k", path=str(shared_data / "gsm8k" / "train.jsonl"),
-                                      strip_calculator_annotations=False, limit=1))[0]
+    raw = load_examples(
+        DatasetConfig(
+            name="gsm8k", path=str(shared_data / "gsm8k" / "train.jsonl"), strip_calculator_annotations=False, limit=1
+        )
+    )[0]
     assert "<<48/2=24>>" in raw.cot
 
 
@@ -47,12 +57,15 @@ def _write_jsonl(path, rows):
 GOOD = {"question": "q?", "answer": "1 + 1 = 2\n#### 2"}
 
 
-@pytest.mark.parametrize("bad,field", [
-    ({"answer": "#### 2"}, "question"),
-    ({"question": "q", "answer": "no final line"}, "answer"),
-    ({"question": "q", "answer": "x\n#### two"}, "answer"),
-    ({"question": 5, "answer": "#### 2"}, "question"),
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"answer": "#### 2"}, "question"),
+        ({"question": "q", "answer": "no final line"}, "answer"),
+        ({"question": "q", "answer": "x\n#### two"}, "answer"),
+        ({"question": 5, "answer": "#### 2"}, "question"),
+    ],
+)
 def test_malformed_row_error_names_file_row_field(tmp_path, bad, field):
     path = _write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, bad, GOOD])
     with pytest.raises(DataError) as err:
@@ -84,12 +97,16 @@ def test_reft_json_errors(tmp_path):
         load_examples(DatasetConfig(name="svamp_reft", path=str(tmp_path / "missing.json")))
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    ({"name": "mawps", "path": "x"}, "data.name"), ({"name": "gsm8k"}, "data.path"),
-    ({"name": "gsm8k", "path": "x", "hub_name": "y"}, "data.path"),
-    ({"name": "gsm8k", "path": "x", "cot_style": "pcot"}, "data.cot_style"),
-    ({"split": "dev"}, "data.split"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"name": "mawps", "path": "x"}, "data.name"),
+        ({"name": "gsm8k"}, "data.path"),
+        ({"name": "gsm8k", "path": "x", "hub_name": "y"}, "data.path"),
+        ({"name": "gsm8k", "path": "x", "cot_style": "pcot"}, "data.cot_style"),
+        ({"split": "dev"}, "data.split"),
+    ],
+)
 def test_config_validation(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         DatasetConfig(**kwargs)

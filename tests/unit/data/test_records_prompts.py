@@ -27,7 +27,9 @@ def test_pcot_target_is_the_program():
     assert build_prompt(ex).startswith("Question:\nq\nAnswer reasoning:\n")
 
 
-@pytest.mark.parametrize("value,text", [(203.0, "203"), (0.25, "0.25"), (-4.0, "-4"), (1 / 3, "0.333333"),
-                                         (1e-9, "0"), (1234567.5, "1234567.5")])
+@pytest.mark.parametrize(
+    "value,text",
+    [(203.0, "203"), (0.25, "0.25"), (-4.0, "-4"), (1 / 3, "0.333333"), (1e-9, "0"), (1234567.5, "1234567.5")],
+)
 def test_format_number(value, text):
     assert format_number(value) == text

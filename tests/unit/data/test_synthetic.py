@@ -19,8 +19,12 @@ ALL_OPS = SyntheticConfig(seed=7, n_train=120, n_test=30, operations=("add", "su
 
 def _digest(cfg_kwargs: dict) -> str:
     cfg = SyntheticConfig(**cfg_kwargs)
-    rows = [[e.id, e.question, e.cot, e.answer, e.cot_style]
-            for split in ("train", "test") for style in ("ncot", "pcot") for e in generate(cfg, split, style)]
+    rows = [
+        [e.id, e.question, e.cot, e.answer, e.cot_style]
+        for split in ("train", "test")
+        for style in ("ncot", "pcot")
+        for e in generate(cfg, split, style)
+    ]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -28,11 +32,19 @@ def test_same_seed_same_data_across_runs_and_processes():
     kwargs = {"seed": 3, "n_train": 300, "n_test": 50}
     here = _digest(kwargs)
     assert here == _digest(kwargs)
-    code = ("import sys; sys.path.insert(0, %r); from tests.unit.data.test_synthetic import _digest; "
-            "print(_digest(%r))" % (str(ROOT), kwargs))
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.unit.data.test_synthetic import _digest; "
+        f"print(_digest({kwargs!r}))"
+    )
     for hash_seed in ("0", "12345"):  # different str hashing / set order in the child
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={"PYTHONHASHSEED": hash_seed, "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": hash_seed, "PATH": "/usr/bin:/bin"},
+            cwd=ROOT,
+        )
         assert out.stdout.strip() == here
     assert _digest({**kwargs, "seed": 4}) != here
 
@@ -65,8 +77,17 @@ def test_pcot_gold_scores_one_in_sandbox():
     assert [e.id for e, r in zip(examples, results) if r.reward != 1.0] == []
 
 
-@pytest.mark.parametrize("bad", [{"min_steps": 0}, {"max_steps": 0}, {"operations": ("pow",)},
-                                 {"multiplier_range": (1, 3)}, {"distractor_prob": 1.5}, {"max_value": 2}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min_steps": 0},
+        {"max_steps": 0},
+        {"operations": ("pow",)},
+        {"multiplier_range": (1, 3)},
+        {"distractor_prob": 1.5},
+        {"max_value": 2},
+    ],
+)
 def test_config_validation_names_the_key(bad):
     with pytest.raises(ConfigError, match="synthetic."):
         SyntheticConfig(**bad)

@@ -6,8 +6,17 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from carft_nemo.data.prompts import build_prompt, build_target
 from carft_nemo.data.synthetic import SyntheticConfig, generate
-from carft_nemo.data.tokenization import (EncodingConfig, TokenizerConfig, collate, collate_sft, encode_prompts,
-                                          encode_sft, get_tokenizer, load_tokenizer, train_tokenizer)
+from carft_nemo.data.tokenization import (
+    EncodingConfig,
+    TokenizerConfig,
+    collate,
+    collate_sft,
+    encode_prompts,
+    encode_sft,
+    get_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 CFG = SyntheticConfig(seed=0, n_train=300, n_test=20)
 
@@ -48,7 +57,7 @@ def test_encode_sft_masks_response_and_appends_eos(tokenizer, examples):
         assert enc.tokens[: enc.prompt_length] == prompt_ids
         assert enc.tokens[-1] == tokenizer.eos_token_id
         assert enc.loss_mask == [0] * enc.prompt_length + [1] * (len(enc.tokens) - enc.prompt_length)
-        assert tokenizer.decode(enc.tokens[enc.prompt_length:-1]) == build_target(ex)
+        assert tokenizer.decode(enc.tokens[enc.prompt_length : -1]) == build_target(ex)
 
 
 def test_truncation_counts(tokenizer, examples):
@@ -59,7 +68,8 @@ def test_truncation_counts(tokenizer, examples):
     full_prompt = tokenizer(build_prompt(examples[0]), add_special_tokens=False)["input_ids"]
     assert encoded[0].tokens[:10] == full_prompt[-10:]  # left truncation keeps the header
     assert stats.prompt_tokens_cut == sum(
-        len(tokenizer(build_prompt(e), add_special_tokens=False)["input_ids"]) - 10 for e in examples[:8])
+        len(tokenizer(build_prompt(e), add_special_tokens=False)["input_ids"]) - 10 for e in examples[:8]
+    )
     dropped, dstats = encode_sft(examples[:8], tokenizer, EncodingConfig(10, 25, long_prompts="drop"))
     assert dropped == [] and dstats.dropped == 8
     prompts, ids, pstats = encode_prompts(examples[:8], tokenizer, cfg)
@@ -94,6 +104,7 @@ def test_load_tokenizer_adds_pad_when_missing(tmp_path, examples):
 
 def test_bad_encoding_config():
     from carft_nemo.config.base import ConfigError
+
     with pytest.raises(ConfigError, match="encoding.max_total_tokens"):
         EncodingConfig(max_prompt_tokens=300, max_total_tokens=300)
     with pytest.raises(ConfigError, match="tokenizer.kind"):

@@ -6,14 +6,29 @@ from pathlib import Path
 import pytest
 
 from carft_nemo.evaluation.metrics import sign_test_p
-from carft_nemo.evaluation.runner import (EvalResult, baseline_accuracy, read_correctness, record_eval,
-                                          write_eval_outputs)
+from carft_nemo.evaluation.runner import (
+    EvalResult,
+    baseline_accuracy,
+    read_correctness,
+    record_eval,
+    write_eval_outputs,
+)
 from carft_nemo.training.run_log import RunLogger, read_metrics
 
 
 def _result(correct: list[bool]) -> EvalResult:
-    records = [{"id": f"q{i}", "gold": 1.0, "prediction": 1.0 if ok else 2.0, "correct": ok, "response_tokens": 3,
-                "finished": True, "completion": "..."} for i, ok in enumerate(correct)]
+    records = [
+        {
+            "id": f"q{i}",
+            "gold": 1.0,
+            "prediction": 1.0 if ok else 2.0,
+            "correct": ok,
+            "response_tokens": 3,
+            "finished": True,
+            "completion": "...",
+        }
+        for i, ok in enumerate(correct)
+    ]
     return EvalResult(sum(correct) / len(correct), None, len(correct), 3.0, records)
 
 

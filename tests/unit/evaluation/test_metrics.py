@@ -2,8 +2,13 @@
 
 import pytest
 
-from carft_nemo.evaluation.metrics import (greedy_accuracy, majority_vote, majority_vote_accuracy, paired_change,
-                                           sign_test_p)
+from carft_nemo.evaluation.metrics import (
+    greedy_accuracy,
+    majority_vote,
+    majority_vote_accuracy,
+    paired_change,
+    sign_test_p,
+)
 
 
 def test_greedy_accuracy():
@@ -32,8 +37,9 @@ def test_majority_vote_accuracy():
 
 # Hand-computed: n = 5, tail C(5,0) + C(5,1) = 6, p = 2 * 6 / 32; n = 5 all one way: 2 / 32;
 # n = 6 split 3/3: the tail is 42 of 64, doubled above 1, so 1.
-@pytest.mark.parametrize("fixed, broken, p", [(1, 4, 0.375), (4, 1, 0.375), (5, 0, 0.0625), (3, 3, 1.0),
-                                              (0, 0, 1.0), (10, 0, 2 / 1024)])
+@pytest.mark.parametrize(
+    "fixed, broken, p", [(1, 4, 0.375), (4, 1, 0.375), (5, 0, 0.0625), (3, 3, 1.0), (0, 0, 1.0), (10, 0, 2 / 1024)]
+)
 def test_sign_test_p_hand_values(fixed, broken, p):
     assert sign_test_p(fixed, broken) == pytest.approx(p)
 

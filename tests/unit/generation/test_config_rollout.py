@@ -9,10 +9,20 @@ from carft_nemo.config import ConfigError
 from carft_nemo.generation import GenerationConfig, Generator, Rollout
 
 
-@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", 0.0), ("top_k", -1),
-                                         ("top_p", 0.0), ("top_p", 1.5), ("eos_token_ids", [-2]),
-                                         ("pad_token_id", -1), ("micro_batch_size", -1),
-                                         ("cpu_threads", -1)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("max_new_tokens", 0),
+        ("temperature", 0.0),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("eos_token_ids", [-2]),
+        ("pad_token_id", -1),
+        ("micro_batch_size", -1),
+        ("cpu_threads", -1),
+    ],
+)
 def test_bad_values_name_the_key(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"generation.{field}"):
         GenerationConfig(**{field: value})
@@ -24,8 +34,12 @@ def test_single_eos_id_becomes_a_tuple() -> None:
 
 
 def test_to_batch_layout() -> None:
-    r = Rollout(prompts=[[1, 2, 3], [4]], responses=[[5, 6], [7, 8, 9, 10]],
-                logprobs=[[-0.5, -0.25], [-1.0, -2.0, -3.0, -4.0]], finished=[True, False])
+    r = Rollout(
+        prompts=[[1, 2, 3], [4]],
+        responses=[[5, 6], [7, 8, 9, 10]],
+        logprobs=[[-0.5, -0.25], [-1.0, -2.0, -3.0, -4.0]],
+        finished=[True, False],
+    )
     b = r.to_batch(pad_token_id=99)
     assert b.tokens.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 10]]
     assert b.response_mask.tolist() == [[False, False, False, True, True], [False, True, True, True, True]]

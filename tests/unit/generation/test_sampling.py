@@ -66,8 +66,9 @@ def test_greedy_is_argmax_with_its_log_prob() -> None:
 
 def test_sample_frequencies_follow_the_filtered_distribution() -> None:
     logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -3.0]).repeat(20000, 1)
-    tok, lp = choose_tokens(logits, greedy=False, temperature=0.8, top_p=0.9,
-                            generator=torch.Generator().manual_seed(1))
+    tok, lp = choose_tokens(
+        logits, greedy=False, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(1)
+    )
     probs = sampling_log_probs(logits[:1], 0.8, 0, 0.9).exp()[0]
     freq = torch.bincount(tok, minlength=5).double() / len(tok)
     assert torch.allclose(freq, probs.double(), atol=0.015)

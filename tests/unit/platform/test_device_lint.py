@@ -28,7 +28,11 @@ def _docstring_lines(source: str) -> set[int]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 lines.update(range(first.lineno, first.end_lineno + 1))
     return lines
 
@@ -42,8 +46,14 @@ def violations(source: str) -> list[tuple[int, str]]:
         if tok.type in STRING_TOKENS and tok.start[0] not in docstrings and FORBIDDEN.search(tok.string):
             found.append((tok.start[0], tok.string))
         # .cuda() / .cuda(device): an attribute call, whatever the receiver
-        if (tok.type == tokenize.NAME and tok.string == "cuda" and i > 0 and tokens[i - 1].string == "."
-                and i + 1 < len(tokens) and tokens[i + 1].string == "("):
+        if (
+            tok.type == tokenize.NAME
+            and tok.string == "cuda"
+            and i > 0
+            and tokens[i - 1].string == "."
+            and i + 1 < len(tokens)
+            and tokens[i + 1].string == "("
+        ):
             found.append((tok.start[0], ".cuda()"))
     return found
 
@@ -64,7 +74,10 @@ def test_package_is_found() -> None:
 
 
 def test_no_device_or_backend_names_outside_device_module() -> None:
-    problems = [f"{path.relative_to(PACKAGE.parent)}:{line}: {token}"
-                for path in _package_files() for line, token in violations(path.read_text())]
+    problems = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {token}"
+        for path in _package_files()
+        for line, token in violations(path.read_text())
+    ]
     if problems:
         pytest.fail("hard-coded device/backend names (use carft_nemo.distributed.device):\n" + "\n".join(problems))

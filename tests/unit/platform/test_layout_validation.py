@@ -23,32 +23,50 @@ def _fails_in_initialize(parallel: ParallelConfig, world: int, model: ModelConfi
     """``initialize`` must reject the layout before it would start a ``world``-process group."""
     process = ProcessInfo(rank=0, world_size=world, local_rank=0, master_addr="127.0.0.1", master_port=29999)
     with pytest.raises(ConfigError, match=match):
-        initialize(parallel, process=process, num_layers=model.num_layers,
-                   num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups)
+        initialize(
+            parallel,
+            process=process,
+            num_layers=model.num_layers,
+            num_attention_heads=model.num_attention_heads,
+            num_query_groups=model.num_query_groups,
+        )
 
 
 def test_heads_not_divisible_by_tp() -> None:
     model = ModelConfig(preset="micro", num_attention_heads=4, num_query_groups=4)  # 4 heads
-    _fails_in_initialize(ParallelConfig(tensor_parallel=8), 8, model,
-                         r"parallel\.tensor_parallel: 8 does not divide model\.num_attention_heads=4")
+    _fails_in_initialize(
+        ParallelConfig(tensor_parallel=8),
+        8,
+        model,
+        r"parallel\.tensor_parallel: 8 does not divide model\.num_attention_heads=4",
+    )
 
 
 def test_query_groups_not_divisible_by_tp() -> None:
     model = ModelConfig(preset="micro")  # 4 heads, 2 key/value groups
-    _fails_in_initialize(ParallelConfig(tensor_parallel=4), 4, model,
-                         r"parallel\.tensor_parallel: 4 does not divide model\.num_query_groups=2")
+    _fails_in_initialize(
+        ParallelConfig(tensor_parallel=4),
+        4,
+        model,
+        r"parallel\.tensor_parallel: 4 does not divide model\.num_query_groups=2",
+    )
 
 
 def test_world_not_divisible_by_model_parallel() -> None:
     model = ModelConfig(preset="tiny")
-    _fails_in_initialize(ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 6, model,
-                         r"world size 6 is not divisible by .*= 2\*2\*1 = 4")
+    _fails_in_initialize(
+        ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
+        6,
+        model,
+        r"world size 6 is not divisible by .*= 2\*2\*1 = 4",
+    )
 
 
 def test_more_stages_than_layers() -> None:
     model = ModelConfig(preset="micro")  # 2 layers
-    _fails_in_initialize(ParallelConfig(pipeline_parallel=4), 4, model,
-                         r"parallel\.pipeline_parallel: 4 stages for model\.num_layers=2")
+    _fails_in_initialize(
+        ParallelConfig(pipeline_parallel=4), 4, model, r"parallel\.pipeline_parallel: 4 stages for model\.num_layers=2"
+    )
 
 
 def test_uneven_stages() -> None:
@@ -57,20 +75,28 @@ def test_uneven_stages() -> None:
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="GPU-only options are valid on GPUs")
-@pytest.mark.parametrize("field, value, key", [
-    ("sequence_parallel", True, "parallel.sequence_parallel"),
-    ("context_parallel", 2, "parallel.context_parallel"),
-])
+@pytest.mark.parametrize(
+    "field, value, key",
+    [
+        ("sequence_parallel", True, "parallel.sequence_parallel"),
+        ("context_parallel", 2, "parallel.context_parallel"),
+    ],
+)
 def test_gpu_only_options_rejected_on_cpu(field: str, value, key: str) -> None:
     parallel = ParallelConfig(tensor_parallel=2, **{field: value})
-    _fails_in_initialize(parallel, 4, ModelConfig(preset="micro"), key.replace(".", r"\.") + ": .*(GPU|Transformer Engine)")
+    _fails_in_initialize(
+        parallel, 4, ModelConfig(preset="micro"), key.replace(".", r"\.") + ": .*(GPU|Transformer Engine)"
+    )
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(tensor_parallel=0), "parallel.tensor_parallel"),
-    (dict(pipeline_parallel=-1), "parallel.pipeline_parallel"),
-    (dict(context_parallel=1.5), "parallel.context_parallel"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(tensor_parallel=0), "parallel.tensor_parallel"),
+        (dict(pipeline_parallel=-1), "parallel.pipeline_parallel"),
+        (dict(context_parallel=1.5), "parallel.context_parallel"),
+    ],
+)
 def test_parallel_sizes_must_be_positive_integers(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         ParallelConfig(**kwargs)
@@ -126,6 +152,11 @@ def test_yaml_unknown_model_preset(tmp_path: Path) -> None:
 
 def test_valid_layout_returns_data_parallel_size() -> None:
     model = ModelConfig(preset="tiny")
-    dp = validate_layout(ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 8, num_layers=model.num_layers,
-                         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups)
+    dp = validate_layout(
+        ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
+        8,
+        num_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+    )
     assert dp == 2

@@ -30,8 +30,10 @@ def test_yaml_style_override_keeps_preset_for_the_rest() -> None:
     assert untied.num_parameters() - cfg.num_parameters() == 100 * 64
 
 
-@pytest.mark.parametrize("vocab, divisible, tp, expected", [
-    (152064, 128, 1, 152064), (152064, 128, 8, 152576), (32016, 128, 2, 32256), (100, 8, 2, 112)])
+@pytest.mark.parametrize(
+    "vocab, divisible, tp, expected",
+    [(152064, 128, 1, 152064), (152064, 128, 8, 152576), (32016, 128, 2, 32256), (100, 8, 2, 112)],
+)
 def test_padded_vocab(vocab: int, divisible: int, tp: int, expected: int) -> None:
     cfg = ModelConfig(preset="micro", vocab_size=vocab, make_vocab_size_divisible_by=divisible)
     padded = cfg.padded_vocab_size(tp)

@@ -25,23 +25,40 @@ EXPANDED = {
 
 
 def test_torchrun_variables() -> None:
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29411",
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}  # torchrun inside an allocation wins over Slurm's
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "29411",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }  # torchrun inside an allocation wins over Slurm's
     assert ProcessInfo.from_env(env) == ProcessInfo(3, 4, 1, "node7", 29411)
 
 
 def test_slurm_srun_variables_without_master(monkeypatch) -> None:
     monkeypatch.setattr(slurm, "scontrol_hostnames", lambda nodelist: None)  # the fallback path
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-           "SLURM_JOB_NODELIST": "gpu[03-05],gpu7"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu[03-05],gpu7",
+    }
     info = ProcessInfo.from_env(env)
     assert (info.rank, info.world_size, info.local_rank, info.master_addr) == (5, 8, 1, "gpu03")
     assert info.master_port == 20000 + 123456 % 20000
 
 
 def test_slurm_step_nodelist_and_exported_master_win() -> None:
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[01-09]",
-           "SLURM_STEP_NODELIST": "gpu[04-05]", "MASTER_PORT": "31000"}
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "gpu[01-09]",
+        "SLURM_STEP_NODELIST": "gpu[04-05]",
+        "MASTER_PORT": "31000",
+    }
     assert slurm.first_host(env) == "gpu04"
     assert ProcessInfo.from_env(env).master_port == 31000
     env["MASTER_ADDR"] = "10.0.0.9"
@@ -69,12 +86,20 @@ def test_fallback_parser_rejects_malformed(bad: str) -> None:
 def test_parser_agrees_with_scontrol(tmp_path: Path, monkeypatch) -> None:
     # scontrol only needs a readable configuration to expand host lists (no daemon)
     conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=carft\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1 State=UNKNOWN\n"
-                    "PartitionName=debug Nodes=localhost Default=YES\n")
+    conf.write_text(
+        "ClusterName=carft\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1 State=UNKNOWN\n"
+        "PartitionName=debug Nodes=localhost Default=YES\n"
+    )
     monkeypatch.setenv("SLURM_CONF", str(conf))
     for nodelist in NODELISTS:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             env=dict(os.environ), timeout=30, check=True)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=30,
+            check=True,
+        )
         assert out.stdout.split() == slurm.expand_nodelist(nodelist), nodelist
         assert slurm.scontrol_hostnames(nodelist) == out.stdout.split()
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[03-05],gpu7"}

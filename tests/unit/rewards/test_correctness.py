@@ -25,14 +25,20 @@ def test_pcot_reward_from_sandbox_result():
 
 def test_score_batch_mixes_styles_and_plugs_partial_reward():
     examples = [
-        Example("n1", "q", "", 7.0, "ncot"), Example("n2", "q", "", 7.0, "ncot"),
-        Example("p1", "q", "", 21.0, "pcot"), Example("p2", "q", "", 21.0, "pcot"),
-        Example("p3", "q", "", 21.0, "pcot"), Example("n3", "q", "", 7.0, "ncot"),
+        Example("n1", "q", "", 7.0, "ncot"),
+        Example("n2", "q", "", 7.0, "ncot"),
+        Example("p1", "q", "", 21.0, "pcot"),
+        Example("p2", "q", "", 21.0, "pcot"),
+        Example("p3", "q", "", 21.0, "pcot"),
+        Example("n3", "q", "", 7.0, "ncot"),
     ]
     completions = [
-        "Therefore, the answer is: 7", "Therefore, the answer is: 5",
-        "def solution():\n    return 3 * 7\n", "def solution():\n    return 20\n",
-        "def solution():\n    raise ValueError('x')\n", "no answer here",
+        "Therefore, the answer is: 7",
+        "Therefore, the answer is: 5",
+        "def solution():\n    return 3 * 7\n",
+        "def solution():\n    return 20\n",
+        "def solution():\n    raise ValueError('x')\n",
+        "no answer here",
     ]
     seen = []
 

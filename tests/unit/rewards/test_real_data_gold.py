@@ -24,8 +24,9 @@ RAW_NCOT_MISMATCHES = {"svamp_929", "svamp_2000"}
 PCOT_FAILURES: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("name,sub,split", [("gsm8k", "gsm8k", "train"), ("gsm8k", "gsm8k", "test"),
-                                            ("svamp_reft", "reft", "train")])
+@pytest.mark.parametrize(
+    "name,sub,split", [("gsm8k", "gsm8k", "train"), ("gsm8k", "gsm8k", "test"), ("svamp_reft", "reft", "train")]
+)
 def test_every_ncot_gold_target_scores_one(shared_data, name, sub, split):
     examples = load_examples(DatasetConfig(name=name, path=str(shared_data / sub), split=split, require_cot=True))
     assert len(examples) > 1000

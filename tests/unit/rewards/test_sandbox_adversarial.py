@@ -27,8 +27,14 @@ def sandbox(tmp_path, monkeypatch):
     monkeypatch.setenv("CARFT_SECRET", SECRET)
     root = tmp_path / "scratch"
     root.mkdir()
-    cfg = SandboxConfig(timeout_s=1.5, cpu_time_s=1, memory_mb=256, max_output_chars=4096,
-                        max_file_bytes=64 * 1024, scratch_root=str(root))
+    cfg = SandboxConfig(
+        timeout_s=1.5,
+        cpu_time_s=1,
+        memory_mb=256,
+        max_output_chars=4096,
+        max_file_bytes=64 * 1024,
+        scratch_root=str(root),
+    )
     yield cfg
     _assert_no_leftovers(root)
 
@@ -43,8 +49,7 @@ def _assert_no_leftovers(root: Path) -> None:
                     alive.append(p.info)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        kids = [c for c in psutil.Process().children(recursive=True)
-                if "_sandbox_worker" in " ".join(c.cmdline())]
+        kids = [c for c in psutil.Process().children(recursive=True) if "_sandbox_worker" in " ".join(c.cmdline())]
         if not alive and not kids:
             break
         assert time.monotonic() < deadline, f"leftover sandbox processes: {alive or kids}"
@@ -64,28 +69,42 @@ CASES = [
     ("one_huge_print", prog("print('z' * 10 ** 7)\nreturn 1"), S.OUTPUT_TOO_LARGE),
     ("raw_fd_write", prog(f"g = {OS}\ng['write'](1, b'w' * 10 ** 7)\nreturn 1"), S.OUTPUT_TOO_LARGE),
     ("read_etc_passwd", prog("return len(open('/etc/passwd').read())"), S.FORBIDDEN),
-    ("read_parent_environ", prog(f"g = {OS}\nreturn len(open('/proc/%d/environ' % g['getppid']()).read())"),
-     S.FORBIDDEN),
+    (
+        "read_parent_environ",
+        prog(f"g = {OS}\nreturn len(open('/proc/%d/environ' % g['getppid']()).read())"),
+        S.FORBIDDEN,
+    ),
     ("import_os_environ", prog("return len(os.environ)", "import os"), S.FORBIDDEN),
     ("dunder_import_socket", prog("s = __import__('socket')\nreturn 1"), S.FORBIDDEN),
-    ("socket_via_real_import", prog(f"g = {OS}\nsock = g['sys'].modules['builtins'].__import__('socket')\n"
-                                    "sock.socket().connect(('1.1.1.1', 53))\nreturn 1"), S.FORBIDDEN),
+    (
+        "socket_via_real_import",
+        prog(
+            f"g = {OS}\nsock = g['sys'].modules['builtins'].__import__('socket')\n"
+            "sock.socket().connect(('1.1.1.1', 53))\nreturn 1"
+        ),
+        S.FORBIDDEN,
+    ),
     ("import_subprocess", prog("subprocess.run(['true'])\nreturn 1", "import subprocess"), S.FORBIDDEN),
-    ("os_system_via_object_graph", prog(f"g = {OS}\ng['system']('touch /tmp/carft-sbx-pwned')\nreturn 1"),
-     S.FORBIDDEN),
+    ("os_system_via_object_graph", prog(f"g = {OS}\ng['system']('touch /tmp/carft-sbx-pwned')\nreturn 1"), S.FORBIDDEN),
     ("import_ctypes", prog("return 1", "import ctypes"), S.FORBIDDEN),
     ("import_threading", prog("return 1", "import threading"), S.FORBIDDEN),
     ("signal_module", prog("signal.alarm(1)\nreturn 1", "import signal"), S.FORBIDDEN),
     ("kill_parent", prog(f"g = {OS}\ng['kill'](g['getppid'](), 9)\nreturn 1"), S.FORBIDDEN),
     ("list_root_dir", prog(f"g = {OS}\nreturn len(g['listdir']('/'))"), S.FORBIDDEN),
-    ("caught_violation_still_forbidden", prog("try:\n    open('/etc/hostname').read()\nexcept Exception:\n"
-                                              "    pass\nreturn 1"), S.FORBIDDEN),
+    (
+        "caught_violation_still_forbidden",
+        prog("try:\n    open('/etc/hostname').read()\nexcept Exception:\n    pass\nreturn 1"),
+        S.FORBIDDEN,
+    ),
     ("deep_recursion", prog("def f(n):\n    return f(n + 1)\nreturn f(0)"), S.EXCEPTION),
     ("abort_signal", prog(f"g = {OS}\ng['abort']()"), S.KILLED),
     ("system_exit", prog("raise SystemExit(0)"), S.EXCEPTION),
     ("hard_exit", prog(f"g = {OS}\ng['_exit'](0)"), S.NO_RESULT),
-    ("file_too_large_in_scratch", prog("f = open('big.bin', 'wb')\nf.write(b'x' * 10 ** 6)\nf.close()\n"
-                                       "return 1"), S.EXCEPTION),
+    (
+        "file_too_large_in_scratch",
+        prog("f = open('big.bin', 'wb')\nf.write(b'x' * 10 ** 6)\nf.close()\nreturn 1"),
+        S.EXCEPTION,
+    ),
     ("syntax_error", "def solution(:\n    return 1\n", S.SYNTAX_ERROR),
     ("no_solution", "x = 3\n", S.NO_RESULT),
     ("returns_none", prog("pass"), S.NO_RESULT),
@@ -110,6 +129,7 @@ def test_at_least_25_adversarial_cases():
 
 def test_rlimit_cpu_stops_a_busy_loop_before_the_wall_clock(sandbox):
     import dataclasses
+
     cfg = dataclasses.replace(sandbox, timeout_s=30.0, cpu_time_s=1)
     result = run_program(prog("while True:\n    pass"), cfg)
     assert result.status is S.TIMEOUT and "RLIMIT_CPU" in result.error
@@ -118,9 +138,11 @@ def test_rlimit_cpu_stops_a_busy_loop_before_the_wall_clock(sandbox):
 
 def test_writes_outside_scratch_are_refused_and_not_created(sandbox, tmp_path):
     outside = tmp_path / "escaped.txt"
-    for source in (prog(f"open({str(outside)!r}, 'w').write('x')\nreturn 1"),
-                   prog("open('../escaped.txt', 'w').write('x')\nreturn 1"),
-                   prog(f"g = {OS}\ng['rename']('a', {str(outside)!r})\nreturn 1")):
+    for source in (
+        prog(f"open({str(outside)!r}, 'w').write('x')\nreturn 1"),
+        prog("open('../escaped.txt', 'w').write('x')\nreturn 1"),
+        prog(f"g = {OS}\ng['rename']('a', {str(outside)!r})\nreturn 1"),
+    ):
         assert run_program(source, sandbox).status is S.FORBIDDEN
     assert not outside.exists()
     assert not Path("/tmp/carft-sbx-pwned").exists()
@@ -134,8 +156,9 @@ def test_writes_inside_scratch_are_allowed(sandbox):
 
 def test_environment_secret_is_not_readable(sandbox):
     assert os.environ["CARFT_SECRET"] == SECRET
-    source = prog(f"g = {OS}\nenv = g['environ']\n"
-                  f"return sum(1 for k, v in env.items() if 'SECRET' in k or {SECRET!r} in v)")
+    source = prog(
+        f"g = {OS}\nenv = g['environ']\nreturn sum(1 for k, v in env.items() if 'SECRET' in k or {SECRET!r} in v)"
+    )
     result = run_program(source, sandbox)
     assert result.status is S.OK and result.value == 0.0
 
@@ -155,18 +178,21 @@ def test_program_output_is_captured_and_bounded(sandbox):
 def _sleeper(keep_pipes: bool) -> str:
     """A program whose child outlives solution(); only possible with the policy layer off."""
     close = "" if keep_pipes else "        for fd in (0, 1, 2):\n            os.close(fd)\n"
-    return ("import os, time\n"
-            "def solution():\n"
-            "    if os.fork() == 0:\n"
-            f"{close}"
-            "        time.sleep(120)\n"
-            "        os._exit(0)\n"
-            "    return 5\n")
+    return (
+        "import os, time\n"
+        "def solution():\n"
+        "    if os.fork() == 0:\n"
+        f"{close}"
+        "        time.sleep(120)\n"
+        "        os._exit(0)\n"
+        "    return 5\n"
+    )
 
 
 @pytest.mark.parametrize("keep_pipes,expected", [(False, S.OK), (True, S.TIMEOUT)])
 def test_children_outliving_the_program_are_killed(sandbox, keep_pipes, expected):
     import dataclasses
+
     cfg = dataclasses.replace(sandbox, enforce_policy=False)  # test the process-group layer alone
     result = run_program(_sleeper(keep_pipes), cfg)
     assert result.status is expected, result
@@ -175,12 +201,16 @@ def test_children_outliving_the_program_are_killed(sandbox, keep_pipes, expected
 
 def test_many_adversarial_programs_in_parallel(sandbox):
     import dataclasses
+
     cfg = dataclasses.replace(sandbox, max_workers=4)
-    picks = [c for c in CASES if c[0] in ("infinite_loop", "fork_bomb", "memory_bytearray", "print_loop",
-                                          "read_etc_passwd", "deep_recursion")]
+    picks = [
+        c
+        for c in CASES
+        if c[0] in ("infinite_loop", "fork_bomb", "memory_bytearray", "print_loop", "read_etc_passwd", "deep_recursion")
+    ]
     sources = [c[1] for c in picks] + [prog("return 6 * 7")] * 6
     start = time.monotonic()
     results = run_programs(sources, cfg)
     assert [r.status for r in results] == [c[2] for c in picks] + [S.OK] * 6
-    assert all(r.value == 42.0 for r in results[len(picks):])
+    assert all(r.value == 42.0 for r in results[len(picks) :])
     assert time.monotonic() - start < 20.0

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from carft_nemo.data.tokenization import EncodedExample
 from carft_nemo.distributed.layout import ParallelLayout
 from carft_nemo.generation.rollout import Rollout
 from carft_nemo.rl.experience import AnnotatedBatch, action_mask, join_rollouts, lcs_split
 from carft_nemo.workers.model_worker import ReplicaMap, concat_rows, shard_rows
-from carft_nemo.data.tokenization import EncodedExample
 
 
 def test_shard_rows_round_trip_and_errors():
@@ -23,8 +23,17 @@ def test_shard_rows_round_trip_and_errors():
 
 
 def _layout(rank, tp, pp, dp, tp_rank, pp_rank, dp_rank):
-    return ParallelLayout(rank=rank, world_size=tp * pp * dp, tensor_parallel=tp, pipeline_parallel=pp,
-                          context_parallel=1, data_parallel=dp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+    return ParallelLayout(
+        rank=rank,
+        world_size=tp * pp * dp,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        context_parallel=1,
+        data_parallel=dp,
+        tp_rank=tp_rank,
+        pp_rank=pp_rank,
+        dp_rank=dp_rank,
+    )
 
 
 def test_replica_map_picks_last_stage_tp0_per_replica():

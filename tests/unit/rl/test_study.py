@@ -19,11 +19,15 @@ def test_largest_drop_is_measured_from_the_running_best():
 
 
 def test_claim_verdicts_use_the_standard_error_of_the_difference():
-    agg = {"reft": {"accuracy": {"mean": 0.40, "std": 0.02, "n": 3}},
-           "sft": {"accuracy": {"mean": 0.35, "std": 0.02, "n": 3}},
-           "carft_both_partial_reward": {"accuracy": {"mean": 0.41, "std": 0.05, "n": 3},
-                                         "largest_drop": {"mean": 0.05, "std": 0.01, "n": 3}},
-           "carft_both": {"accuracy": {"mean": 0.38, "std": 0.01, "n": 3}}}
+    agg = {
+        "reft": {"accuracy": {"mean": 0.40, "std": 0.02, "n": 3}},
+        "sft": {"accuracy": {"mean": 0.35, "std": 0.02, "n": 3}},
+        "carft_both_partial_reward": {
+            "accuracy": {"mean": 0.41, "std": 0.05, "n": 3},
+            "largest_drop": {"mean": 0.05, "std": 0.01, "n": 3},
+        },
+        "carft_both": {"accuracy": {"mean": 0.38, "std": 0.01, "n": 3}},
+    }
     agg["reft"]["largest_drop"] = {"mean": 0.02, "std": 0.01, "n": 3}
     verdicts = {c["claim"]: c for c in check_claims(agg)}
     # 0.05 > sqrt(0.02^2/3 * 2) = 0.0163
@@ -42,8 +46,9 @@ def _fake_run(root: Path, seed: int, method: str, accs: list[float], final: floa
     rows = [{"stage": method, "step": 10 * i, "eval_accuracy": a} for i, a in enumerate(accs)]
     rows += [{"stage": method, "step": 1, "reward": 0.5}]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (run / "summary.json").write_text(json.dumps({"accuracy_after": final, "reward_last_steps": 0.5,
-                                                  "wall_time_s": 60.0, "stopped_early": False}))
+    (run / "summary.json").write_text(
+        json.dumps({"accuracy_after": final, "reward_last_steps": 0.5, "wall_time_s": 60.0, "stopped_early": False})
+    )
 
 
 def test_collect_and_write_results_from_run_folders(tmp_path):
