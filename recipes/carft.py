@@ -36,12 +36,11 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from carft_nemo.cli import guarded, parse
+from carft_nemo.rl.config import RLConfig
+from carft_nemo.rl.controller import run_rl
 
-from carft_nemo.cli import guarded, parse  # noqa: E402
-from carft_nemo.rl.config import RLConfig  # noqa: E402
-from carft_nemo.rl.controller import run_rl  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the default configs live in configs/
 
 
 def main() -> None:

@@ -19,9 +19,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from carft_nemo.config import ConfigError  # noqa: E402
+from carft_nemo.config import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:

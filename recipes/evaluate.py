@@ -1,18 +1,14 @@
 """Evaluate a checkpoint: greedy accuracy (and vote@k) with per-example predictions.
 
 python recipes/evaluate.py checkpoint=outputs/main/sft/checkpoints output_dir=outputs/eval
-python recipes/evaluate.py --config configs/eval-gsm8k.yaml checkpoint=... vote_k=8
+python recipes/evaluate.py checkpoint=... data.name=gsm8k data.path=../shared/data/gsm8k data.split=test vote_k=8
 """
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from carft_nemo.cli import guarded, parse  # noqa: E402
-from carft_nemo.distributed.layout import shutdown  # noqa: E402
-from carft_nemo.evaluation.recipe import EvalConfig, run_evaluation  # noqa: E402
+from carft_nemo.cli import guarded, parse
+from carft_nemo.distributed.layout import shutdown
+from carft_nemo.evaluation.recipe import EvalConfig, run_evaluation
 
 
 def main() -> None:

@@ -8,14 +8,12 @@ before and after, then ``report.md`` (results table, PNG learning curves) in out
 Rerunning the same command resumes from the newest complete checkpoint.
 """
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from carft_nemo.cli import guarded, parse
+from carft_nemo.pipeline.main_job import MainConfig, run_main
 
-from carft_nemo.cli import guarded, parse  # noqa: E402
-from carft_nemo.pipeline.main_job import MainConfig, run_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the default configs live in configs/
 
 
 def main() -> None:

@@ -5,12 +5,8 @@ python recipes/report.py --out docs/x --title "ReFT, TP=1 vs TP=2" tp1=outputs/a
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from carft_nemo.reporting.report import stages_of, write_report  # noqa: E402
+from carft_nemo.reporting.report import stages_of, write_report
 
 
 def main() -> None:

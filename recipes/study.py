@@ -7,14 +7,12 @@ Writes results.md (tables, what holds), results.json and accuracy_curves.png to 
 Rerunning continues where it stopped (finished runs are skipped).
 """
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from carft_nemo.cli import guarded, parse
+from carft_nemo.pipeline.study import StudyConfig, run_study
 
-from carft_nemo.cli import guarded, parse  # noqa: E402
-from carft_nemo.pipeline.study import StudyConfig, run_study  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the default configs live in configs/
 
 
 def main() -> None:

@@ -1,7 +1,6 @@
 """Checkpoints: HF Llama/Qwen2 <-> megatron conversion and atomic, reshardable training checkpoints."""
 
 from carft_nemo.checkpoint.dist_checkpoint import (
-    CheckpointConfig,
     CheckpointError,
     CheckpointInfo,
     find_latest_checkpoint,
@@ -12,7 +11,6 @@ from carft_nemo.checkpoint.hf_config import HFConversionError
 from carft_nemo.checkpoint.hf_io import export_hf, hf_model_config, import_hf
 
 __all__ = [
-    "CheckpointConfig",
     "CheckpointError",
     "CheckpointInfo",
     "HFConversionError",

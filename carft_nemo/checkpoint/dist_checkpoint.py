@@ -27,7 +27,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,14 @@ from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpo
 
 from carft_nemo import compat
 from carft_nemo.checkpoint.rng import capture_rng_state, restore_rng_state
-from carft_nemo.config import ConfigError, require
+from carft_nemo.config import ConfigError
+from carft_nemo.distributed import axes
 from carft_nemo.models.forward import unwrap
 from carft_nemo.training.optim import TrainableModel
 
 log = logging.getLogger(__name__)
 
+POLICY_GROUP = "policy"  # the policy's group name in SFT and actor checkpoints (RL stages load it)
 METADATA_FILE = "checkpoint.json"
 COMPLETE_MARKER = "COMPLETE"
 FORMAT = "torch_dist"
@@ -54,22 +56,6 @@ Trainables = Mapping[str, TrainableModel | torch.nn.Module]
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the models; names the path."""
-
-
-@dataclass
-class CheckpointConfig:
-    """Where and how often checkpoints are written, and what a resume restores."""
-
-    directory: str = "checkpoints"
-    save_every: int = 0  # steps between saves; 0 = only at the end
-    keep_last: int = 2  # newest complete checkpoints kept; 0 = keep all
-    resume: bool = True  # start from the newest complete checkpoint in `directory` if any
-    load_optimizer: bool = True  # False: weights only (e.g. a new stage from an SFT checkpoint)
-
-    def __post_init__(self) -> None:
-        require(bool(self.directory), "checkpoint.directory", "must be a non-empty path")
-        require(self.save_every >= 0, "checkpoint.save_every", f"must be >= 0, got {self.save_every}")
-        require(self.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0 (0 = keep all), got {self.keep_last}")
 
 
 @dataclass
@@ -90,14 +76,12 @@ class CheckpointInfo:
 
 def current_layout() -> dict[str, int]:
     """This job's parallel sizes, stored with the checkpoint to decide what can be restored."""
-    from megatron.core import parallel_state as ps
-
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {
         "world_size": world,
-        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
-        "data_parallel": ps.get_data_parallel_world_size(),
+        "tensor_parallel": axes.size("tp"),
+        "pipeline_parallel": axes.size("pp"),
+        "data_parallel": axes.size("dp"),
     }
 
 
@@ -145,17 +129,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints and older temp folders."""
-    found = list_checkpoints(root)
-    if keep_last <= 0 or not found:
+def common_steps(roots: Sequence[str | Path]) -> list[int]:
+    """Steps with a complete checkpoint under every root (one root per role of a run), ascending."""
+    steps = [{s for s, _ in list_checkpoints(r)} for r in roots]
+    return sorted(set.intersection(*steps)) if steps else []
+
+
+def prune_checkpoints(roots: str | Path | Sequence[str | Path], keep_last: int) -> list[Path]:
+    """Keep the newest ``keep_last`` steps complete under every root; delete older ones.
+
+    One root for a single model group (SFT), one per role for RL (actor, critic): a step is
+    only kept whole, so a crash between two roles' saves never leaves a resume point with a
+    missing role. Complete steps older than the newest kept one and not kept themselves go
+    (also one role's orphan of a save the other roles never finished), as do interrupted
+    saves (``.tmp-step_N``) older than it; newer folders stay (they may be being written).
+    ``keep_last <= 0`` keeps everything. Returns the deleted paths.
+    """
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    kept = common_steps(roots)[-keep_last:] if keep_last > 0 else []
+    if not kept:
         return []
-    doomed = [p for _, p in found[:-keep_last]]
-    newest = found[-1][0]
-    for p in Path(root).glob(".tmp-step_*"):
-        step = p.name[len(".tmp-step_") :]
-        if step.isdigit() and int(step) < newest:
-            doomed.append(p)  # an interrupted save older than a complete one: never resumable
+    keep, newest = set(kept), kept[-1]
+    doomed = []
+    for root in roots:
+        doomed += [p for s, p in list_checkpoints(root) if s not in keep and s < newest]
+        for p in root.glob(".tmp-step_*"):
+            step = p.name[len(".tmp-step_") :]
+            if step.isdigit() and int(step) < newest:
+                doomed.append(p)  # an interrupted save older than a complete one: never resumable
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -172,15 +173,10 @@ def _parts(entry: TrainableModel | torch.nn.Module) -> tuple[torch.nn.Module, An
 
 def _rng_sharded_object() -> Any:
     """This rank's RNG states as a ShardedObject indexed by (pp, tp, dp) rank."""
-    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedObject
 
-    shape = (
-        ps.get_pipeline_model_parallel_world_size(),
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_data_parallel_world_size(),
-    )
-    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank())
+    shape = (axes.size("pp"), axes.size("tp"), axes.size("dp"))
+    offset = (axes.rank("pp"), axes.rank("tp"), axes.rank("dp"))
     return ShardedObject("rng_state", capture_rng_state(), shape, offset, replica_id=0)
 
 
@@ -369,9 +365,10 @@ def load_model_weights(
 
 
 __all__ = [
-    "CheckpointConfig",
     "CheckpointError",
     "CheckpointInfo",
+    "POLICY_GROUP",
+    "common_steps",
     "ConfigError",
     "current_layout",
     "find_latest_checkpoint",

@@ -27,6 +27,7 @@ from carft_nemo.checkpoint.hf_config import (
 )
 from carft_nemo.checkpoint.hf_conversion import hf_to_megatron, megatron_to_hf
 from carft_nemo.checkpoint.tp_shard import gather, local_to_full_keys, needed_full_keys, shard
+from carft_nemo.distributed import axes
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.forward import unwrap
 
@@ -69,15 +70,7 @@ def _as_list(models: Models) -> list[torch.nn.Module]:
 
 
 def _tp() -> tuple[int, int, Any]:
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 0, 1, None
-    return (
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_tensor_model_parallel_group(),
-    )
+    return axes.rank("tp"), axes.size("tp"), axes.group("tp")
 
 
 def hf_model_config(hf_dir: str | Path, make_vocab_size_divisible_by: int = 128) -> ModelConfig:
@@ -132,8 +125,6 @@ def gather_full_state_dict(models: Models, model_cfg: ModelConfig) -> dict[str, 
 
     Collective over the whole job: every rank must call it.
     """
-    from megatron.core import parallel_state as ps
-
     tp_rank, tp_size, tp_group = _tp()
     local: dict[str, torch.Tensor] = {}
     for model in _as_list(models):
@@ -146,10 +137,9 @@ def gather_full_state_dict(models: Models, model_cfg: ModelConfig) -> dict[str, 
             local[full_key] = tensor.cpu()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
-    is_source = tp_rank == 0 and ps.get_data_parallel_rank() == 0
+    is_source = tp_rank == 0 and axes.rank("dp") == 0
     payload = local if is_source else {}
-    pp_group = ps.get_pipeline_model_parallel_group()
-    pp_size = ps.get_pipeline_model_parallel_world_size()
+    pp_group, pp_size = axes.group("pp"), axes.size("pp")
     first = dist.get_global_rank(pp_group, 0) if pp_size > 1 else dist.get_rank()
     if pp_size > 1:
         gathered: list[Any] | None = [None] * pp_size if dist.get_rank() == first else None

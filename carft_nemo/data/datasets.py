@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from carft_nemo.config.base import require
+from carft_nemo.data.numbers import parse_number
 from carft_nemo.data.records import Example
 from carft_nemo.data.synthetic import SyntheticConfig, generate
-from carft_nemo.rewards.answer import parse_number
 
 logger = logging.getLogger(__name__)
 
@@ -84,23 +84,26 @@ class DatasetConfig:
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
-        require(self.name in DATASET_NAMES, "data.name", f"must be one of {DATASET_NAMES}, got {self.name!r}")
-        require(self.split in ("train", "test"), "data.split", f"must be 'train' or 'test', got {self.split!r}")
-        require(
-            self.cot_style in ("ncot", "pcot"), "data.cot_style", f"must be 'ncot' or 'pcot', got {self.cot_style!r}"
-        )
+        require(self.name in DATASET_NAMES, "name", f"must be one of {DATASET_NAMES}, got {self.name!r}")
+        require(self.split in ("train", "test"), "split", f"must be 'train' or 'test', got {self.split!r}")
+        require(self.cot_style in ("ncot", "pcot"), "cot_style", f"must be 'ncot' or 'pcot', got {self.cot_style!r}")
         require(
             self.cot_style == "ncot" or self.name in ("svamp_reft", "synthetic"),
-            "data.cot_style",
+            "cot_style",
             f"{self.name} has no P-CoT annotation",
         )
         if self.name != "synthetic":
             require(
                 (self.path is None) != (self.hub_name is None),
-                "data.path",
-                "set exactly one of data.path and data.hub_name",
+                "path",
+                "set exactly one of path and hub_name",
             )
-        require(self.limit is None or self.limit >= 0, "data.limit", "must be >= 0")
+        require(self.limit is None or self.limit >= 0, "limit", "must be >= 0")
+
+
+def held_out_split() -> DatasetConfig:
+    """The training recipes' default held-out data: the synthetic task's test split."""
+    return DatasetConfig(name="synthetic", split="test")
 
 
 @dataclasses.dataclass

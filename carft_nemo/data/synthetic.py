@@ -68,19 +68,19 @@ class SyntheticConfig:
         # YAML / OmegaConf hand sequences over as lists; keep them immutable and comparable.
         self.multiplier_range = tuple(self.multiplier_range)
         self.operations = tuple(self.operations)
-        require(len(self.multiplier_range) == 2, "synthetic.multiplier_range", "must be (lo, hi)")
-        require(self.n_train >= 0 and self.n_test >= 0, "synthetic.n_train", "split sizes must be >= 0")
-        require(1 <= self.min_steps <= self.max_steps, "synthetic.min_steps", "need 1 <= min_steps <= max_steps")
-        require(0 <= self.min_number <= self.max_number, "synthetic.min_number", "need 0 <= min_number <= max_number")
+        require(len(self.multiplier_range) == 2, "multiplier_range", "must be (lo, hi)")
+        require(self.n_train >= 0 and self.n_test >= 0, "n_train", "split sizes must be >= 0")
+        require(1 <= self.min_steps <= self.max_steps, "min_steps", "need 1 <= min_steps <= max_steps")
+        require(0 <= self.min_number <= self.max_number, "min_number", "need 0 <= min_number <= max_number")
         lo, hi = self.multiplier_range
-        require(2 <= lo <= hi, "synthetic.multiplier_range", "need 2 <= lo <= hi")
-        require(self.max_value >= self.max_number, "synthetic.max_value", "must be >= max_number")
+        require(2 <= lo <= hi, "multiplier_range", "need 2 <= lo <= hi")
+        require(self.max_value >= self.max_number, "max_value", "must be >= max_number")
         require(
             len(self.operations) > 0 and all(op in OPERATIONS for op in self.operations),
-            "synthetic.operations",
+            "operations",
             f"non-empty subset of {OPERATIONS}",
         )
-        require(0.0 <= self.distractor_prob <= 1.0, "synthetic.distractor_prob", "must be in [0, 1]")
+        require(0.0 <= self.distractor_prob <= 1.0, "distractor_prob", "must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

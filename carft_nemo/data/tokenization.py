@@ -54,9 +54,9 @@ class TokenizerConfig:
     split_digits: bool = False
 
     def __post_init__(self) -> None:
-        require(self.kind in TOKENIZER_KINDS, "tokenizer.kind", f"must be one of {TOKENIZER_KINDS}")
-        require(self.vocab_size >= len(SPECIAL_TOKENS) + 1, "tokenizer.vocab_size", "too small")
-        require(self.min_frequency >= 1, "tokenizer.min_frequency", "must be >= 1")
+        require(self.kind in TOKENIZER_KINDS, "kind", f"must be one of {TOKENIZER_KINDS}")
+        require(self.vocab_size >= len(SPECIAL_TOKENS) + 1, "vocab_size", "too small")
+        require(self.min_frequency >= 1, "min_frequency", "must be >= 1")
 
 
 @dataclasses.dataclass
@@ -76,13 +76,9 @@ class EncodingConfig:
     add_eos: bool = True
 
     def __post_init__(self) -> None:
-        require(self.max_prompt_tokens >= 1, "encoding.max_prompt_tokens", "must be >= 1")
-        require(
-            self.max_total_tokens > self.max_prompt_tokens, "encoding.max_total_tokens", "must exceed max_prompt_tokens"
-        )
-        require(
-            self.long_prompts in ("truncate_left", "drop"), "encoding.long_prompts", "must be 'truncate_left' or 'drop'"
-        )
+        require(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        require(self.max_total_tokens > self.max_prompt_tokens, "max_total_tokens", "must exceed max_prompt_tokens")
+        require(self.long_prompts in ("truncate_left", "drop"), "long_prompts", "must be 'truncate_left' or 'drop'")
 
 
 def train_tokenizer(

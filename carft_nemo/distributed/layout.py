@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from carft_nemo.config import ConfigError, require
-from carft_nemo.distributed import cpu_compat, device, slurm
+from carft_nemo.distributed import axes, cpu_compat, device, slurm
 
 
 @dataclass
@@ -38,9 +38,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "timeout_minutes"):
             value = getattr(self, name)
-            require(
-                isinstance(value, int) and value >= 1, f"parallel.{name}", f"must be an integer >= 1, got {value!r}"
-            )
+            require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
 
     @property
     def model_parallel_size(self) -> int:
@@ -132,69 +130,66 @@ def validate_layout(
     parallel: ParallelConfig,
     world_size: int,
     *,
+    key: str = "parallel",
     num_layers: int | None = None,
     num_attention_heads: int | None = None,
     num_query_groups: int | None = None,
 ) -> int:
     """Check the layout against the world size and the model; return the data-parallel size.
 
-    Raises :class:`ConfigError` naming the offending key. Runs without any process group.
+    Raises :class:`ConfigError` naming the offending key, ``<key>.<field>`` (``key`` is where
+    the layout sits in the run's config: ``parallel``, ``critic.parallel``, ...). Runs without
+    any process group.
     """
     tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
     require(
         world_size % parallel.model_parallel_size == 0,
-        "parallel",
+        key,
         f"world size {world_size} is not divisible by tensor_parallel*pipeline_parallel*context_parallel "
         f"= {tp}*{pp}*{cp} = {parallel.model_parallel_size}",
     )
     if num_attention_heads is not None:
         require(
             num_attention_heads % tp == 0,
-            "parallel.tensor_parallel",
+            f"{key}.tensor_parallel",
             f"{tp} does not divide model.num_attention_heads={num_attention_heads}",
         )
     if num_query_groups is not None:
         require(
             num_query_groups % tp == 0,
-            "parallel.tensor_parallel",
+            f"{key}.tensor_parallel",
             f"{tp} does not divide model.num_query_groups={num_query_groups} (key/value heads)",
         )
     if num_layers is not None:
         require(
             pp <= num_layers,
-            "parallel.pipeline_parallel",
+            f"{key}.pipeline_parallel",
             f"{pp} stages for model.num_layers={num_layers}: more stages than layers",
         )
         require(
             num_layers % pp == 0,
-            "parallel.pipeline_parallel",
+            f"{key}.pipeline_parallel",
             f"{pp} does not divide model.num_layers={num_layers} (uneven stages are not supported)",
         )
     if cp > 1:
         require(
             device.has_cuda() and _transformer_engine(),
-            "parallel.context_parallel",
+            f"{key}.context_parallel",
             "context parallel needs GPUs with Transformer Engine",
         )
     if parallel.sequence_parallel:
         require(
             device.has_cuda(),
-            "parallel.sequence_parallel",
+            f"{key}.sequence_parallel",
             "sequence parallel needs Transformer Engine or apex norms (GPU only)",
         )
-        require(tp > 1, "parallel.sequence_parallel", "only meaningful with tensor_parallel > 1")
+        require(tp > 1, f"{key}.sequence_parallel", "only meaningful with tensor_parallel > 1")
     return world_size // parallel.model_parallel_size
 
 
-def check_model_layout(parallel: ParallelConfig, world_size: int, model: Any) -> int:
+def check_model_layout(parallel: ParallelConfig, world_size: int, model: Any, *, key: str = "parallel") -> int:
     """:func:`validate_layout` with the model's shape (a ``ModelConfig``); returns the DP size."""
-    return validate_layout(
-        parallel,
-        world_size,
-        num_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-    )
+    return validate_layout(parallel, world_size, key=key, **model.layout_dims)
 
 
 def _transformer_engine() -> bool:
@@ -205,7 +200,7 @@ def _transformer_engine() -> bool:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """This rank's coordinates; groups are read from megatron's parallel_state by name."""
+    """This rank's coordinates; process groups by axis name (:mod:`carft_nemo.distributed.axes`)."""
 
     rank: int
     world_size: int
@@ -218,10 +213,6 @@ class ParallelLayout:
     dp_rank: int
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pipeline_parallel - 1
 
@@ -231,19 +222,7 @@ class ParallelLayout:
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
         """Process group of a named axis: "tp", "pp", "dp", "cp", "dp_cp", "mp"."""
-        from megatron.core import parallel_state as ps
-
-        getters = {
-            "tp": ps.get_tensor_model_parallel_group,
-            "pp": ps.get_pipeline_model_parallel_group,
-            "dp": lambda: ps.get_data_parallel_group(with_context_parallel=False),
-            "dp_cp": lambda: ps.get_data_parallel_group(with_context_parallel=True),
-            "cp": ps.get_context_parallel_group,
-            "mp": ps.get_model_parallel_group,
-        }
-        if axis not in getters:
-            raise KeyError(f"unknown parallel axis {axis!r}; known: {sorted(getters)}")
-        return getters[axis]()
+        return axes.group(axis)
 
 
 def initialize(
@@ -281,18 +260,10 @@ def initialize(
             world_size=process.world_size,
             timeout=timedelta(minutes=parallel.timeout_minutes),
         )
-    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from carft_nemo import compat
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    compat.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
-        context_parallel_size=parallel.context_parallel,
-        distributed_timeout_minutes=parallel.timeout_minutes,
+    axes.build(
+        parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel, parallel.timeout_minutes
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -303,18 +274,15 @@ def initialize(
         pipeline_parallel=parallel.pipeline_parallel,
         context_parallel=parallel.context_parallel,
         data_parallel=data_parallel,
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(),
-        dp_rank=ps.get_data_parallel_rank(),
+        tp_rank=axes.rank("tp"),
+        pp_rank=axes.rank("pp"),
+        dp_rank=axes.rank("dp"),
     )
 
 
 def shutdown() -> None:
     """Tear down megatron's groups and the process group (safe to call twice)."""
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    axes.destroy()
     if dist.is_initialized():
         dist.destroy_process_group()
 

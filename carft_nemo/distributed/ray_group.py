@@ -1,13 +1,16 @@
-"""Groups of Ray actors that form their own torch.distributed + megatron process group.
+"""Groups of Ray actors: a model group per role with its own torch.distributed + megatron layout.
 
-The PPO stages run several model groups (actor, critic, reward/reference) side by side;
-each is a :class:`RayWorkerGroup`: N actors of one worker class that rendezvous with each
-other (not with the driver) and then hold one rank of a TP/PP/DP layout each.
+The RL stages run several groups side by side: the actor, the critic and the reference
+are :class:`RayWorkerGroup` s (N actors of one worker class that rendezvous with each other,
+not with the driver, and then hold one rank of a TP/PP/DP layout each); the reward pool is
+a plain :class:`WorkerGroup` of independent workers. Both answer the same calls:
+``submit(Protocol.method, ...)`` on every rank (SPMD: all ranks must take part in
+collectives) and ``submit_rows`` with each data-parallel replica's part of a batch.
 
-Worker classes follow the Impl + thin wrapper pattern: a plain Python class deriving
-from :class:`ParallelWorker` holds all the logic and is testable in-process; the group wraps
-it with ``ray.remote`` at creation time. The driver calls methods on every rank with
-:meth:`RayWorkerGroup.run` (SPMD: all ranks must take part in collectives).
+Worker classes follow the Impl + thin wrapper pattern: a plain Python class (deriving from
+:class:`ParallelWorker` for model groups) holds all the logic and is testable in-process;
+the group wraps it with ``ray.remote`` at creation time. Their contracts (methods, batch
+keys and shapes) are written in :mod:`carft_nemo.workers.contracts`.
 
 Rendezvous: rank 0's actor reports its node address and a free port; every actor then
 calls :func:`carft_nemo.distributed.layout.initialize` with an explicit
@@ -20,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import device
 from carft_nemo.distributed.layout import ParallelConfig, ParallelLayout, ProcessInfo, free_port, validate_layout
+from carft_nemo.distributed.replicas import ReplicaMap, Rows, split_rows
 
 
 def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int | None = None) -> bool:
@@ -128,12 +132,105 @@ class ParallelWorker:
         self.layout = None
 
 
-class RayWorkerGroup:
+def method_name(worker_cls: type, method: Callable[..., Any]) -> str:
+    """The name of ``method``, a function of ``worker_cls`` or of a protocol it follows.
+
+    Groups take methods as functions (``PolicyWorker.forward``), not strings: a typo fails
+    here, on the driver, before any call, and a reader can jump to the contract.
+    """
+    name = getattr(method, "__name__", None)
+    if not callable(method) or name is None:
+        raise TypeError(f"expected a worker method (e.g. PolicyWorker.forward), got {method!r}")
+    if not callable(getattr(worker_cls, name, None)):
+        raise AttributeError(f"{worker_cls.__name__} has no method {name!r}")
+    return name
+
+
+class WorkerGroup:
+    """Ray actors of one worker class, called by method, each data-parallel replica with its rows.
+
+    :meth:`submit` starts a method on every rank with the same arguments; :meth:`submit_rows`
+    splits row collections over the replicas (:func:`~carft_nemo.distributed.replicas.split_rows`,
+    every rank of a replica gets its part); :meth:`answers` keeps each replica's answering
+    rank's result. :meth:`independent` builds a group without a process group (the reward
+    pool); :class:`RayWorkerGroup` one whose actors form a model-parallel layout.
+    """
+
+    even_rows = False  # model replicas need equal shares (RayWorkerGroup)
+
+    def __init__(self, worker_cls: type, actors: list[Any], replicas: ReplicaMap) -> None:
+        self.worker_cls = worker_cls
+        self.actors = actors
+        self.replicas = replicas
+
+    @classmethod
+    def independent(
+        cls, worker_cls: type, num_workers: int, *worker_args: Any, num_cpus_per_worker: float = 1
+    ) -> WorkerGroup:
+        """``num_workers`` actors with no collective between them, each its own replica."""
+        import ray
+
+        require(num_workers >= 1, "num_workers", f"must be >= 1, got {num_workers}")
+        remote = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=0)(worker_cls)
+        actors = [remote.remote(*worker_args) for _ in range(num_workers)]
+        return cls(worker_cls, actors, ReplicaMap.independent(num_workers))
+
+    @property
+    def world_size(self) -> int:
+        return len(self.actors)
+
+    def submit(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Start ``method(*args, **kwargs)`` on every rank without waiting; futures in rank order."""
+        name = method_name(self.worker_cls, method)
+        return [getattr(actor, name).remote(*args, **kwargs) for actor in self.actors]
+
+    def submit_rows(self, method: Callable[..., Any], rows: tuple[Rows, ...], *args: Any, **kwargs: Any) -> list[Any]:
+        """Start ``method(*row_parts, *args, **kwargs)`` on every rank, each replica with its part of ``rows``.
+
+        ``rows`` is a tuple of row collections of one length (a batch dict; prompts; completions
+        and their examples), each split the same way.
+        """
+        name = method_name(self.worker_cls, method)
+        columns = [split_rows(r, self.replicas.data_parallel, even=self.even_rows) for r in rows]
+        per_replica = [tuple(col[d] for col in columns) for d in range(self.replicas.data_parallel)]
+        return [
+            getattr(actor, name).remote(*parts, *args, **kwargs)
+            for actor, parts in zip(self.actors, self.replicas.per_rank(per_replica))
+        ]
+
+    def answers(self, results: list[Any]) -> list[Any]:
+        """Each replica's answer (its answering rank's result), in replica order."""
+        return self.replicas.answers(results)
+
+    def run(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """:meth:`submit` and wait; results in rank order."""
+        import ray
+
+        return ray.get(self.submit(method, *args, **kwargs))
+
+    def pids(self) -> list[int]:
+        """Process ids of the actors, in rank order (logs, fault-injection tests)."""
+        import ray
+
+        return ray.get([actor.process_id.remote() for actor in self.actors])
+
+    def kill(self) -> None:
+        """Stop the actors without a collective (also after a failure)."""
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+class RayWorkerGroup(WorkerGroup):
     """``world_size`` actors of ``worker_cls`` sharing one TP/PP/DP layout.
 
     ``model_dims`` (``num_layers``, ``num_attention_heads``, ``num_query_groups``) are
     validated against the layout on the driver, before any actor starts.
     """
+
+    even_rows = True
 
     def __init__(
         self,
@@ -163,15 +260,25 @@ class RayWorkerGroup:
         cluster_gpus = ray.cluster_resources().get("GPU", 0) > 0 or device.has_cuda()
         gpus = (1 if cluster_gpus else 0) if num_gpus_per_worker is None else num_gpus_per_worker
         remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=gpus)(worker_cls)
-        self.world_size = world_size
-        self.actors = [remote_cls.remote(*worker_args, **(worker_kwargs or {})) for _ in range(world_size)]
+        actors = [remote_cls.remote(*worker_args, **(worker_kwargs or {})) for _ in range(world_size)]
+        super().__init__(worker_cls, actors, ReplicaMap.independent(world_size))
+        self.layouts = self._form_process_group(parallel, seed, model_dims)
+        self.replicas = ReplicaMap.from_layouts(self.layouts)
+
+    def _form_process_group(
+        self, parallel: ParallelConfig, seed: int, model_dims: dict[str, int] | None
+    ) -> list[ParallelLayout]:
+        """Rank 0 picks the rendezvous; every actor joins it at once (``init_process_group`` blocks)."""
+        import ray
         from ray.exceptions import RayError
 
         try:
             host, port = ray.get(self.actors[0].rendezvous_address.remote())
-            self.layouts: list[ParallelLayout] = ray.get(
+            return ray.get(
                 [
-                    actor.init_parallel.remote(parallel, ProcessInfo(rank, world_size, 0, host, port), seed, model_dims)
+                    actor.init_parallel.remote(
+                        parallel, ProcessInfo(rank, self.world_size, 0, host, port), seed, model_dims
+                    )
                     for rank, actor in enumerate(self.actors)
                 ]
             )
@@ -179,51 +286,12 @@ class RayWorkerGroup:
             self.kill()
             lines = str(err).strip().splitlines()
             raise WorkerFailure(
-                f"{worker_cls.__name__} group could not form its process group "
+                f"{self.worker_cls.__name__} group could not form its process group "
                 f"({lines[-1] if lines else type(err).__name__}); rerun the command"
             ) from err
         except BaseException:
             self.kill()
             raise
-
-    def run(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Call ``method(*args, **kwargs)`` on every rank; results in rank order."""
-        import ray
-
-        return ray.get(self.submit(method, *args, **kwargs))
-
-    def run_per_rank(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
-        """Call ``method(*per_rank_args[r])`` on rank ``r`` (e.g. each DP rank its own shard)."""
-        import ray
-
-        return ray.get(self.submit_per_rank(method, per_rank_args))
-
-    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Start ``method`` on every rank without waiting; returns the futures (see :func:`wait_all`)."""
-        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
-
-    def submit_per_rank(self, method: str, per_rank_args: Sequence[tuple]) -> list[Any]:
-        """:meth:`run_per_rank` without waiting."""
-        require(
-            len(per_rank_args) == self.world_size,
-            "per_rank_args",
-            f"{len(per_rank_args)} argument tuples for {self.world_size} ranks",
-        )
-        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args)]
-
-    def pids(self) -> list[int]:
-        """Process ids of the actors, in rank order (logs, fault-injection tests)."""
-        import ray
-
-        return ray.get([actor.process_id.remote() for actor in self.actors])
-
-    def kill(self) -> None:
-        """Stop the actors without a collective (also after a failure)."""
-        import ray
-
-        for actor in getattr(self, "actors", []):
-            ray.kill(actor, no_restart=True)
-        self.actors = []
 
     def shutdown(self) -> None:
         """Tear down the process group on every rank, then stop the actors."""
@@ -286,4 +354,13 @@ def wait_all(
     return results
 
 
-__all__ = ["ParallelWorker", "RayWorkerGroup", "WorkerFailure", "shared_ray", "start_local_ray", "wait_all"]
+__all__ = [
+    "ParallelWorker",
+    "RayWorkerGroup",
+    "WorkerFailure",
+    "WorkerGroup",
+    "method_name",
+    "shared_ray",
+    "start_local_ray",
+    "wait_all",
+]

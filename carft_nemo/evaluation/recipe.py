@@ -14,7 +14,7 @@ from typing import Any
 
 from carft_nemo.checkpoint.dist_checkpoint import CheckpointError, load_checkpoint, read_metadata, resolve_checkpoint
 from carft_nemo.config import require, save_resolved
-from carft_nemo.data.datasets import DatasetConfig, load_examples
+from carft_nemo.data.datasets import DatasetConfig, held_out_split, load_examples
 from carft_nemo.data.tokenization import EncodingConfig, encode_prompts, load_tokenizer
 from carft_nemo.distributed import layout as parallel_layout
 from carft_nemo.evaluation.metrics import paired_change
@@ -23,11 +23,7 @@ from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.generation.megatron import MegatronGenerator
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.gpt import build_gpt_model
-from carft_nemo.training.run_log import LOG, setup_logging
-
-
-def _test_split() -> DatasetConfig:
-    return DatasetConfig(name="synthetic", split="test")
+from carft_nemo.telemetry.run_log import LOG, setup_logging
 
 
 @dataclass
@@ -37,7 +33,7 @@ class EvalConfig:
     output_dir: str = "outputs/eval"
     name: str = "eval"  # file prefix of the outputs
     parallel: parallel_layout.ParallelConfig = field(default_factory=parallel_layout.ParallelConfig)
-    data: DatasetConfig = field(default_factory=_test_split)
+    data: DatasetConfig = field(default_factory=held_out_split)
     encoding: EncodingConfig = field(default_factory=EncodingConfig)
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=256, greedy=True, micro_batch_size=64)

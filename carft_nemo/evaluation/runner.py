@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from carft_nemo.data.records import Example
+from carft_nemo.distributed import axes
 from carft_nemo.evaluation.metrics import (
     PairedChange,
     greedy_accuracy,
@@ -27,7 +27,7 @@ from carft_nemo.evaluation.metrics import (
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.generation.interface import Generator
 from carft_nemo.rewards.correctness import score_batch
-from carft_nemo.training.run_log import LOG, RunLogger
+from carft_nemo.telemetry.run_log import LOG, RunLogger
 
 
 @dataclass
@@ -52,8 +52,8 @@ class EvalResult:
 
 
 def _dp() -> tuple[int, int, Any]:
-    if ps.model_parallel_is_initialized():
-        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
+    if axes.initialized():
+        return axes.rank("dp"), axes.size("dp"), axes.group("dp")
     return 0, 1, None
 
 
@@ -160,6 +160,18 @@ def baseline_accuracy(eval_dir: str | Path) -> float | None:
     """Greedy accuracy of the run's ``before`` evaluation, if it was written."""
     path = Path(eval_dir) / f"{BASELINE}_summary.json"
     return json.loads(path.read_text()).get("accuracy") if path.is_file() else None
+
+
+def held_out_summary(
+    final: tuple[EvalResult, PairedChange | None] | None, eval_dir: str | Path, *, is_logging_rank: bool = True
+) -> dict[str, Any]:
+    """A stage summary's held-out fields: accuracy before (the run's first evaluation) and after, flips."""
+    after, change = final if final is not None else (None, None)
+    return {
+        "accuracy_before": baseline_accuracy(eval_dir) if is_logging_rank else None,
+        "accuracy_after": after.accuracy if after else None,
+        "held_out_change": change.as_dict() if change else None,
+    }
 
 
 def record_eval(

@@ -35,41 +35,41 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         require(
             isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-            "generation.max_new_tokens",
+            "max_new_tokens",
             f"must be an integer >= 1, got {self.max_new_tokens!r}",
         )
         require(
             float(self.temperature) > 0,
-            "generation.temperature",
+            "temperature",
             f"must be > 0 (use greedy=true for argmax), got {self.temperature!r}",
         )
         require(
             isinstance(self.top_k, int) and self.top_k >= 0,
-            "generation.top_k",
+            "top_k",
             f"must be an integer >= 0 (0 = off), got {self.top_k!r}",
         )
-        require(0.0 < float(self.top_p) <= 1.0, "generation.top_p", f"must be in (0, 1], got {self.top_p!r}")
+        require(0.0 < float(self.top_p) <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.eos_token_ids, int):
             self.eos_token_ids = (self.eos_token_ids,)
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
         require(
             all(t >= 0 for t in self.eos_token_ids),
-            "generation.eos_token_ids",
+            "eos_token_ids",
             f"must be non-negative token ids, got {self.eos_token_ids!r}",
         )
         require(
             isinstance(self.pad_token_id, int) and self.pad_token_id >= 0,
-            "generation.pad_token_id",
+            "pad_token_id",
             f"must be a non-negative token id, got {self.pad_token_id!r}",
         )
         require(
             isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 0,
-            "generation.micro_batch_size",
+            "micro_batch_size",
             f"must be an integer >= 0, got {self.micro_batch_size!r}",
         )
         require(
             isinstance(self.cpu_threads, int) and self.cpu_threads >= 0,
-            "generation.cpu_threads",
+            "cpu_threads",
             f"must be an integer >= 0 (0 = torch's setting), got {self.cpu_threads!r}",
         )
         self.temperature = float(self.temperature)

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from carft_nemo.distributed import cpu_compat, device
+from carft_nemo.distributed import axes, cpu_compat, device
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.generation.kv_cache import KVCacheStage, check_supported
 from carft_nemo.generation.rollout import Rollout
@@ -64,15 +63,7 @@ class _Replica:
 
     @classmethod
     def current(cls) -> _Replica:
-        if not ps.model_parallel_is_initialized():
-            return cls(1, 1, 0, True, True)
-        return cls(
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-            ps.get_data_parallel_rank(),
-            ps.is_pipeline_first_stage(),
-            ps.is_pipeline_last_stage(),
-        )
+        return cls(axes.size("tp"), axes.size("pp"), axes.rank("dp"), axes.is_first_stage(), axes.is_last_stage())
 
 
 class MegatronGenerator:
@@ -193,10 +184,10 @@ class MegatronGenerator:
         x = tokens
         if not replica.first_stage:
             x = torch.empty(*seq_batch, self._hidden_size, dtype=self._act_dtype, device=self._device)
-            dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
+            dist.recv(x, src=axes.previous_stage_rank())
         out = fn(x, *args)
         if not replica.last_stage:
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            dist.send(out.contiguous(), dst=axes.next_stage_rank())
             return None
         return out
 
@@ -217,11 +208,7 @@ class MegatronGenerator:
             )
             packed[0], packed[1] = tok.double(), lp.double()
             if replica.tp_size > 1:  # one sampler decides, whatever tiny differences the TP ranks have
-                dist.broadcast(
-                    packed, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group()
-                )
+                dist.broadcast(packed, src=axes.tensor_parallel_source_rank(), group=axes.group("tp"))
         if replica.pp_size > 1:
-            dist.broadcast(
-                packed, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
-            )
+            dist.broadcast(packed, src=axes.last_stage_rank(), group=axes.group("pp"))
         return packed[0].long(), packed[1].float()

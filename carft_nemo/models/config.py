@@ -58,7 +58,7 @@ class ModelConfig:
         if self.preset is not None:
             require(
                 self.preset in PRESETS,
-                "model.preset",
+                "preset",
                 f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}",
             )
             base = PRESETS[self.preset]
@@ -72,29 +72,38 @@ class ModelConfig:
             self.num_query_groups = self.num_attention_heads
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "max_sequence_length"):
             value = getattr(self, name)
-            require(value is not None, f"model.{name}", "is required (or set model.preset)")
-            require(isinstance(value, int) and value > 0, f"model.{name}", f"must be a positive integer, got {value!r}")
-        require(self.family in FAMILIES, "model.family", f"must be one of {FAMILIES}, got {self.family!r}")
+            require(value is not None, name, "is required (or set preset)")
+            require(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+        require(self.family in FAMILIES, "family", f"must be one of {FAMILIES}, got {self.family!r}")
         require(
             self.hidden_size % self.num_attention_heads == 0,
-            "model.hidden_size",
-            f"{self.hidden_size} is not divisible by model.num_attention_heads={self.num_attention_heads}",
+            "hidden_size",
+            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
         )
         require(
             self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
-            "model.num_query_groups",
-            f"{self.num_query_groups} must divide model.num_attention_heads={self.num_attention_heads}",
+            "num_query_groups",
+            f"{self.num_query_groups} must divide num_attention_heads={self.num_attention_heads}",
         )
         require(
             self.vocab_size is not None and self.vocab_size >= 0,
-            "model.vocab_size",
+            "vocab_size",
             f"must be >= 0 (0 = from the tokenizer), got {self.vocab_size!r}",
         )
-        require(self.rotary_base is not None and self.rotary_base > 0, "model.rotary_base", "must be > 0")
-        require(self.norm_epsilon is not None and 0 < self.norm_epsilon < 1, "model.norm_epsilon", "must be in (0, 1)")
-        require(self.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by", "must be >= 1")
+        require(self.rotary_base is not None and self.rotary_base > 0, "rotary_base", "must be > 0")
+        require(self.norm_epsilon is not None and 0 < self.norm_epsilon < 1, "norm_epsilon", "must be in (0, 1)")
+        require(self.make_vocab_size_divisible_by >= 1, "make_vocab_size_divisible_by", "must be >= 1")
         self.qkv_bias = bool(self.qkv_bias)
         self.tie_word_embeddings = bool(self.tie_word_embeddings)
+
+    @property
+    def layout_dims(self) -> dict[str, int]:
+        """The sizes a parallel layout must divide (keyword arguments of ``validate_layout``)."""
+        return {
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_query_groups": self.num_query_groups,
+        }
 
     @property
     def head_dim(self) -> int:

@@ -1,6 +1,6 @@
 """Build megatron-core GPT models (policy and critic) from a :class:`ModelConfig`.
 
-The model sees the parallel layout only through megatron's parallel_state (set up by
+The model sees the parallel layout only through megatron's parallel state (set up by
 :func:`carft_nemo.distributed.layout.initialize`): TP shards the linear layers, PP builds
 only this stage's layers (``pre_process`` on the first stage, ``post_process`` on the last).
 """
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from carft_nemo import compat
-from carft_nemo.distributed import cpu_compat, device
+from carft_nemo.distributed import axes, cpu_compat, device
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.heads import ValueHead
@@ -76,8 +75,8 @@ def build_gpt_model(
     ``value_head=True`` builds a critic: the LM output layer is replaced by a scalar head
     and the model returns values ``[b, s, 1]`` instead of vocab-parallel logits ``[b, s, V/tp]``.
     """
-    pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
-    post = ps.is_pipeline_last_stage() if post_process is None else post_process
+    pre = axes.is_first_stage() if pre_process is None else pre_process
+    post = axes.is_last_stage() if post_process is None else post_process
     config = transformer_config(model, parallel)
     use_te = compat.transformer_engine_available()
     # cuda_as_cpu_context: with tied embeddings and PP > 1, megatron moves the last stage's

@@ -17,9 +17,9 @@ value does not depend on how much padding a TP layout adds.
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from carft_nemo.distributed import axes
 from carft_nemo.distributed.collectives import all_reduce_max_no_grad, all_reduce_sum_no_grad
 
 
@@ -28,7 +28,7 @@ def _mask_padded_vocab(scaled: torch.Tensor, vocab_size: int | None) -> torch.Te
     if vocab_size is None:
         return scaled
     shard = scaled.shape[-1]
-    rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    rank = axes.rank("tp")
     first_padded = vocab_size - rank * shard  # local index of the first padded column
     if first_padded < shard:
         scaled[..., max(first_padded, 0) :] = float("-inf")
@@ -52,7 +52,7 @@ def token_logprobs(
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0, vocab_size: int | None = None) -> torch.Tensor:
     """Entropy H_t = logsumexp(l/T) - sum_v p_v l_v/T of the vocab-parallel distribution, ``[b, s]``."""
     scaled = _mask_padded_vocab(logits.detach().float() / temperature, vocab_size)
-    group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    group = axes.group("tp")
     global_max = all_reduce_max_no_grad(scaled.max(dim=-1).values, group)
     shifted = scaled - global_max.unsqueeze(-1)
     exp = shifted.exp()

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 
 import torch
 
+from carft_nemo.distributed import axes
+
 _LAYER_KEY = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 _TIED_OUTPUT = "output_layer.weight"
 _WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -68,15 +70,13 @@ def shard_state_dict_for_tp(
     """The state dict ``model`` (this rank's TP/PP shard) should load, cut from ``full_sd``.
 
     ``full_sd`` is the state dict of the same architecture built at TP=1, PP=1 (keys of the
-    bare GPTModel, no DDP ``module.`` prefix). ``tp_rank``/``tp_size`` default to megatron's
-    parallel state. Entries the model keeps for itself (``_extra_state``) keep the model's
+    bare GPTModel, no DDP ``module.`` prefix). ``tp_rank``/``tp_size`` default to the "tp" axis
+    of :mod:`carft_nemo.distributed.axes`. Entries the model keeps for itself (``_extra_state``) keep the model's
     own value. Raises ``KeyError``/``ValueError`` naming the key when shapes do not fit
     (e.g. a vocabulary padded to a different multiple).
     """
     if tp_rank is None or tp_size is None:
-        from megatron.core import parallel_state as ps
-
-        tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        tp_rank, tp_size = axes.rank("tp"), axes.size("tp")
     gpt = _unwrap(model)
     layers = getattr(getattr(gpt, "decoder", None), "layers", [])
     layer_offsets = [int(layer.layer_number) - 1 for layer in layers]

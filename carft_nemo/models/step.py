@@ -18,10 +18,10 @@ from functools import partial
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from carft_nemo.data.batch import Batch
 from carft_nemo.models.forward import capture_final_hidden, causal_inputs
 from carft_nemo.models.logprobs import token_logprobs
 
-Batch = dict[str, torch.Tensor]
 # loss_fn(model_output [b, s, V/tp] or [b, s, 1], micro_batch) -> (scalar loss, metrics)
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 

@@ -15,13 +15,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carft_nemo.config import require, save_resolved
+from carft_nemo.algorithms.contrastive import ContrastiveConfig
+from carft_nemo.config import key_prefix, require, save_resolved
 from carft_nemo.distributed.layout import shutdown
 from carft_nemo.distributed.ray_group import shared_ray
 from carft_nemo.reporting.report import StageResult, write_report
-from carft_nemo.rl.config import RLConfig
-from carft_nemo.training.run_log import LOG
-from carft_nemo.training.sft import SFTConfig, run_sft
+from carft_nemo.rl.config import RLConfig, RLLoopConfig
+from carft_nemo.rl.controller import run_rl, worker_cpus
+from carft_nemo.sft.config import SFTConfig
+from carft_nemo.sft.run import run_sft
+from carft_nemo.telemetry.run_log import LOG
 
 RL_METHODS = ("reft", "carft", "grpo")
 
@@ -31,8 +34,8 @@ class MainConfig:
     output_dir: str = "outputs/main"
     sft: SFTConfig = field(default_factory=SFTConfig)
     reft: RLConfig = field(default_factory=RLConfig)
-    carft: RLConfig = field(default_factory=RLConfig)
-    grpo: RLConfig = field(default_factory=RLConfig)
+    carft: RLConfig = field(default_factory=lambda: RLConfig(contrastive=ContrastiveConfig(enabled=True)))
+    grpo: RLConfig = field(default_factory=lambda: RLConfig(rl=RLLoopConfig(algorithm="grpo", samples_per_question=8)))
     methods: list[str] = field(default_factory=lambda: ["reft", "carft"])  # RL stages, in order
 
     def __post_init__(self) -> None:
@@ -40,7 +43,7 @@ class MainConfig:
         for m in self.methods:
             require(m in RL_METHODS, "methods", f"unknown method {m!r}; choose from {RL_METHODS}")
         for m in RL_METHODS:
-            require(getattr(self, m).method == m, f"{m}", f"the {m} section configures {getattr(self, m).method}")
+            require(getattr(self, m).method == m, m, f"the {m} section configures {getattr(self, m).method}")
 
 
 def _finished(summary_path: Path) -> bool:
@@ -55,12 +58,11 @@ def run_main(cfg: MainConfig) -> Path:
     cfg.sft.output_dir = str(out / "sft")
     started = time.perf_counter()
     save_resolved(cfg, out / "config.yaml")
-    summary = run_sft(cfg.sft)
+    with key_prefix("sft"):
+        summary = run_sft(cfg.sft)
     shutdown()
     if summary["stopped_early"]:
         raise SystemExit(0)  # preempted: rerun the command to resume
-    from carft_nemo.rl.controller import run_rl, worker_cpus
-
     stages = [StageResult("sft", out / "sft")]
     pending = [m for m in cfg.methods if not _finished(out / m / "summary.json")]
     with shared_ray(
@@ -71,11 +73,13 @@ def run_main(cfg: MainConfig) -> Path:
             rl_cfg: RLConfig = getattr(cfg, method)
             rl_cfg.sft_checkpoint = str(out / "sft")
             rl_cfg.output_dir = str(out / method)
+            stages.append(StageResult(method, out / method))
             if method not in pending:
                 LOG.info("%s: finished earlier, not rerun", method)
-            elif run_rl(rl_cfg)["stopped_early"]:
-                raise SystemExit(0)
-            stages.append(StageResult(method, out / method))
+                continue
+            with key_prefix(method):
+                if run_rl(rl_cfg)["stopped_early"]:
+                    raise SystemExit(0)
     notes = [
         f"total wall time {time.perf_counter() - started:.0f} s (this invocation; a resumed run counts only itself)",
         f"seed {cfg.sft.train.seed}; model preset {cfg.sft.model.preset}; resolved config: config.yaml",

@@ -33,14 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carft_nemo.config import require, save_resolved
+from carft_nemo.config import key_prefix, require, save_resolved
 from carft_nemo.distributed.layout import shutdown
 from carft_nemo.distributed.ray_group import shared_ray
 from carft_nemo.reporting.markdown import table
 from carft_nemo.reporting.plots import plot_curves
 from carft_nemo.rl.config import RLConfig
-from carft_nemo.training.run_log import LOG, read_metrics
-from carft_nemo.training.sft import SFTConfig, run_sft
+from carft_nemo.rl.controller import run_rl, worker_cpus
+from carft_nemo.sft.config import SFTConfig
+from carft_nemo.sft.run import run_sft
+from carft_nemo.telemetry.run_log import LOG, read_metrics
 
 
 def _carft(mode: str, partial_reward: bool) -> Callable[[RLConfig], RLConfig]:
@@ -116,8 +118,6 @@ def run_study(cfg: StudyConfig) -> Path:
     out = Path(cfg.output_dir)
     started = time.perf_counter()
     save_resolved(cfg, out / "config.yaml")
-    from carft_nemo.rl.controller import run_rl, worker_cpus
-
     pending = {(seed, m) for seed in cfg.seeds for m in cfg.methods if not _done(out / f"seed_{seed}" / m)}
     with shared_ray(max((worker_cpus(METHODS[m](cfg.rl)) for _, m in pending), default=0), address=cfg.rl.ray_address):
         for seed in cfg.seeds:
@@ -127,7 +127,8 @@ def run_study(cfg: StudyConfig) -> Path:
                 sft_cfg.train = dataclasses.replace(sft_cfg.train, seed=seed)
             if not _done(Path(sft_cfg.output_dir)):
                 LOG.info("study: SFT, seed %d", seed)
-                stopped = run_sft(sft_cfg)["stopped_early"]
+                with key_prefix("sft"):
+                    stopped = run_sft(sft_cfg)["stopped_early"]
                 shutdown()
                 if stopped:
                     raise SystemExit(0)  # a stop signal ends the study, not just this run: rerun to continue
@@ -142,7 +143,9 @@ def run_study(cfg: StudyConfig) -> Path:
                     rl=dataclasses.replace(cfg.rl.rl, seed=seed),
                 )
                 LOG.info("study: %s, seed %d", method, seed)
-                if run_rl(METHODS[method](base))["stopped_early"]:
+                with key_prefix("rl"):
+                    stopped = run_rl(METHODS[method](base))["stopped_early"]
+                if stopped:
                     raise SystemExit(0)
     results = collect_results(out, cfg.seeds, cfg.methods, shared_sft=cfg.shared_sft)
     results["wall_time_s_this_invocation"] = time.perf_counter() - started

@@ -15,7 +15,7 @@ from typing import Any
 
 from carft_nemo.reporting.markdown import table
 from carft_nemo.reporting.plots import plot_curves
-from carft_nemo.training.run_log import read_metrics
+from carft_nemo.telemetry.run_log import read_metrics
 
 
 @dataclass

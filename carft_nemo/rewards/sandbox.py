@@ -114,14 +114,14 @@ class SandboxConfig:
     scratch_root: str | None = None
 
     def __post_init__(self) -> None:
-        require(self.timeout_s > 0, "sandbox.timeout_s", "must be > 0")
-        require(self.startup_timeout_s > 0, "sandbox.startup_timeout_s", "must be > 0")
-        require(self.cpu_time_s >= 1, "sandbox.cpu_time_s", "must be >= 1 (whole seconds)")
-        require(self.memory_mb >= 64, "sandbox.memory_mb", "must be >= 64 (the interpreter needs ~30)")
-        require(self.max_output_chars >= 0, "sandbox.max_output_chars", "must be >= 0")
-        require(self.max_file_bytes >= 0, "sandbox.max_file_bytes", "must be >= 0")
-        require(self.max_workers >= 1, "sandbox.max_workers", "must be >= 1")
-        require(self.entry.isidentifier(), "sandbox.entry", f"not an identifier: {self.entry!r}")
+        require(self.timeout_s > 0, "timeout_s", "must be > 0")
+        require(self.startup_timeout_s > 0, "startup_timeout_s", "must be > 0")
+        require(self.cpu_time_s >= 1, "cpu_time_s", "must be >= 1 (whole seconds)")
+        require(self.memory_mb >= 64, "memory_mb", "must be >= 64 (the interpreter needs ~30)")
+        require(self.max_output_chars >= 0, "max_output_chars", "must be >= 0")
+        require(self.max_file_bytes >= 0, "max_file_bytes", "must be >= 0")
+        require(self.max_workers >= 1, "max_workers", "must be >= 1")
+        require(self.entry.isidentifier(), "entry", f"not an identifier: {self.entry!r}")
 
 
 @dataclasses.dataclass(frozen=True)

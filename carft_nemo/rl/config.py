@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 
 from carft_nemo.algorithms.contrastive.config import ContrastiveConfig
 from carft_nemo.config import require
-from carft_nemo.data.datasets import DatasetConfig
+from carft_nemo.data.datasets import DatasetConfig, held_out_split
 from carft_nemo.data.tokenization import EncodingConfig
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.rewards.sandbox import SandboxConfig
+from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
 
-ALGORITHMS = ("ppo", "grpo")
 CRITIC_LAYOUTS = ("separate", "shared")
 REFERENCE_MODES = ("swap", "group")
 
@@ -39,9 +39,9 @@ class ActorConfig:
     cpu_threads: int = 1  # torch threads per worker process on CPU (several workers share the cores)
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "actor.num_workers", f"must be >= 1, got {self.num_workers}")
-        require(self.micro_batch_size >= 1, "actor.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        require(self.cpu_threads >= 1, "actor.cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.cpu_threads >= 1, "cpu_threads", f"must be >= 1, got {self.cpu_threads}")
 
 
 @dataclass
@@ -64,12 +64,12 @@ class CriticConfig:
     cpu_threads: int = 1
 
     def __post_init__(self) -> None:
-        require(self.layout in CRITIC_LAYOUTS, "critic.layout", f"must be one of {CRITIC_LAYOUTS}, got {self.layout!r}")
-        require(self.num_workers >= 1, "critic.num_workers", f"must be >= 1, got {self.num_workers}")
-        require(self.micro_batch_size >= 1, "critic.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        require(self.value_loss_coef >= 0, "critic.value_loss_coef", f"must be >= 0, got {self.value_loss_coef}")
-        require(self.value_clip > 0, "critic.value_clip", f"must be > 0, got {self.value_clip}")
-        require(self.cpu_threads >= 1, "critic.cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+        require(self.layout in CRITIC_LAYOUTS, "layout", f"must be one of {CRITIC_LAYOUTS}, got {self.layout!r}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.value_loss_coef >= 0, "value_loss_coef", f"must be >= 0, got {self.value_loss_coef}")
+        require(self.value_clip > 0, "value_clip", f"must be > 0, got {self.value_clip}")
+        require(self.cpu_threads >= 1, "cpu_threads", f"must be >= 1, got {self.cpu_threads}")
 
 
 @dataclass
@@ -86,8 +86,8 @@ class ReferenceConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # group mode only
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "reference.num_workers", f"must be >= 1, got {self.num_workers}")
-        require(self.mode in REFERENCE_MODES, "reference.mode", f"must be one of {REFERENCE_MODES}, got {self.mode!r}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.mode in REFERENCE_MODES, "mode", f"must be one of {REFERENCE_MODES}, got {self.mode!r}")
 
 
 @dataclass
@@ -99,16 +99,22 @@ class RewardServerConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "reward.num_workers", f"must be >= 1, got {self.num_workers}")
-        require(self.tolerance >= 0, "reward.tolerance", f"must be >= 0, got {self.tolerance}")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.tolerance >= 0, "tolerance", f"must be >= 0, got {self.tolerance}")
+
+
+# Each algorithm with the advantage estimator it uses (carft_nemo.algorithms.advantages).
+ALGORITHM_ESTIMATORS = {"ppo": "gae", "grpo": "drgrpo"}
+ALGORITHMS = tuple(ALGORITHM_ESTIMATORS)
 
 
 @dataclass
-class RLLoopConfig:
-    """Rollout, advantage and update settings (ReFT's PPO defaults; ``grpo`` for Dr.GRPO)."""
+class RLLoopConfig(LoopSchedule):
+    """The schedule (:class:`LoopSchedule`: steps = rollout + update rounds, evaluation,
+    checkpoints, seed) plus rollout, advantage and update settings (ReFT's PPO defaults;
+    ``algorithm: grpo`` for Dr.GRPO)."""
 
     algorithm: str = "ppo"
-    steps: int = 100  # rollout + update rounds
     questions_per_step: int = 32  # distinct training questions per rollout
     samples_per_question: int = 1  # n (ReFT 1; Dr.GRPO's group size G, default 8 in its configs)
     ppo_epochs: int = 2  # passes over each rollout
@@ -124,42 +130,36 @@ class RLLoopConfig:
     # ReFT scores a response that hit the length limit without EOS like any other (its text
     # usually has no answer line -> 0). A number here overrides that score instead.
     unfinished_score: float | None = None
-    eval_every: int = 10  # greedy held-out evaluation every N steps (and before/after); 0 = only before/after
-    eval_examples: int = 200
-    save_every: int = 10
-    keep_checkpoints: int = 2
-    seed: int = 1234
     call_timeout_s: float = 3600.0  # a worker call taking longer than this stops the run (no silent hang)
 
     def __post_init__(self) -> None:
-        require(self.algorithm in ALGORITHMS, "rl.algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        for name in (
-            "steps",
-            "questions_per_step",
-            "samples_per_question",
-            "ppo_epochs",
-            "mini_batch_size",
-            "keep_checkpoints",
-        ):
-            require(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_examples", "save_every", "kl_coef", "critic_warmup_steps"):
-            require(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
-        require(0 < self.gamma <= 1, "rl.gamma", f"must be in (0, 1], got {self.gamma}")
-        require(0 <= self.lam <= 1, "rl.lam", f"must be in [0, 1], got {self.lam}")
-        require(self.clip_ratio > 0, "rl.clip_ratio", f"must be > 0, got {self.clip_ratio}")
-        require(self.call_timeout_s > 0, "rl.call_timeout_s", f"must be > 0, got {self.call_timeout_s}")
+        super().__post_init__()
+        require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        for name in ("questions_per_step", "samples_per_question", "ppo_epochs", "mini_batch_size"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_coef", "critic_warmup_steps"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        require(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        require(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
+        require(self.clip_ratio > 0, "clip_ratio", f"must be > 0, got {self.clip_ratio}")
+        require(self.call_timeout_s > 0, "call_timeout_s", f"must be > 0, got {self.call_timeout_s}")
         require(
             self.rollout_size % self.mini_batch_size == 0,
-            "rl.mini_batch_size",
+            "mini_batch_size",
             f"rollout size questions_per_step*samples_per_question = {self.rollout_size} must be a "
             f"multiple of mini_batch_size={self.mini_batch_size}",
         )
         if self.algorithm == "grpo":
             require(
                 self.samples_per_question >= 2,
-                "rl.samples_per_question",
+                "samples_per_question",
                 "Dr.GRPO needs a group of >= 2 samples per question",
             )
+
+    @property
+    def advantage_estimator(self) -> str:
+        """The name of this algorithm's estimator in ``carft_nemo.algorithms.advantages``."""
+        return ALGORITHM_ESTIMATORS[self.algorithm]
 
     @property
     def rollout_size(self) -> int:
@@ -175,13 +175,9 @@ def _rl_generation() -> GenerationConfig:
     return GenerationConfig(max_new_tokens=96, temperature=1.0, micro_batch_size=64)
 
 
-def _default_eval_data() -> DatasetConfig:
-    return DatasetConfig(name="synthetic", split="test")
-
-
 @dataclass
 class RLConfig:
-    """An RL stage from an SFT checkpoint: ``recipes/{reft,carft,grpo}.py --config configs/...``."""
+    """An RL stage from an SFT checkpoint: ``recipes/rl.py --config configs/{reft,carft,grpo}-*.yaml``."""
 
     output_dir: str = "outputs/rl"
     sft_checkpoint: str = ""  # SFT output dir (holds checkpoints/ and tokenizer/) or a step_N folder
@@ -196,7 +192,7 @@ class RLConfig:
         default_factory=lambda: EncodingConfig(max_prompt_tokens=128, max_total_tokens=256)
     )
     train_data: DatasetConfig = field(default_factory=DatasetConfig)
-    eval_data: DatasetConfig = field(default_factory=_default_eval_data)
+    eval_data: DatasetConfig = field(default_factory=held_out_split)
     generation: GenerationConfig = field(default_factory=_rl_generation)
     eval_generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_new_tokens=96, greedy=True, micro_batch_size=64)
@@ -230,6 +226,11 @@ class RLConfig:
     @property
     def uses_critic_group(self) -> bool:
         return self.rl.algorithm == "ppo" and self.critic.layout == "separate"
+
+    @property
+    def uses_reference_group(self) -> bool:
+        """The frozen SFT policy runs as its own group (else, with a KL, it is swapped into the actor)."""
+        return self.reference.mode == "group" and self.rl.kl_coef > 0
 
     @property
     def uses_shared_value_head(self) -> bool:

@@ -15,18 +15,14 @@ any layout. That is what makes TP/PP/DP runs and resumed runs agree.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-from megatron.core import parallel_state as ps
 
-from carft_nemo.distributed import device
+from carft_nemo.data.batch import Batch
+from carft_nemo.distributed import axes, device
 from carft_nemo.distributed.collectives import all_reduce_sum_no_grad
-from carft_nemo.models.step import forward_backward
-
-Batch = Mapping[str, torch.Tensor]
-# loss_fn(model_output, micro_batch) -> (loss_sum: scalar tensor, metrics: dict of scalar tensors (sums))
-LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from carft_nemo.models.step import LossFn, forward_backward
 
 
 def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -46,7 +42,7 @@ def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, to
 def data_parallel_sum(value: torch.Tensor | float) -> float:
     """Sum a scalar over the data-parallel group (1 rank: itself)."""
     tensor = torch.as_tensor(value, dtype=torch.float64).to(device.local_device())
-    group = ps.get_data_parallel_group() if ps.model_parallel_is_initialized() else None
+    group = axes.group("dp")
     return float(all_reduce_sum_no_grad(tensor, group))
 
 
@@ -69,7 +65,7 @@ def run_forward_backward(
     receives the final hidden states ``[s, b, h]`` (see :func:`~carft_nemo.models.step.forward_backward`).
     """
     microbatches = split_microbatches(batch, micro_batch_size)
-    scale = ps.get_data_parallel_world_size() * len(microbatches) / max(normalizer, 1e-12)
+    scale = axes.size("dp") * len(microbatches) / max(normalizer, 1e-12)
 
     def scaled_loss(
         output: torch.Tensor, micro: Batch, *hidden: torch.Tensor
@@ -86,23 +82,21 @@ def run_forward_backward(
 def _share_last_stage_metrics(outputs: Sequence[dict[str, torch.Tensor]], normalizer: float) -> dict[str, float]:
     """Sum the micro-batch metrics on the last stage, all-reduce over DP, broadcast over PP."""
     keys = sorted(outputs[0].keys()) if outputs else []
-    if ps.get_pipeline_model_parallel_world_size() > 1:  # only the last stage has outputs
-        last = ps.get_pipeline_model_parallel_last_rank()
-        group = ps.get_pipeline_model_parallel_group()
+    if axes.size("pp") > 1:  # only the last stage has outputs
+        last = axes.last_stage_rank()
+        group = axes.group("pp")
         names = [keys]
         torch.distributed.broadcast_object_list(names, src=last, group=group)
         keys = names[0]
-    if ps.is_pipeline_last_stage():
+    if axes.is_last_stage():
         local = torch.tensor([float(sum(o[k] for o in outputs)) for k in keys], dtype=torch.float64)
     else:
         local = torch.zeros(len(keys), dtype=torch.float64)
     local = local.to(device.local_device())
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(
-            local, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
-        )
+    if axes.size("pp") > 1:
+        torch.distributed.broadcast(local, src=axes.last_stage_rank(), group=axes.group("pp"))
     if local.numel():
-        local = all_reduce_sum_no_grad(local, ps.get_data_parallel_group())
+        local = all_reduce_sum_no_grad(local, axes.group("dp"))
     result = dict(zip(keys, local.tolist()))
     if "loss_sum" in result:
         result["loss"] = result["loss_sum"] / max(normalizer, 1e-12)

@@ -40,16 +40,14 @@ class OptimConfig:
     schedule: str = "cosine"
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
-        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "optim.adam_beta1", "betas must be in [0, 1)")
-        require(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
-        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        require(self.decay_steps >= 0, "optim.decay_steps", "must be >= 0")
-        require(
-            self.schedule in LR_SCHEDULES, "optim.schedule", f"must be one of {LR_SCHEDULES}, got {self.schedule!r}"
-        )
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr], got {self.min_lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1", "betas must be in [0, 1)")
+        require(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 disables clipping)")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.decay_steps >= 0, "decay_steps", "must be >= 0")
+        require(self.schedule in LR_SCHEDULES, "schedule", f"must be one of {LR_SCHEDULES}, got {self.schedule!r}")
 
 
 @dataclass

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
-from carft_nemo.checkpoint.dist_checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from carft_nemo.checkpoint.dist_checkpoint import POLICY_GROUP, load_checkpoint, load_model_weights, save_checkpoint
+from carft_nemo.data.batch import Batch
 from carft_nemo.data.records import Example
 from carft_nemo.data.tokenization import load_tokenizer
 from carft_nemo.distributed.layout import ParallelConfig
+from carft_nemo.evaluation.runner import evaluate
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.generation.megatron import MegatronGenerator
 from carft_nemo.generation.rollout import Rollout
@@ -28,10 +30,9 @@ from carft_nemo.models.forward import unwrap
 from carft_nemo.models.gpt import build_gpt_model
 from carft_nemo.models.heads import POLICY_HEADS, attach_policy_heads
 from carft_nemo.training.optim import OptimConfig, make_trainable
-from carft_nemo.workers.actor_loss import ActorLossSettings, actor_loss, policy_outputs
-from carft_nemo.workers.model_worker import Batch, ModelWorker
-
-POLICY_GROUP = "policy"  # model group name inside checkpoints (as SFT writes it)
+from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss, policy_outputs
+from carft_nemo.workers.contracts import POLICY_WEIGHTS
+from carft_nemo.workers.model_worker import ModelWorker
 
 
 @dataclass
@@ -53,7 +54,10 @@ class ActorSpec:
 
 
 class ActorWorker(ModelWorker):
+    """Implements :class:`~carft_nemo.workers.contracts.PolicyWorker` (see it for batch keys and shapes)."""
+
     def setup(self, spec: ActorSpec) -> dict[str, Any]:
+        """Build the policy shard from the SFT checkpoint; see :meth:`PolicyWorker.setup`."""
         self.spec = spec
         self.configure_process(spec.cpu_threads)
         self.tokenizer = load_tokenizer(spec.tokenizer_path)
@@ -80,19 +84,17 @@ class ActorWorker(ModelWorker):
     # ------------------------------------------------------------------ rollout side
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> Rollout:
+        """Sample one response per prompt; see :meth:`PolicyWorker.generate`."""
         return self.generator.generate(prompts, cfg)
 
     def forward(
-        self, batch: Batch, *, outputs: tuple[str, ...] = ("logprobs",), reference: bool = False
+        self, batch: Batch, *, outputs: tuple[str, ...] = ("logprobs",), weights: str = "policy"
     ) -> dict[str, torch.Tensor] | None:
-        """Per-token outputs of this replica's rows (last stage; ``None`` elsewhere).
-
-        ``outputs`` from: ``logprobs`` ``[B, S-1]`` (log p of tokens[:, 1:] at the sampling
-        temperature), ``values`` ``[B, S]`` (shared value head), ``embeddings`` ``[B, S, d]``
-        (CARFT projection). ``reference`` runs the frozen SFT weights (swap mode).
-        """
+        """Per-token outputs of this replica's rows; see :meth:`PolicyWorker.forward`."""
+        if weights not in POLICY_WEIGHTS:
+            raise ValueError(f"weights must be one of {POLICY_WEIGHTS}, got {weights!r}")
         fn = policy_outputs(unwrap(self.model), outputs, self.spec.temperature, self.vocab_size)
-        if not reference:
+        if weights == "policy":
             return self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
         if self.reference_state is None:
             raise RuntimeError("reference log-probs asked of an actor built without keep_reference")
@@ -106,8 +108,8 @@ class ActorWorker(ModelWorker):
 
     # ------------------------------------------------------------------ training
 
-    def train(self, batch: Batch, settings: ActorLossSettings) -> dict[str, float]:
-        """PPO / Dr.GRPO (+ shared value, + contrastive) epochs over this replica's rows."""
+    def train(self, batch: Batch, settings: ActorTrainSettings) -> dict[str, float]:
+        """PPO / Dr.GRPO (+ shared value, + contrastive) epochs; see :meth:`PolicyWorker.train`."""
         gpt = unwrap(self.model)
         dp_group = self.layout.group("dp") if self.layout is not None else None
 
@@ -133,19 +135,19 @@ class ActorWorker(ModelWorker):
     # ------------------------------------------------------------------ evaluation and state
 
     def evaluate(self, examples: list[Example], prompts: list[list[int]], cfg: GenerationConfig) -> dict[str, Any]:
-        from carft_nemo.evaluation.runner import evaluate
-
+        """Greedy held-out accuracy; see :meth:`PolicyWorker.evaluate`."""
         result = evaluate(self.generator, self.tokenizer, examples, prompts, cfg)
         return {"summary": result.summary(), "records": result.records}
 
     def save(self, root: str, step: int, data_state: dict[str, Any], metadata: dict[str, Any]) -> str:
-        path = save_checkpoint(
-            root, step, {POLICY_GROUP: self.trainable}, data_state=data_state, metadata=metadata, keep_last=0
+        """Write ``<root>/step_<step>``; see :meth:`PolicyWorker.save`."""
+        return str(
+            save_checkpoint(root, step, {POLICY_GROUP: self.trainable}, data_state=data_state, metadata=metadata)
         )
-        return str(path)
 
     def load(self, path: str) -> int:
+        """Restore a checkpoint; see :meth:`PolicyWorker.load`."""
         return load_checkpoint(path, {POLICY_GROUP: self.trainable}).step
 
 
-__all__ = ["ActorSpec", "ActorWorker", "POLICY_GROUP"]
+__all__ = ["ActorSpec", "ActorWorker"]

@@ -10,12 +10,8 @@ per-micro-batch mean that already averages over data-parallel ranks; it is multi
 :func:`~carft_nemo.training.forward_backward.run_forward_backward` scales every returned
 sum by dp * micro-batches / normaliser (and megatron and DDP then average).
 
-Micro-batch keys (``[b, ...]``; T = S - 1 action columns, column j = token j + 1):
-``tokens [b,S]``, ``action_mask [b,T]``, ``old_logprobs [b,T]``, ``advantages [b,T]``;
-shared critic: ``old_values [b,T]``, ``returns [b,T]``; CARFT: ``response_mask [b,S]``,
-``correct [b]``, ``critic_token_values [b,S]`` (separate critic), ``ann_embeddings
-[b,Sa,d]``, ``ann_values [b,Sa]``, ``ann_cot_mask [b,Sa]``, and for the negative signal
-``ann_common [b,Sa]``, ``gen_common [b,S]``, ``lcs_length [b]``.
+A micro-batch holds rows of :meth:`carft_nemo.rl.experience.Experience.actor_batch`: the keys
+and ``[b, ...]`` shapes are documented once, on :class:`~carft_nemo.rl.experience.Experience`.
 """
 
 from __future__ import annotations
@@ -29,13 +25,16 @@ from carft_nemo.algorithms.contrastive import ContrastiveConfig, CoTBatch, LcsSp
 from carft_nemo.algorithms.ppo import clipped_policy_loss, clipped_value_loss
 from carft_nemo.models.heads import CONTRASTIVE_HEAD, shared_values
 from carft_nemo.models.logprobs import token_entropy, token_logprobs
+from carft_nemo.workers.contracts import POLICY_OUTPUTS
 
 
 @dataclass
-class ActorLossSettings:
+class ActorTrainSettings:
+    """How the actor trains on one rollout (the critic's counterpart: ``CriticTrainSettings``)."""
+
     epochs: int
     mini_batch_rows: int  # rows per optimizer step on this replica
-    seed: int
+    seed: int  # the row order of each epoch derives from it
     clip_ratio: float = 0.2
     temperature: float = 1.0
     constant_normalizer: float = 0.0  # > 0: Dr.GRPO's constant instead of the token count
@@ -49,7 +48,7 @@ def policy_outputs(
     gpt: torch.nn.Module, outputs: tuple[str, ...], temperature: float, vocab_size: int
 ) -> Callable[..., dict[str, torch.Tensor]]:
     """``(logits, micro, hidden) -> {name: [b, ...]}`` for :meth:`ModelWorker.collect_forward`."""
-    unknown = set(outputs) - {"logprobs", "values", "embeddings"}
+    unknown = set(outputs) - set(POLICY_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown actor outputs {sorted(unknown)}")
 
@@ -67,7 +66,7 @@ def policy_outputs(
 
 
 def actor_loss(
-    gpt: torch.nn.Module, settings: ActorLossSettings, vocab_size: int, dp_group, *, mean_term_weight: float
+    gpt: torch.nn.Module, settings: ActorTrainSettings, vocab_size: int, dp_group, *, mean_term_weight: float
 ) -> Callable:
     """The training loss function of one mini-batch (see the module docstring)."""
     dp_size = torch.distributed.get_world_size(dp_group) if dp_group is not None else 1
@@ -114,4 +113,4 @@ def actor_loss(
     return loss_fn
 
 
-__all__ = ["ActorLossSettings", "actor_loss", "policy_outputs"]
+__all__ = ["ActorTrainSettings", "actor_loss", "policy_outputs"]

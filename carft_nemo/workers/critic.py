@@ -13,19 +13,21 @@ from typing import Any
 import torch
 
 from carft_nemo.algorithms.ppo import clipped_value_loss
-from carft_nemo.checkpoint.dist_checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from carft_nemo.checkpoint.dist_checkpoint import POLICY_GROUP, load_checkpoint, load_model_weights, save_checkpoint
+from carft_nemo.data.batch import Batch
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.gpt import build_gpt_model
 from carft_nemo.training.optim import OptimConfig, make_trainable
-from carft_nemo.workers.actor import POLICY_GROUP
-from carft_nemo.workers.model_worker import Batch, ModelWorker
+from carft_nemo.workers.model_worker import ModelWorker
 
 CRITIC_GROUP = "critic"
 
 
 @dataclass
 class CriticSpec:
+    """Everything a critic rank needs to build itself."""
+
     model: ModelConfig
     parallel: ParallelConfig
     optim: OptimConfig
@@ -37,9 +39,11 @@ class CriticSpec:
 
 @dataclass
 class CriticTrainSettings:
+    """How the critic trains on one rollout (the actor's counterpart: ``ActorTrainSettings``)."""
+
     epochs: int
-    mini_batch_rows: int
-    seed: int
+    mini_batch_rows: int  # rows per optimizer step on this replica
+    seed: int  # the row order of each epoch derives from it
     value_clip: float = 0.2
 
 
@@ -48,7 +52,10 @@ def _values(output: torch.Tensor, micro: dict[str, torch.Tensor]) -> dict[str, t
 
 
 class CriticWorker(ModelWorker):
+    """Implements :class:`~carft_nemo.workers.contracts.ValueWorker` (see it for batch keys and shapes)."""
+
     def setup(self, spec: CriticSpec) -> dict[str, Any]:
+        """The SFT backbone with a fresh value head; see :meth:`ValueWorker.setup`."""
         self.spec = spec
         self.configure_process(spec.cpu_threads)
         gpt = build_gpt_model(spec.model, spec.parallel, value_head=True)
@@ -57,15 +64,12 @@ class CriticWorker(ModelWorker):
         self.model = self.trainable.model
         return {"parameters_this_rank": sum(p.numel() for p in gpt.parameters())}
 
-    def infer(self, batch: Batch) -> dict[str, torch.Tensor] | None:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor] | None:
         """``values [B, S]``: V after reading token t (last stage; ``None`` elsewhere)."""
         return self.collect_forward(batch, _values, self.spec.micro_batch_size)
 
     def train(self, batch: Batch, settings: CriticTrainSettings) -> dict[str, float]:
-        """Clipped value loss (token mean over the mini-batch) for ``settings.epochs`` epochs.
-
-        Batch keys: ``tokens [B,S]``, ``action_mask``, ``old_values``, ``returns`` ``[B,S-1]``.
-        """
+        """Clipped value loss (token mean over the mini-batch); see :meth:`ValueWorker.train`."""
 
         def make_loss(mini: dict[str, torch.Tensor], num_micro: int):
             def loss_fn(output: torch.Tensor, micro: dict[str, torch.Tensor]):
@@ -86,9 +90,11 @@ class CriticWorker(ModelWorker):
         )
 
     def save(self, root: str, step: int) -> str:
-        return str(save_checkpoint(root, step, {CRITIC_GROUP: self.trainable}, keep_last=0))
+        """Write ``<root>/step_<step>``; see :meth:`ValueWorker.save`."""
+        return str(save_checkpoint(root, step, {CRITIC_GROUP: self.trainable}))
 
     def load(self, path: str) -> int:
+        """Restore a checkpoint; see :meth:`ValueWorker.load`."""
         return load_checkpoint(path, {CRITIC_GROUP: self.trainable}).step
 
 

@@ -4,64 +4,23 @@ A worker holds its stage/shard of one model and answers calls from the controlle
 plain CPU tensors (Ray moves them between processes). Batches arrive as this rank's
 data-parallel shard, a dict of ``[B, ...]`` tensors; every rank of a model replica gets
 the same shard. Forward results exist on the last pipeline stage only: other stages
-return ``None`` and the controller reads the last stage (see :class:`ReplicaMap`).
+return ``None`` and the controller reads the last stage (see
+:class:`~carft_nemo.distributed.replicas.ReplicaMap`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from carft_nemo.distributed.layout import ParallelConfig, ParallelLayout
+from carft_nemo.data.batch import Batch
+from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.distributed.ray_group import ParallelWorker
 from carft_nemo.models.step import forward_backward
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward, split_microbatches
 from carft_nemo.training.optim import TrainableModel
-
-Batch = Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ReplicaMap:
-    """Which rank of a group answers for each data-parallel replica (built from the layouts)."""
-
-    data_parallel: int
-    rank_dp: tuple[int, ...]  # data-parallel rank of every global rank
-    answering: tuple[int, ...]  # per DP rank: the global rank on the last stage with TP rank 0
-
-    @classmethod
-    def from_layouts(cls, layouts: list[ParallelLayout]) -> ReplicaMap:
-        dp = layouts[0].data_parallel
-        answering = [-1] * dp
-        for lay in layouts:
-            if lay.is_last_stage and lay.tp_rank == 0:
-                answering[lay.dp_rank] = lay.rank
-        return cls(dp, tuple(lay.dp_rank for lay in layouts), tuple(answering))
-
-    def per_rank(self, shards: list[Any]) -> list[Any]:
-        """Spread per-DP-replica items over all ranks (every rank gets its replica's item)."""
-        if len(shards) != self.data_parallel:
-            raise ValueError(f"{len(shards)} shards for {self.data_parallel} data-parallel replicas")
-        return [shards[d] for d in self.rank_dp]
-
-    def answers(self, results: list[Any]) -> list[Any]:
-        """The answering rank's result of each replica, in DP order."""
-        return [results[r] for r in self.answering]
-
-
-def shard_rows(batch: Batch, num_shards: int) -> list[dict[str, torch.Tensor]]:
-    """Split every ``[B, ...]`` tensor into ``num_shards`` contiguous equal parts."""
-    sizes = {v.shape[0] for v in batch.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"batch tensors disagree on the batch dimension: {sorted(sizes)}")
-    total = sizes.pop()
-    if total % num_shards:
-        raise ValueError(f"{total} rows cannot be split evenly over {num_shards} data-parallel replicas")
-    per = total // num_shards
-    return [{k: v[i * per : (i + 1) * per] for k, v in batch.items()} for i in range(num_shards)]
 
 
 def trim_microbatches(
@@ -86,11 +45,6 @@ def _pad_columns(t: torch.Tensor, cut: int) -> torch.Tensor:
     if cut == 0 or t.dim() < 2:
         return t
     return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, cut))
-
-
-def concat_rows(shards: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`shard_rows`."""
-    return {k: torch.cat([s[k] for s in shards], dim=0) for k in shards[0]}
 
 
 class ModelWorker(ParallelWorker):
@@ -220,4 +174,4 @@ class ModelWorker(ParallelWorker):
         return data_parallel_sum(mask.sum())
 
 
-__all__ = ["Batch", "ModelWorker", "ReplicaMap", "concat_rows", "shard_rows", "trim_microbatches"]
+__all__ = ["ModelWorker", "trim_microbatches"]

@@ -1,15 +1,16 @@
 """The reward server: answer checking (N-CoT) and sandboxed program execution (P-CoT).
 
-Stateless, so it scales out by adding workers: :class:`RewardPool` splits a batch into
-contiguous parts, one per worker, and joins the results in order. Each worker runs its
-P-CoT programs in parallel sandbox processes (``SandboxConfig.max_workers``).
+Stateless, so it scales out by adding workers: the controller runs ``reward.num_workers``
+:class:`RewardWorker` s as a :class:`~carft_nemo.distributed.ray_group.WorkerGroup` of
+independent replicas, each scoring a contiguous part of the batch, joined in order. Each
+worker runs its P-CoT programs in parallel sandbox processes (``SandboxConfig.max_workers``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from carft_nemo.data.records import Example
 from carft_nemo.rewards.correctness import score_batch
@@ -27,53 +28,19 @@ class ScoredSample:
 
 
 class RewardWorker:
+    """Implements :class:`~carft_nemo.workers.contracts.RewardScorer`."""
+
     def __init__(self, tolerance: float = 1e-2, sandbox: SandboxConfig = SandboxConfig()) -> None:
         self.tolerance = tolerance
         self.sandbox = sandbox
 
     def score(self, completions: Sequence[str], examples: Sequence[Example]) -> list[ScoredSample]:
+        """ReFT's reward of each completion; see :meth:`RewardScorer.score`."""
         results = score_batch(completions, examples, tolerance=self.tolerance, sandbox=self.sandbox)
         return [ScoredSample(r.reward, r.correct, r.extracted, r.failure) for r in results]
 
     def process_id(self) -> int:
-        import os
-
         return os.getpid()
 
 
-class RewardPool:
-    """``num_workers`` Ray actors of :class:`RewardWorker`."""
-
-    def __init__(self, num_workers: int, tolerance: float, sandbox: SandboxConfig, *, num_cpus: float = 1) -> None:
-        import ray
-
-        remote = ray.remote(num_cpus=num_cpus, num_gpus=0)(RewardWorker)
-        self.actors = [remote.remote(tolerance, sandbox) for _ in range(num_workers)]
-
-    def submit(self, completions: Sequence[str], examples: Sequence[Example]) -> list[Any]:
-        """Futures, one per worker, each scoring a contiguous part (see :meth:`join`)."""
-        n = len(self.actors)
-        per = -(-len(completions) // n)
-        return [
-            actor.score.remote(list(completions[i * per : (i + 1) * per]), list(examples[i * per : (i + 1) * per]))
-            for i, actor in enumerate(self.actors)
-        ]
-
-    @staticmethod
-    def join(parts: list[list[ScoredSample]]) -> list[ScoredSample]:
-        return [s for part in parts for s in part]
-
-    def pids(self) -> list[int]:
-        import ray
-
-        return ray.get([a.process_id.remote() for a in self.actors])
-
-    def kill(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-
-
-__all__ = ["RewardPool", "RewardWorker", "ScoredSample"]
+__all__ = ["RewardWorker", "ScoredSample"]

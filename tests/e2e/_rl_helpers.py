@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from carft_nemo.training.run_log import read_metrics
+from carft_nemo.telemetry.run_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SFT_ARGS = [

@@ -55,22 +55,22 @@ class ContrastiveConfig:
     partial_reward_offset: float = 0.2
 
     def __post_init__(self) -> None:
-        require(self.mode in MODES, "contrastive.mode", f"must be one of {MODES}, got {self.mode!r}")
+        require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
         for name in ("positive_weight", "negative_weight"):
             value = getattr(self, name)
-            require(value is None or value >= 0, f"contrastive.{name}", f"must be >= 0, got {value}")
-        require(self.coef >= 0, "contrastive.coef", f"must be >= 0, got {self.coef}")
-        require(self.tau > 0, "contrastive.tau", f"must be > 0, got {self.tau}")
-        require(self.projection_dim >= 1, "contrastive.projection_dim", f"must be >= 1, got {self.projection_dim}")
+            require(value is None or value >= 0, name, f"must be >= 0, got {value}")
+        require(self.coef >= 0, "coef", f"must be >= 0, got {self.coef}")
+        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        require(self.projection_dim >= 1, "projection_dim", f"must be >= 1, got {self.projection_dim}")
         clamp = self.clamp_positive_similarity
         require(
             clamp is None or -1.0 < clamp <= 1.0,
-            "contrastive.clamp_positive_similarity",
+            "clamp_positive_similarity",
             f"must be None or in (-1, 1], got {clamp}",
         )
         require(
             self.partial_reward_scale >= 0,
-            "contrastive.partial_reward_scale",
+            "partial_reward_scale",
             f"must be >= 0, got {self.partial_reward_scale}",
         )
 

@@ -13,7 +13,7 @@ from carft_nemo.evaluation.runner import (
     record_eval,
     write_eval_outputs,
 )
-from carft_nemo.training.run_log import RunLogger, read_metrics
+from carft_nemo.telemetry.run_log import RunLogger, read_metrics
 
 
 def _result(correct: list[bool]) -> EvalResult:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from carft_nemo.rewards.answer import extract_ncot_answer, is_correct, parse_number, to_number
+from carft_nemo.data.numbers import parse_number
+from carft_nemo.rewards.answer import extract_ncot_answer, is_correct, to_number
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Shared start-up steps of the recipes: tokenizer on every rank, the policy model group."""
+"""Start-up steps of SFT: the tokenizer on every rank, the policy model group."""
 
 from __future__ import annotations
 

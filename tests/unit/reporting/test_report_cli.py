@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from carft_nemo.evaluation.metrics import sign_test_p
-from carft_nemo.training.run_log import RunLogger
+from carft_nemo.telemetry.run_log import RunLogger
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on annotated CoT: the first stage of ReFT and CARFT."""
