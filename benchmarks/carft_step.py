@@ -6,8 +6,8 @@ each draws the same questions (``BatchSchedule`` is a function of seed and step)
 cluster holds all three runs' workers at once (an idle worker uses no CPU) and the steps
 are interleaved: round ``r`` runs step ``r`` of every method, in an order that rotates from
 round to round, so that load on the shared host drifts into all methods alike. Round 0
-is a warm-up; the medians of the measured rounds are compared. Dr.GRPO (about 5x a ReFT
-step, reported only) runs every third round.
+is a warm-up; the medians of the measured rounds are compared. Dr.GRPO (reported only, not
+compared to the goal) runs every third round.
 
 * ``carft_over_reft_step_time``: median CARFT step / median ReFT step (wall, total);
   ``carft_over_reft_paired_median``: median over rounds of the per-round ratio;
@@ -28,24 +28,23 @@ step, reported only) runs every third round.
 * Dr.GRPO with the same number of questions samples ``samples_per_question`` (8) responses
   each, i.e. 8x the rollouts: reported per step (same questions) and per sample.
 
-    python benchmarks/carft_step.py [--quick] [--model tiny]
+Results are recorded in ``benchmarks/results/carft_step.json``. Run from the repository root:
+
+    python -m benchmarks.carft_step [--quick] [--model tiny]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
-from benchmarks.ppo_step import (  # noqa: E402
+from benchmarks.common import parse_args, print_table, write_result
+from benchmarks.ppo_step import (
     DEFAULT_CACHE,
     PHASES,
     StepSettings,
@@ -72,8 +71,8 @@ SETTINGS = {
     "quick": StepSettings(questions=8, max_new_tokens=32, measured_steps=3),
 }
 CARFT_EXTRA = ("lcs", "partial_reward")
-# Dr.GRPO's step is ~5x ReFT's and only reported, not compared to a goal: it runs every 3rd round
-# (round 0 included), so the rounds that decide CARFT / ReFT can be many.
+# Dr.GRPO's step (GRPO_SAMPLES x the rollouts) is only reported, not compared to a goal: it runs every
+# 3rd round (round 0 included), so the rounds that decide CARFT / ReFT can be many.
 EVERY = {"grpo": 3}
 
 
@@ -86,18 +85,19 @@ class ControllerTimers:
     """Seconds spent in the controller's CARFT-only calls during a step (wraps the real functions)."""
 
     def __init__(self) -> None:
-        from carft_nemo.rl import controller
+        from carft_nemo.algorithms import reward_shaping
+        from carft_nemo.rl import experience
 
         self.seconds = {name: 0.0 for name in CARFT_EXTRA}
         self._restore = []
-        for attr, name in (
-            ("lcs_split", "lcs"),
-            ("pooled_embeddings", "partial_reward"),
-            ("embedding_partial_reward", "partial_reward"),
+        for module, attr, name in (
+            (experience, "lcs_split", "lcs"),
+            (experience, "pooled_embeddings", "partial_reward"),
+            (reward_shaping, "embedding_partial_reward", "partial_reward"),
         ):
-            original = getattr(controller, attr)
-            setattr(controller, attr, self._timed(original, name))
-            self._restore.append((attr, original))
+            original = getattr(module, attr)
+            setattr(module, attr, self._timed(original, name))
+            self._restore.append((module, attr, original))
 
     def _timed(self, fn: Callable, name: str) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -114,10 +114,8 @@ class ControllerTimers:
         return out
 
     def close(self) -> None:
-        from carft_nemo.rl import controller
-
-        for attr, original in self._restore:
-            setattr(controller, attr, original)
+        for module, attr, original in self._restore:
+            setattr(module, attr, original)
 
 
 def build_runs(model: str, settings: StepSettings, cache: Path, sft_steps: int, tmp: Path) -> dict[str, Any]:

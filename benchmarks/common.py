@@ -1,10 +1,13 @@
 """Tiny shared helper for benchmark scripts: ``--quick`` flag, a printed table, a JSON file.
 
+The scripts import it as ``benchmarks.common``, so run them as modules from the repository
+root: ``python -m benchmarks.sandbox --quick``.
+
 Usage::
 
     args = parse_args("sandbox", "what it measures", extra=lambda p: p.add_argument(...))
     print_table(rows)                        # rows: list of dicts with the same keys
-    write_result("sandbox", {"programs_per_s": 12.3, ...})   # -> benchmarks/results/sandbox.json
+    write_result(args.out, {"programs_per_s": ..., ...})   # default: benchmarks/results/sandbox.json
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def parse_args(
     argv: Sequence[str] | None = None,
 ) -> argparse.Namespace:
     """Arguments every benchmark takes (``--quick``, ``--out``) plus the script's own."""
-    parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
     parser.add_argument("--quick", action="store_true", help="small subset (< 1 min), for CI / smoke checks")
     parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.json", help="result JSON path")
     if extra is not None:

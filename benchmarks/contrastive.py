@@ -16,25 +16,25 @@
 
 ``--quick`` times the Python DP on 4 pairs and scales to 64 (its cost is linear in pairs)
 and repeats the torch timings fewer times.
+
+Results are recorded in ``benchmarks/results/contrastive.json``. Run from the repository root:
+
+    python -m benchmarks.contrastive [--quick]
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
-from carft_nemo.algorithms.contrastive import ContrastiveConfig, CoTBatch, contrastive_loss, lcs_spans  # noqa: E402
-from carft_nemo.algorithms.lcs import lcs_masks  # noqa: E402
-from carft_nemo.models.contrastive_head import ContrastiveHead  # noqa: E402
+from benchmarks.common import parse_args, print_table, write_result
+from carft_nemo.algorithms.contrastive import ContrastiveConfig, CoTBatch, contrastive_loss, lcs_spans
+from carft_nemo.algorithms.lcs import lcs_masks
+from carft_nemo.models.contrastive_head import ContrastiveHead
 
 PAIRS, LCS_LEN, VOCAB = 64, 512, 1000
 HIDDEN, SEQ, BATCH, HEADS, LAYERS, PROJ = 256, 256, 8, 4, 4, 64
@@ -83,8 +83,8 @@ def bench_lcs(quick: bool) -> dict[str, float]:
     """Python DP pair by pair, one ``lcs_masks`` call after every ``chunk`` pairs (interleaved).
 
     Interleaving puts both sides under the same machine conditions (the host is a shared VM
-    whose speed drifts by 2x within minutes), so their ratio is steadier than that of two
-    blocks timed one after the other.
+    whose speed drifts within minutes), so their ratio is steadier than that of two blocks
+    timed one after the other.
     """
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, VOCAB, (PAIRS, LCS_LEN), generator=gen)

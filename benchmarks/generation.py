@@ -9,7 +9,7 @@ right-pads, HF left-pads as decoder-only batches need). Every sequence generates
 
 HF runs at 1 and at torch's thread count (2 here); ours at its default
 ``GenerationConfig.cpu_threads=1`` (also at 2 with ``GEN_BENCH_OURS_ALL_THREADS=1``; on a
-loaded 2-core host 2 threads were 9-15x slower than 1 for ours and HF alike, OpenMP threads
+loaded host more threads can be slower than one for ours and HF alike, OpenMP threads
 spinning on a descheduled partner), all variants alternating within each repetition so that
 load changes hit them alike; each run records wall time and the process's CPU time
 (``time.process_time``, summed over its threads). Best of ``reps`` per variant.
@@ -21,20 +21,19 @@ what a user waits for; both are recorded, with the host's load average). Evidenc
 weights match: the largest logit difference of one full forward, and how many greedy
 continuations agree.
 
-    python benchmarks/generation.py [--quick]     # -> benchmarks/results/generation.json
+Results are recorded in ``benchmarks/results/generation.json``. Run from the repository root:
+
+    python -m benchmarks.generation [--quick]
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
+from benchmarks.common import parse_args, print_table, write_result
 
 # model -> (vocab for presets without one, batch, shortest prompt, longest prompt, new tokens, reps)
 SHAPES = {

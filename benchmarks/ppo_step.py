@@ -24,7 +24,9 @@ the synthetic task's word-level tokenizer uses few of the ids). With CUDA, ``lla
 added (one GPU: the shared value head layout, since a separate critic needs its own GPU).
 One optimizer step per PPO epoch over the rollout, as ``configs/reft-tiny-synthetic.yaml``.
 
-    python benchmarks/ppo_step.py [--quick]     # --quick: tiny only, 8 questions x 32 tokens
+Results are recorded in ``benchmarks/results/ppo_step.json``. Run from the repository root:
+
+    python -m benchmarks.ppo_step [--quick]     # --quick: tiny only, 8 questions x 32 tokens
 """
 
 from __future__ import annotations
@@ -42,9 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
+from benchmarks.common import parse_args, print_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "carft_nemo_bench"
@@ -163,14 +163,7 @@ def gpu_overrides() -> list[str]:
 
 def worker_pids(run) -> dict[str, list[int]]:
     """Process ids of a started run's workers by role (actor, critic, reference, reward)."""
-    import ray
-
-    from carft_nemo.workers.reward import RewardPool
-
-    return {
-        role: group.pids() if isinstance(group, RewardPool) else ray.get([a.process_id.remote() for a in group.actors])
-        for role, group in run.groups.items()
-    }
+    return {role: group.pids() for role, group in run.groups.items()}
 
 
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
@@ -199,19 +192,21 @@ def timed_step(run, step: int, pids: dict[str, list[int]] | None = None) -> dict
     CPU keys: ``cpu_<role>`` (whole step), ``cpu_total``, and ``cpu_<stage>_<role>`` for the
     stages ``generation``, ``experience`` (make_experience: inference + controller) and ``training``.
     """
-    phases: dict[str, float] = {}
+    from carft_nemo.telemetry.timing import PhaseTimer
+
+    timer = PhaseTimer()
     pids = pids or worker_pids(run)
     cpu = [cpu_seconds(pids)]
-    t_step = time.perf_counter()
-    sample_q, rollout = run.generate(step)
-    phases["generation"] = time.perf_counter() - t_step
+    with timer.phase("generation"):
+        sample_q, rollout = run.generate(step)
     cpu.append(cpu_seconds(pids))
-    t_exp = time.perf_counter()
-    exp, metrics = run.make_experience(sample_q, rollout, phases)
-    exp_s = time.perf_counter() - t_exp
+    with timer.phase("experience"):
+        exp, metrics = run.make_experience(sample_q, rollout, timer)
     cpu.append(cpu_seconds(pids))
-    run.train(step, exp, phases)
-    phases["total"] = time.perf_counter() - t_step
+    run.update(step, exp, timer)
+    phases = dict(timer.seconds)
+    phases["total"] = timer.elapsed()
+    exp_s = phases.pop("experience")
     cpu.append(cpu_seconds(pids))
     phases["inference"] = max(phases["logprobs"], phases["critic"], phases["reward"])
     phases["controller"] = max(exp_s - phases["inference"], 0.0)
@@ -224,7 +219,7 @@ def timed_step(run, step: int, pids: dict[str, list[int]] | None = None) -> dict
     phases["samples"] = float(len(sample_q))
     phases["response_length"] = metrics["response_length"]
     phases["accuracy"] = metrics["accuracy"]
-    phases["sequence_length"] = float(exp["tokens"].shape[1])
+    phases["sequence_length"] = float(exp.tokens.shape[1])
     return phases
 
 

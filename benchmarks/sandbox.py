@@ -4,22 +4,20 @@ Runs every gold program through :func:`carft_nemo.rewards.correctness.score_batc
 the sandbox, ``max_workers`` at a time) and reports programs/s and the programs that did
 not return their gold answer. ``--quick``: every 20th program.
 
-    python benchmarks/sandbox.py --data ../shared/data/reft [--quick] [--workers 2]
+Results are recorded in ``benchmarks/results/sandbox.json``. Run from the repository root:
+
+    python -m benchmarks.sandbox --data ../shared/data/reft [--quick] [--workers 2]
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
-from carft_nemo.data.datasets import DatasetConfig, load_examples  # noqa: E402
-from carft_nemo.data.prompts import build_target  # noqa: E402
-from carft_nemo.rewards.correctness import score_batch  # noqa: E402
-from carft_nemo.rewards.sandbox import SandboxConfig  # noqa: E402
+from benchmarks.common import parse_args, print_table, write_result
+from carft_nemo.data.datasets import DatasetConfig, load_examples
+from carft_nemo.data.prompts import build_target
+from carft_nemo.rewards.correctness import score_batch
+from carft_nemo.rewards.sandbox import SandboxConfig
 
 
 def main() -> None:

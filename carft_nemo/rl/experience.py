@@ -178,10 +178,6 @@ class ExperienceSettings:
     shared_value_head: bool = False
     contrastive: ContrastiveConfig | None = None  # CARFT when set
 
-    @property
-    def needs_values(self) -> bool:
-        return self.estimator == "gae" or self.contrastive is not None
-
 
 def select_values(results: InferenceResults, *, shared_value_head: bool) -> tuple[Tensor, Tensor | None]:
     """``(values [B, S], annotated values [B, Sa] or None)``: the policy's value head's or the critic's."""
@@ -203,6 +199,20 @@ def penalized_token_rewards(
     """
     reference = reference_logprobs * mask if reference_logprobs is not None else logprobs.clone()
     return kl_penalized_rewards(scores, logprobs, reference, mask, kl_coef)
+
+
+def lcs_split(annotated: AnnotatedBatch, rollout: RolloutBatch) -> dict[str, Tensor]:
+    """LCS membership of annotated vs on-policy CoT tokens (CARFT's negative signal).
+
+    ``ann_common [B, Sa]`` and ``gen_common [B, S]`` (bool, the tokens of the longest common
+    subsequence of the two CoTs) and ``lcs_length [B]``: the :class:`CarftTensors` fields.
+    """
+    spans = lcs_spans(annotated.tokens.t(), annotated.cot_mask.t(), rollout.tokens.t(), rollout.response_mask.t())
+    return {
+        "ann_common": spans.annotated_common.t(),
+        "gen_common": spans.on_policy_common.t(),
+        "lcs_length": spans.length,
+    }
 
 
 def pooled_embeddings(embeddings: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -231,9 +241,12 @@ def carft_tensors(
         ann_cot_mask=annotated.cot_mask,
     )
     if negative:
-        spans = lcs_spans(annotated.tokens.t(), annotated.cot_mask.t(), rollout.tokens.t(), rollout.response_mask.t())
-        tensors.ann_common, tensors.gen_common = spans.annotated_common.t(), spans.on_policy_common.t()
-        tensors.lcs_length = spans.length
+        split = lcs_split(annotated, rollout)
+        tensors.ann_common, tensors.gen_common, tensors.lcs_length = (
+            split["ann_common"],
+            split["gen_common"],
+            split["lcs_length"],
+        )
     return tensors
 
 
@@ -328,6 +341,7 @@ __all__ = [
     "experience_metrics",
     "forward_rows",
     "join_rollouts",
+    "lcs_split",
     "penalized_token_rewards",
     "pooled_embeddings",
     "select_values",

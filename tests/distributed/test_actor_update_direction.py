@@ -21,7 +21,7 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
     from carft_nemo.models.forward import unwrap
     from carft_nemo.models.gpt import build_gpt_model
     from carft_nemo.training.optim import OptimConfig, make_trainable
-    from carft_nemo.workers.actor_loss import ActorLossSettings, actor_loss, policy_outputs
+    from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss, policy_outputs
     from carft_nemo.workers.model_worker import ModelWorker
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
@@ -47,7 +47,7 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
         before = worker.collect_forward({"tokens": tokens}, fn, B, hidden_to_loss=True)["logprobs"]
         advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None].expand(B, S - 1) * mask
         batch = {"tokens": tokens, "action_mask": mask, "old_logprobs": before * mask, "advantages": advantages}
-        settings = ActorLossSettings(epochs=1, mini_batch_rows=B, seed=0, constant_normalizer=constant_normalizer)
+        settings = ActorTrainSettings(epochs=1, mini_batch_rows=B, seed=0, constant_normalizer=constant_normalizer)
 
         def make_loss(mini, num_micro):
             normalizer = constant_normalizer or float(mini["action_mask"].sum())

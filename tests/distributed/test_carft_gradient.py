@@ -71,7 +71,7 @@ def _grad_norms(tp: int, layout: str, contrastive_on: bool) -> dict[str, float]:
     from carft_nemo.models.heads import attach_policy_heads
     from carft_nemo.training.forward_backward import run_forward_backward
     from carft_nemo.training.optim import OptimConfig, make_trainable
-    from carft_nemo.workers.actor_loss import ActorLossSettings, actor_loss
+    from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     parallel = ParallelConfig(tensor_parallel=tp)
@@ -85,7 +85,7 @@ def _grad_norms(tp: int, layout: str, contrastive_on: bool) -> dict[str, float]:
     gpt = build_gpt_model(model_cfg, parallel)
     attach_policy_heads(gpt, shared_value_head=layout == "shared", contrastive_dim=8)
     trainable = make_trainable(gpt, model_cfg, parallel, OptimConfig(lr=1e-3), 1)
-    settings = ActorLossSettings(
+    settings = ActorTrainSettings(
         epochs=1,
         mini_batch_rows=B,
         seed=0,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.multiprocess import run_ranks
 
 
@@ -68,13 +66,3 @@ def test_keep_last_crash_and_errors(tmp_path: Path) -> None:
     assert "no complete checkpoint" in errors["empty_root"]
     assert "critic" in errors["wrong_group"]
     assert "could not load" in errors["wrong_shape"] and "step_3" in errors["wrong_shape"]
-
-
-@pytest.mark.parametrize("bad", [dict(keep_last=-1), dict(save_every=-2), dict(directory="")])
-def test_checkpoint_config_names_the_key(bad: dict) -> None:
-    from carft_nemo.checkpoint.dist_checkpoint import CheckpointConfig
-    from carft_nemo.config import ConfigError
-
-    key = next(iter(bad))
-    with pytest.raises(ConfigError, match=f"checkpoint.{key}"):
-        CheckpointConfig(**bad)

@@ -1,7 +1,8 @@
-"""Two Ray actors form their own gloo group and run megatron TP=2, matching TP=1.
+"""Worker groups on a real Ray instance: two actors form their own gloo group and run megatron
+TP=2, matching TP=1; a pool of independent workers splits rows and answers in order.
 
-One Ray cluster for the module (start-up costs seconds); the worker class is a plain
-:class:`ParallelWorker` Impl, wrapped by :class:`RayWorkerGroup` with ``ray.remote``.
+One Ray cluster for the module (start-up costs seconds); the worker classes are plain
+Impl classes, wrapped by the groups with ``ray.remote``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from carft_nemo.config import ConfigError
 from carft_nemo.distributed.layout import ParallelConfig
-from carft_nemo.distributed.ray_group import ParallelWorker, RayWorkerGroup, start_local_ray
+from carft_nemo.distributed.ray_group import ParallelWorker, RayWorkerGroup, WorkerGroup, start_local_ray
 
 ray = pytest.importorskip("ray")
 VOCAB, TEMPERATURE = 128, 0.7
@@ -62,11 +63,11 @@ def test_actors_form_group_and_tp2_matches_tp1(ray_cluster) -> None:
     group = RayWorkerGroup(ForwardWorker, 2, ParallelConfig(), model_dims=dims, worker_args=(VOCAB,))
     try:
         assert [(lay.rank, lay.data_parallel) for lay in group.layouts] == [(0, 2), (1, 2)]
-        reference = group.run("logprobs", False)
+        reference = group.run(ForwardWorker.logprobs, False)
         # same actors, same process group: rebuild megatron's state at TP=2
-        layouts = group.run("init_parallel", ParallelConfig(tensor_parallel=2), None, 999, dims)
+        layouts = group.run(ForwardWorker.init_parallel, ParallelConfig(tensor_parallel=2), None, 999, dims)
         assert [(lay.tp_rank, lay.data_parallel) for lay in layouts] == [(0, 1), (1, 1)]
-        sharded = group.run("logprobs", True)
+        sharded = group.run(ForwardWorker.logprobs, True)
     finally:
         group.shutdown()
     assert len({r["pid"] for r in sharded}) == 2  # really two processes
@@ -87,3 +88,36 @@ def test_bad_layout_rejected_before_actors_start(ray_cluster) -> None:
             model_dims=dict(num_layers=2, num_attention_heads=4, num_query_groups=1),
             worker_args=(VOCAB,),
         )
+
+
+class EchoWorker:
+    """A reward-pool-like worker: no process group, answers with its part of the rows."""
+
+    def echo(self, texts: list[str], numbers: list[int], suffix: str) -> dict:
+        return {"pid": __import__("os").getpid(), "rows": [f"{t}{n}{suffix}" for t, n in zip(texts, numbers)]}
+
+    def process_id(self) -> int:
+        return __import__("os").getpid()
+
+
+def test_independent_pool_splits_rows_and_answers_in_order(ray_cluster) -> None:
+    pool = WorkerGroup.independent(EchoWorker, 2)
+    try:
+        texts, numbers = [f"t{i}" for i in range(5)], list(range(5))
+        answers = pool.answers(ray.get(pool.submit_rows(EchoWorker.echo, (texts, numbers), "!")))
+        pids = pool.pids()
+    finally:
+        pool.kill()
+    assert [a["rows"] for a in answers] == [["t00!", "t11!", "t22!"], ["t33!", "t44!"]]
+    assert [a["pid"] for a in answers] == pids and len(set(pids)) == 2
+
+
+def test_groups_take_methods_not_strings(ray_cluster) -> None:
+    pool = WorkerGroup.independent(EchoWorker, 1)
+    try:
+        with pytest.raises(TypeError, match="expected a worker method"):
+            pool.submit("echo", [], [], "")
+        with pytest.raises(AttributeError, match="EchoWorker has no method 'logprobs'"):
+            pool.submit(ForwardWorker.logprobs, True)
+    finally:
+        pool.kill()

@@ -151,71 +151,119 @@ def contrastive_loss(
         raise ValueError("on_policy, annotated and correct must share the batch dimension b")
     if cfg.detach_annotated:
         annotated = annotated.detached()
-    correct = correct.bool()
-    world = group_size(dp_group)
+    views = _pool_views(cfg, on_policy, annotated, correct.bool(), lcs, seq_group)
+    # One gather each for the embeddings (optionally with gradient) and the flags.
+    local = torch.cat(views.features, dim=1)
+    gathered = all_gather_with_grad(local, dp_group) if cfg.gather_with_grad else all_gather_no_grad(local, dp_group)
+    all_flags = all_gather_no_grad(torch.stack(views.flags, dim=1).to(torch.int32), dp_group).bool()
+    terms = _signal_terms(cfg, views, gathered, all_flags, group_size(dp_group))
+    w_pos, w_neg = cfg.weights
+    loss = cfg.coef * (w_pos * terms.positive + w_neg * terms.negative)
+    return loss, _metrics(cfg, terms, dp_group, device)
 
+
+@dataclass
+class _Views:
+    """Pooled embeddings of one micro-batch's CoT parts, and which samples each signal uses."""
+
+    gen: PooledEmbedding  # the on-policy CoT
+    use_pos: Tensor  # [b] correct samples with both CoTs non-empty
+    ann: PooledEmbedding | None = None  # the annotated CoT (positive signal)
+    common: PooledEmbedding | None = None  # on-policy tokens in the LCS (negative signal)
+    rest: PooledEmbedding | None = None  # on-policy tokens outside it
+    ann_rest: PooledEmbedding | None = None  # annotated tokens outside it
+    use_neg: Tensor | None = None  # [b] wrong samples with both remainders non-empty
+
+    @property
+    def features(self) -> list[Tensor]:
+        """What is gathered over data parallel: z_gen, then (negative signal) z_common, z_rest."""
+        return [self.gen.z] + ([self.common.z, self.rest.z] if self.common is not None else [])
+
+    @property
+    def flags(self) -> list[Tensor]:
+        """Validity of each feature, then use_pos (and use_neg)."""
+        valid = [self.gen.nonempty] + ([self.common.nonempty, self.rest.nonempty] if self.common is not None else [])
+        return valid + [self.use_pos] + ([self.use_neg] if self.use_neg is not None else [])
+
+
+def _pool_views(
+    cfg: ContrastiveConfig,
+    on_policy: CoTBatch,
+    annotated: CoTBatch,
+    correct: Tensor,
+    lcs: LcsSpans | None,
+    seq_group: ProcessGroup | None,
+) -> _Views:
     gen = _pool(on_policy, on_policy.cot_mask, seq_group)
-    feats, flags = [gen.z], [gen.nonempty]
-    use_pos = correct & gen.nonempty
+    views = _Views(gen=gen, use_pos=correct & gen.nonempty)
     if cfg.uses_positive:
-        ann = _pool(annotated, annotated.cot_mask, seq_group)
-        use_pos = use_pos & ann.nonempty
+        views.ann = _pool(annotated, annotated.cot_mask, seq_group)
+        views.use_pos = views.use_pos & views.ann.nonempty
     if cfg.uses_negative:
         assert lcs is not None
         gen_common_mask = on_policy.cot_mask.bool() & lcs.on_policy_common
-        common = _pool(on_policy, gen_common_mask, seq_group)
-        rest = _pool(on_policy, on_policy.cot_mask.bool() & ~gen_common_mask, seq_group)
-        ann_rest = _pool(annotated, annotated.cot_mask.bool() & ~lcs.annotated_common, seq_group)
-        use_neg = ~correct & common.nonempty & ann_rest.nonempty
-        feats += [common.z, rest.z]
-        flags += [common.nonempty, rest.nonempty]
-    flags += [use_pos] + ([use_neg] if cfg.uses_negative else [])
+        views.common = _pool(on_policy, gen_common_mask, seq_group)
+        views.rest = _pool(on_policy, on_policy.cot_mask.bool() & ~gen_common_mask, seq_group)
+        views.ann_rest = _pool(annotated, annotated.cot_mask.bool() & ~lcs.annotated_common, seq_group)
+        views.use_neg = ~correct & views.common.nonempty & views.ann_rest.nonempty
+    return views
 
-    # One gather each for the embeddings (optionally with gradient) and the flags.
-    local = torch.cat(feats, dim=1)
-    gathered = all_gather_with_grad(local, dp_group) if cfg.gather_with_grad else all_gather_no_grad(local, dp_group)
-    all_flags = all_gather_no_grad(torch.stack(flags, dim=1).to(torch.int32), dp_group).bool()
-    d = gen.z.shape[1]
 
-    loss_pos = loss_neg = torch.zeros((), dtype=gen.z.dtype, device=device)
-    num_pos = num_neg = 0
-    w_pos, w_neg = cfg.weights
+@dataclass
+class _Terms:
+    positive: Tensor  # this rank's share of L_pos (0 without the positive signal)
+    negative: Tensor  # this rank's share of L_neg
+    num_positive: int  # samples over the global batch that the positive term used
+    num_negative: int
+
+
+def _signal_terms(cfg: ContrastiveConfig, views: _Views, gathered: Tensor, all_flags: Tensor, world: int) -> _Terms:
+    """L_pos over correct samples against all gathered z_gen; L_neg over wrong ones (module docstring)."""
+    zero = torch.zeros((), dtype=views.gen.z.dtype, device=views.gen.z.device)
+    terms = _Terms(zero, zero, 0, 0)
+    d = views.gen.z.shape[1]
     if cfg.uses_positive:
-        num_pos = int(all_flags[:, -2 if cfg.uses_negative else -1].sum())
-        loss_pos = positive_loss(
-            ann.z,
-            gen.z,
-            use_pos,
+        terms.num_positive = int(all_flags[:, -2 if cfg.uses_negative else -1].sum())
+        terms.positive = positive_loss(
+            views.ann.z,
+            views.gen.z,
+            views.use_pos,
             gathered[:, :d],
             all_flags[:, 0],
-            num_pos,
+            terms.num_positive,
             world,
             cfg.tau,
             cfg.clamp_positive_similarity,
         )
     if cfg.uses_negative:
-        num_neg = int(all_flags[:, -1].sum())
+        terms.num_negative = int(all_flags[:, -1].sum())
         candidates = torch.cat([gathered[:, d : 2 * d], gathered[:, 2 * d : 3 * d]], dim=0)
         candidates_valid = torch.cat([all_flags[:, 1], all_flags[:, 2]], dim=0)
-        loss_neg = negative_loss(
-            ann_rest.z,
-            common.z,
-            use_neg,
+        terms.negative = negative_loss(
+            views.ann_rest.z,
+            views.common.z,
+            views.use_neg,
             candidates,
             candidates_valid,
-            num_neg,
+            terms.num_negative,
             world,
             cfg.tau,
             cfg.clamp_positive_similarity,
         )
+    return terms
 
-    loss = cfg.coef * (w_pos * loss_pos + w_neg * loss_neg)
-    parts = all_reduce_sum_no_grad(torch.stack([loss_pos.detach(), loss_neg.detach()]), dp_group) / world
-    metrics = {
+
+def _metrics(
+    cfg: ContrastiveConfig, terms: _Terms, dp_group: ProcessGroup | None, device: torch.device
+) -> dict[str, Tensor]:
+    """Global-batch values of the loss and its terms (detached), and how many samples each used."""
+    w_pos, w_neg = cfg.weights
+    world = group_size(dp_group)
+    parts = all_reduce_sum_no_grad(torch.stack([terms.positive.detach(), terms.negative.detach()]), dp_group) / world
+    return {
         "contrastive/loss": cfg.coef * (w_pos * parts[0] + w_neg * parts[1]),
         "contrastive/positive_loss": parts[0],
         "contrastive/negative_loss": parts[1],
-        "contrastive/num_positive": torch.tensor(float(num_pos), device=device),
-        "contrastive/num_negative": torch.tensor(float(num_neg), device=device),
+        "contrastive/num_positive": torch.tensor(float(terms.num_positive), device=device),
+        "contrastive/num_negative": torch.tensor(float(terms.num_negative), device=device),
     }
-    return loss, metrics

@@ -10,7 +10,7 @@ from carft_nemo.config import ConfigError, load_config
 from carft_nemo.schemas import schema_for
 from carft_nemo.sft.run import SFTConfig, check_world_layout
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "base" not in p.parts)
 
 

@@ -105,7 +105,7 @@ def test_load_tokenizer_adds_pad_when_missing(tmp_path, examples):
 def test_bad_encoding_config():
     from carft_nemo.config.base import ConfigError
 
-    with pytest.raises(ConfigError, match="encoding.max_total_tokens"):
+    with pytest.raises(ConfigError, match="^max_total_tokens: "):
         EncodingConfig(max_prompt_tokens=300, max_total_tokens=300)
-    with pytest.raises(ConfigError, match="tokenizer.kind"):
+    with pytest.raises(ConfigError, match="^kind: "):
         TokenizerConfig(kind="sentencepiece")

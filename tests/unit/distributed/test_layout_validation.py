@@ -92,30 +92,30 @@ def test_gpu_only_options_rejected_on_cpu(field: str, value, key: str) -> None:
 @pytest.mark.parametrize(
     "kwargs, key",
     [
-        (dict(tensor_parallel=0), "parallel.tensor_parallel"),
-        (dict(pipeline_parallel=-1), "parallel.pipeline_parallel"),
-        (dict(context_parallel=1.5), "parallel.context_parallel"),
+        (dict(tensor_parallel=0), "^tensor_parallel: "),
+        (dict(pipeline_parallel=-1), "^pipeline_parallel: "),
+        (dict(context_parallel=1.5), "^context_parallel: "),
     ],
 )
 def test_parallel_sizes_must_be_positive_integers(kwargs: dict, key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key):
         ParallelConfig(**kwargs)
 
 
 def test_unknown_preset_lists_choices() -> None:
-    with pytest.raises(ConfigError, match=r"model\.preset: unknown preset 'llama_9000'.*codellama_7b"):
+    with pytest.raises(ConfigError, match=r"^preset: unknown preset 'llama_9000'.*codellama_7b"):
         ModelConfig(preset="llama_9000")
 
 
 def test_unknown_family() -> None:
-    with pytest.raises(ConfigError, match=r"model\.family: must be one of \('llama', 'qwen2'\), got 'mistral'"):
+    with pytest.raises(ConfigError, match=r"^family: must be one of \('llama', 'qwen2'\), got 'mistral'"):
         ModelConfig(preset="micro", family="mistral")
 
 
 def test_heads_must_divide_hidden_and_groups_must_divide_heads() -> None:
-    with pytest.raises(ConfigError, match=r"model\.hidden_size: 64 is not divisible by model\.num_attention_heads=5"):
+    with pytest.raises(ConfigError, match=r"^hidden_size: 64 is not divisible by num_attention_heads=5"):
         ModelConfig(preset="micro", num_attention_heads=5, num_query_groups=5)
-    with pytest.raises(ConfigError, match=r"model\.num_query_groups: 3 must divide"):
+    with pytest.raises(ConfigError, match=r"^num_query_groups: 3 must divide"):
         ModelConfig(preset="micro", num_query_groups=3)
 
 
@@ -140,13 +140,13 @@ def test_yaml_typo_names_file_and_key(tmp_path: Path) -> None:
 
 def test_yaml_bad_value_reaches_post_init(tmp_path: Path) -> None:
     path = _write(tmp_path, "tensor_parallel: 2\npipeline_parallel: 0\n")
-    with pytest.raises(ConfigError, match=r"platform\.yaml: parallel\.pipeline_parallel: must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"platform\.yaml: pipeline_parallel: must be an integer >= 1"):
         load_config(ParallelConfig, path)
 
 
 def test_yaml_unknown_model_preset(tmp_path: Path) -> None:
     path = _write(tmp_path, "preset: gpt5\n")
-    with pytest.raises(ConfigError, match=r"platform\.yaml: model\.preset: unknown preset 'gpt5'"):
+    with pytest.raises(ConfigError, match=r"platform\.yaml: preset: unknown preset 'gpt5'"):
         load_config(ModelConfig, path)
 
 

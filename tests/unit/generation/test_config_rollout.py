@@ -24,7 +24,7 @@ from carft_nemo.generation import GenerationConfig, Generator, Rollout
     ],
 )
 def test_bad_values_name_the_key(field: str, value: object) -> None:
-    with pytest.raises(ConfigError, match=f"generation.{field}"):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
         GenerationConfig(**{field: value})
 
 
@@ -77,5 +77,5 @@ def test_loads_from_overrides_like_a_recipe_yaml() -> None:
 
     cfg = load_config(GenerationConfig, None, ["eos_token_ids=[3,4]", "top_k=5", "temperature=0.5"])
     assert cfg.eos_token_ids == (3, 4) and cfg.top_k == 5 and cfg.temperature == 0.5
-    with pytest.raises(ConfigError, match="generation.top_p"):
+    with pytest.raises(ConfigError, match="^<defaults>: top_p: "):
         load_config(GenerationConfig, None, ["top_p=2"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from carft_nemo.evaluation.metrics import sign_test_p
 from carft_nemo.telemetry.run_log import RunLogger
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -14,7 +14,7 @@ from carft_nemo.models.config import ModelConfig
 from carft_nemo.rl.config import RLConfig
 from carft_nemo.rl.controller import check_layouts
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 METHODS = ("carft", "reft", "grpo")
 # file-name model -> (preset, tokenizer size: CodeLlama 32,016, Qwen2.5 151,665)
 MODELS = {"codellama-7b": ("codellama_7b", 32016), "qwen2.5-7b-instruct": ("qwen2_5_7b", 151665)}

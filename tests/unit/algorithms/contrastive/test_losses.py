@@ -181,7 +181,8 @@ def test_negative_mode_requires_lcs():
     [("mode", "bogus"), ("tau", 0.0), ("projection_dim", 0), ("clamp_positive_similarity", 1.5), ("coef", -1.0)],
 )
 def test_config_validation_names_field(field: str, value):
-    with pytest.raises(ConfigError, match=f"contrastive.{field}"):
+    # keys are relative to the component; the loader prefixes its place (tests/unit/config/test_full_keys.py)
+    with pytest.raises(ConfigError, match=f"^{field}: "):
         ContrastiveConfig(**{field: value})
 
 
