@@ -313,15 +313,18 @@ def wait_all(
     *,
     poll_s: float = 0.1,
     finished_at: dict[str, float] | None = None,
+    roles: Mapping[str, str] | None = None,
 ) -> dict[str, list[Any]]:
-    """Results of several roles' pending calls (``{role: [future per rank]}``), in rank order.
+    """Results of several pending calls (``{name: [future per rank]}``), in rank order.
 
     Why not ``ray.get(all)``: it waits in list order, so with a dead critic rank and its
     peers blocked in a collective it could wait forever. Here every finished future is
     fetched as soon as it is ready, so the first failure surfaces within ``poll_s`` of Ray
     noticing it, and :class:`WorkerFailure` names the role and rank. A call still pending
-    after ``timeout_s`` is a failure too. ``finished_at`` (optional) receives each role's
+    after ``timeout_s`` is a failure too. ``finished_at`` (optional) receives each call's
     completion time (``time.perf_counter()``, within ``poll_s``), for per-phase timings.
+    ``roles`` names the role that answers each call in error messages (default: the call's
+    name), e.g. ``{"reference_logprobs": "actor"}`` when the actor computes them.
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayError
@@ -334,9 +337,9 @@ def wait_all(
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
-            role, rank = where[pending[0]]
+            call, rank = where[pending[0]]
             raise WorkerFailure(
-                f"{role} worker (rank {rank}) did not answer within {timeout_s:.0f} s "
+                f"{(roles or {}).get(call, call)} worker (rank {rank}) did not answer within {timeout_s:.0f} s "
                 f"(rl.call_timeout_s); stopping the run"
             )
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(poll_s, left))
@@ -347,7 +350,8 @@ def wait_all(
             except (RayError, GetTimeoutError) as err:
                 first = str(err).strip().splitlines()
                 reason = first[-1] if first else type(err).__name__
-                raise WorkerFailure(f"{role} worker (rank {rank}) failed: {type(err).__name__}: {reason}") from err
+                who = (roles or {}).get(role, role)
+                raise WorkerFailure(f"{who} worker (rank {rank}) failed: {type(err).__name__}: {reason}") from err
             left_per_role[role] -= 1
             if finished_at is not None and left_per_role[role] == 0:
                 finished_at[role] = time.perf_counter()

@@ -30,7 +30,7 @@ states ``[s, b, h]`` with point-to-point send/recv, and the last stage gathers o
 position's logits over tensor parallel (``[b, V]``, inside megatron's output layer), samples,
 then broadcasts ``(token, log-prob)`` to its tensor-parallel group and to every pipeline
 stage, so all ranks of a replica hold the same tokens. Data-parallel replicas generate their
-own prompts; their sampling seed is offset by the data-parallel rank.
+own prompts; each samples from ``derive_seed(cfg.seed, "replica_sampling", dp_rank)``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ from carft_nemo.generation.kv_cache import KVCacheStage, check_supported
 from carft_nemo.generation.rollout import Rollout
 from carft_nemo.generation.sampling import choose_tokens
 from carft_nemo.models.forward import unwrap
-
-_DP_SEED_STRIDE = 1_000_003  # a prime: distinct data-parallel ranks get unrelated streams
+from carft_nemo.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,9 @@ class MegatronGenerator:
         """
         self._check_prompts(prompts)
         replica = self._replica = _Replica.current()
-        rng = torch.Generator(device=self._device).manual_seed(cfg.seed + _DP_SEED_STRIDE * replica.dp_rank)
+        rng = torch.Generator(device=self._device).manual_seed(
+            derive_seed(cfg.seed, "replica_sampling", replica.dp_rank)
+        )
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         size = cfg.micro_batch_size or len(prompts)
         out: dict[int, tuple[list[int], list[float], bool]] = {}
@@ -109,7 +110,7 @@ class MegatronGenerator:
             with torch.no_grad():
                 for lo in range(0, len(order), size):
                     chunk = order[lo : lo + size]
-                    results = self._static_batch([prompts[i] for i in chunk], cfg, rng, replica)
+                    results = self._generate_batch([prompts[i] for i in chunk], cfg, rng, replica)
                     out.update(zip(chunk, results))
         finally:
             self.model.train(was_training)
@@ -136,7 +137,7 @@ class MegatronGenerator:
             if bad:
                 raise ValueError(f"generate: prompt {i} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
 
-    def _static_batch(
+    def _generate_batch(
         self, prompts: list[list[int]], cfg: GenerationConfig, rng: torch.Generator, replica: _Replica
     ) -> list[tuple[list[int], list[float], bool]]:
         """One right-padded batch: one causal prefill of every prompt, then one token per row per step."""

@@ -11,7 +11,6 @@ a finished stage (its ``summary.json`` exists and is not a preempted one) is not
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from carft_nemo.rl.controller import run_rl, worker_cpus
 from carft_nemo.sft.config import SFTConfig
 from carft_nemo.sft.run import run_sft
 from carft_nemo.telemetry.run_log import LOG
+from carft_nemo.telemetry.timing import PhaseTimer
 
 RL_METHODS = ("reft", "carft", "grpo")
 
@@ -56,7 +56,7 @@ def run_main(cfg: MainConfig) -> Path:
     """Run every stage into ``cfg.output_dir`` and return the report's path."""
     out = Path(cfg.output_dir)
     cfg.sft.output_dir = str(out / "sft")
-    started = time.perf_counter()
+    timer = PhaseTimer()
     save_resolved(cfg, out / "config.yaml")
     with key_prefix("sft"):
         summary = run_sft(cfg.sft)
@@ -81,7 +81,7 @@ def run_main(cfg: MainConfig) -> Path:
                 if run_rl(rl_cfg)["stopped_early"]:
                     raise SystemExit(0)
     notes = [
-        f"total wall time {time.perf_counter() - started:.0f} s (this invocation; a resumed run counts only itself)",
+        f"total wall time {timer.elapsed():.0f} s (this invocation; a resumed run counts only itself)",
         f"seed {cfg.sft.train.seed}; model preset {cfg.sft.model.preset}; resolved config: config.yaml",
         "RL stages start from the final SFT checkpoint; 'accuracy before' of an RL stage is that checkpoint's",
         f"SFT checkpoints: {summary['final_checkpoint']}",

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from carft_nemo.rl.controller import run_rl, worker_cpus
 from carft_nemo.sft.config import SFTConfig
 from carft_nemo.sft.run import run_sft
 from carft_nemo.telemetry.run_log import LOG, read_metrics
+from carft_nemo.telemetry.timing import PhaseTimer
 
 
 def _carft(mode: str, partial_reward: bool) -> Callable[[RLConfig], RLConfig]:
@@ -116,7 +116,7 @@ def _done(out: Path) -> bool:
 def run_study(cfg: StudyConfig) -> Path:
     """Run (or continue) every seed x method and write results.md / results.json / PNGs."""
     out = Path(cfg.output_dir)
-    started = time.perf_counter()
+    timer = PhaseTimer()
     save_resolved(cfg, out / "config.yaml")
     pending = {(seed, m) for seed in cfg.seeds for m in cfg.methods if not _done(out / f"seed_{seed}" / m)}
     with shared_ray(max((worker_cpus(METHODS[m](cfg.rl)) for _, m in pending), default=0), address=cfg.rl.ray_address):
@@ -148,7 +148,7 @@ def run_study(cfg: StudyConfig) -> Path:
                 if stopped:
                     raise SystemExit(0)
     results = collect_results(out, cfg.seeds, cfg.methods, shared_sft=cfg.shared_sft)
-    results["wall_time_s_this_invocation"] = time.perf_counter() - started
+    results["wall_time_s_this_invocation"] = timer.elapsed()
     return write_results(out, results)
 
 

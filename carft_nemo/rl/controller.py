@@ -276,7 +276,8 @@ class RLRun:
 
     def _wait(self, calls: dict[str, list], finished_at: dict[str, float] | None = None) -> dict[str, list]:
         """Every role's results, each reduced to its replicas' answers (see ``WorkerGroup.answers``)."""
-        results = wait_all(calls, self.cfg.rl.call_timeout_s, finished_at=finished_at)
+        roles = {name: self._group_of(name) for name in calls}
+        results = wait_all(calls, self.cfg.rl.call_timeout_s, finished_at=finished_at, roles=roles)
         return {name: self.groups[self._group_of(name)].answers(r) for name, r in results.items()}
 
     def _group_of(self, call: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from carft_nemo.models.logprobs import token_logprobs
 from carft_nemo.sft.config import SFTConfig, check_world_layout
 from carft_nemo.sft.setup import build_policy, prepare_tokenizer
 from carft_nemo.telemetry.run_log import LOG, RunLogger, setup_logging
+from carft_nemo.telemetry.timing import PhaseTimer
 from carft_nemo.training.batches import BatchSchedule
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward
 from carft_nemo.training.loop import run_loop
@@ -92,7 +92,7 @@ class SFTStage:
         return step
 
     def train_step(self, step: int) -> dict[str, float]:
-        t0 = time.perf_counter()
+        timer = PhaseTimer()
         indices = self.schedule.rank_indices(step, self.layout.dp_rank, self.layout.data_parallel)
         batch = collate_sft(
             [self.encoded[i] for i in indices], self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of
@@ -115,11 +115,11 @@ class SFTStage:
             "grad_norm": grad_norm,
             "update_ok": float(ok),
             "epoch": self.schedule.epoch_of(step + 1),
-            "step_time_s": time.perf_counter() - t0,
+            "step_time_s": timer.elapsed(),
         }
 
     def evaluate(self, done: int, name: str) -> tuple[EvalResult, PairedChange | None]:
-        t0 = time.perf_counter()
+        timer = PhaseTimer()
         result = evaluate(
             self.generator,
             self.tokenizer,
@@ -128,7 +128,7 @@ class SFTStage:
             self.gen_cfg,
             vote_k=self.cfg.train.vote_k,
         )
-        elapsed = time.perf_counter() - t0
+        elapsed = timer.elapsed()
         change = record_eval(
             result, self.out / "eval", name, done, self.logger, elapsed, is_logging_rank=self.layout.is_logging_rank
         )
@@ -148,7 +148,7 @@ class SFTStage:
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train (or resume) SFT as configured; returns the final summary (same on every rank)."""
     out = Path(cfg.output_dir)
-    started = time.perf_counter()
+    timer = PhaseTimer()  # the whole run
     check_world_layout(cfg, parallel_layout.current_world_size())  # before any process group starts
     layout = parallel_layout.initialize(cfg.parallel, seed=cfg.train.seed, **cfg.model.layout_dims)
     setup_logging(layout.is_logging_rank)
@@ -166,7 +166,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         **held_out_summary(outcome.final_evaluation, out / "eval", is_logging_rank=layout.is_logging_rank),
         "tokenizer": str(out / "tokenizer"),
         "vocab_size": len(stage.tokenizer),
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": timer.elapsed(),
     }
     if layout.is_logging_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

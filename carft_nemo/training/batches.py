@@ -1,7 +1,7 @@
 """Deterministic, resumable order of training examples.
 
 Step k's global batch is a pure function of (seed, dataset size, global batch size, k):
-each epoch is a fresh permutation drawn from ``torch.Generator(seed + epoch)``. Resuming
+each epoch is a fresh permutation drawn from ``derive_seed(seed, "data_order", epoch)``. Resuming
 therefore needs only the number of completed steps, and every data-parallel rank can
 compute its own slice without communication.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from carft_nemo.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class BatchSchedule:
             raise ValueError("BatchSchedule: global_batch_size must be >= 1")
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "data_order", epoch))
         return torch.randperm(self.dataset_size, generator=gen)
 
     def global_indices(self, step: int) -> list[int]:

@@ -85,7 +85,7 @@ class CriticWorker(ModelWorker):
             epochs=settings.epochs,
             mini_batch_rows=settings.mini_batch_rows,
             micro_batch_size=self.spec.micro_batch_size,
-            seed=settings.seed + 1,
+            seed=settings.seed,
             make_loss=make_loss,
         )
 

@@ -19,6 +19,7 @@ from carft_nemo.data.batch import Batch
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.distributed.ray_group import ParallelWorker
 from carft_nemo.models.step import forward_backward
+from carft_nemo.seeding import derive_seed
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward, split_microbatches
 from carft_nemo.training.optim import TrainableModel
 
@@ -144,7 +145,9 @@ class ModelWorker(ParallelWorker):
         grad_norms, skipped = [], 0
         self.model.train()
         for epoch in range(epochs):
-            order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 1009 + epoch))
+            order = torch.randperm(
+                rows, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch_order", epoch))
+            )
             for lo in range(0, rows, mini_batch_rows):
                 idx = order[lo : lo + mini_batch_rows]
                 mini = {k: v[idx] for k, v in batch.items()}
