@@ -1,6 +1,7 @@
 """CARFT step time over ReFT step time on the same model and prompts, measured in one run; plus Dr.GRPO.
 
 Three :class:`~carft_nemo.rl.controller.RLRun` s from ``configs/{reft,carft,grpo}-tiny-synthetic.yaml``
+(CARFT as its costliest variant, v9, without the gradient probe)
 start from the same SFT checkpoint with the same seed and step settings, so step ``r`` of
 each draws the same questions (``BatchSchedule`` is a function of seed and step). One Ray
 cluster holds all three runs' workers at once (an idle worker uses no CPU) and the steps
@@ -71,6 +72,9 @@ SETTINGS = {
     "quick": StepSettings(questions=8, max_new_tokens=32, measured_steps=3),
 }
 CARFT_EXTRA = ("lcs", "partial_reward")
+# The costliest of the authors' trainers: v9 has both signals and the LCS (the default v4 has no
+# LCS, v11 adds only the pooled cosines). The gradient probe is a diagnostic, timed apart.
+CARFT_OVERRIDES = ["contrastive.variant=v9", "contrastive.diagnostics_every=0"]
 # Dr.GRPO's step (GRPO_SAMPLES x the rollouts) is only reported, not compared to a goal: it runs every
 # 3rd round (round 0 included), so the rounds that decide CARFT / ReFT can be many.
 EVERY = {"grpo": 3}
@@ -126,7 +130,8 @@ def build_runs(model: str, settings: StepSettings, cache: Path, sft_steps: int, 
     extra = gpu_overrides() if model == "llama_1b" else []
     runs = {}
     for method, config in METHODS.items():
-        runs[method] = RLRun(rl_config(config, sft, tmp / method, method_settings(settings, method), extra))
+        own = CARFT_OVERRIDES if method == "carft" else []
+        runs[method] = RLRun(rl_config(config, sft, tmp / method, method_settings(settings, method), [*extra, *own]))
     return runs
 
 

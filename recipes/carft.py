@@ -1,35 +1,44 @@
-"""CARFT: ReFT's PPO + contrastive signals on annotated CoT + embedding-enhanced partial reward.
+"""CARFT: ReFT's PPO + a contrastive loss on the embeddings of annotated and sampled CoTs.
 
     python recipes/carft.py sft_checkpoint=outputs/main/sft               # configs/carft-tiny-synthetic.yaml
     python recipes/carft.py --config configs/carft-codellama-7b-gsm8k-ncot-1n8g-tp2.yaml sft_checkpoint=...
 
-Same runner as ``recipes/rl.py`` (the config's ``contrastive`` section switches CARFT on);
-both critic layouts work: ``critic.layout: separate`` (a critic server group) or ``shared``
-(a value head on the policy backbone, the paper's code, value-loss coefficient 5).
+Same runner as ``recipes/rl.py`` (the config's ``contrastive`` section switches CARFT on).
+``contrastive.variant`` picks the authors' trainer (github WNQzhu/CARFT, code/vae/scripts):
+``v4`` by default, the one their README says reproduces the paper (the positive signal: an
+InfoNCE pulling each correct sample's CoT embedding toward its annotated CoT's, positive cosine
+clamped at 0.9, tau 0.2, annotated and gathered embeddings without gradient); ``v9`` adds the
+negative signal, ``v11`` the embedding-enhanced partial reward, ``v8`` is the negative signal
+alone. Each step logs what the term does (``contrastive/grad_ratio``, ``grad_cosine``,
+``cos_*``, ``correct_under_clamp``, ``partial_reward_*``: see ``contrastive.diagnostics_every``).
 
-Where this departs from the paper's code (github WNQzhu/CARFT, my_cl_trainer_v4/v9/v11), and why:
+Where this still departs from the authors' code, and why:
 
-1. Separate critic (default at scale): the token weights softmax_t(V_t) come from the critic
-   server's rollout-time values for the on-policy and the annotated sequence (detached); the
-   paper has one model whose value head is trained with the policy. The shared layout here
-   follows the paper: live values from the shared head, with gradient.
-2. The projection e_t = W h_t (64-d) is its own bias-free head on the policy's last pipeline
-   stage, not the first layer of a two-layer value head, and has no dropout: the critic and the
-   embedding can then live in different models and the gradient of the contrastive loss reaches
-   the policy in both layouts. The shared value head is linear (the paper's is an MLP).
-3. The data-parallel all-gather of on-policy embeddings carries gradient by default (InfoNCE
-   denominators train too); ``contrastive.gather_with_grad: false`` restores the paper's detached
-   gather.
-4. An empty CoT (or an empty LCS part) gives z = 0 and the sample is left out of the loss; the
-   paper's masked softmax falls back to a uniform weight over all positions, prompt included.
-5. The partial reward replaces the reward of samples flagged wrong-but-extractable by the reward
-   server; the paper overwrites rewards equal to 0.1, which also catches a correct-by-chance
-   float match of 0.1.
-6. The on-policy CoT is the whole response including its EOS token; annotated embeddings are
-   computed at rollout time with the current policy and the rollout's critic values (the paper
-   also computes them without gradient before the update).
-7. The contrastive loss is computed per micro-batch with the whole data-parallel micro-batch as
-   negatives; its weight in the loss is c_cl = ``contrastive.coef``.
+1. Value head. Theirs is Linear(h, 64) -> ReLU -> Linear(64, 1) on the projection e_t itself,
+   so the value loss trains the projection (and the contrastive loss reaches the value head
+   through the pooling weights softmax_t(V_t)). Here the projection is its own head, and the
+   values come from the separate critic server (tiny default: rollout-time values, no gradient;
+   the critic can then have its own layout) or from a linear value head on the policy's last
+   hidden states (``critic.layout: shared``, the paper-scale configs: live values with gradient,
+   as theirs, but the value loss does not train the projection).
+2. LR schedule. The paper-scale CARFT configs decay linearly to 0 like theirs (HF's default);
+   the tiny configs keep ReFT's constant rate, so ReFT and CARFT there differ only in the term.
+3. Gradient clipping at 1.0 (ReFT's); their v4 trainer calls no clip (whether DeepSpeed clips
+   in their runs is not recorded).
+4. The contrastive mean is over the correct samples of the global data-parallel batch; theirs
+   divides by each rank's count and lets DDP average (the same when ranks have equal counts).
+5. An empty CoT (or an empty LCS part) gives z = 0 and the sample is left out; their masked
+   softmax falls back to a uniform weight over every position, prompt and padding included.
+6. The partial reward (v11) replaces the reward of samples the reward server flags
+   wrong-but-extractable; theirs overwrites rewards equal to 0.1 (the same samples in ReFT's
+   reward, 1 / 0.1 / 0).
+7. The LCS (v8, v9) runs over the real tokens of prompt + CoT, theirs also over their batch's
+   left padding; ``contrastive.lcs_cot_only: true`` (ours) restricts it to the CoTs. In v9 the
+   common parts of the other samples enter the denominator gathered over data parallel and
+   without gradient (theirs: the local micro-batch's, with gradient).
+8. Our extensions, off by default: ``gather_with_grad`` (gradient through the all-gather: the
+   denominators then push every on-policy embedding away from the annotated ones) and
+   ``lcs_cot_only``.
 """
 
 import json

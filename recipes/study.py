@@ -1,6 +1,6 @@
-"""Reproduction study: SFT vs ReFT vs Dr.GRPO vs CARFT ablations over several seeds.
+"""Reproduction study: SFT, ReFT, Dr.GRPO and the authors' CARFT trainers from one start, several seeds.
 
-    python recipes/study.py --config configs/study-synthetic.yaml   # the full study (~1.5-2.5 h, 2-core CPU)
+    python recipes/study.py --config configs/study-synthetic.yaml   # the full study (~3 h, 2-core CPU)
     python recipes/study.py --config configs/study-quick.yaml       # minutes: the same pipeline, tiny budgets
 
 Writes results.md (tables, what holds), results.json and accuracy_curves.png to output_dir.

@@ -1,23 +1,21 @@
-"""The reproduction study: SFT vs ReFT vs Dr.GRPO vs CARFT ablations, several seeds, on one task.
+"""The reproduction study: SFT, ReFT, Dr.GRPO and the authors' CARFT trainers from one start, several seeds.
 
-One SFT checkpoint (``shared_sft``, the default: as in the paper, every RL method starts
-from the same SFT model, and the seeds vary the RL runs) or one SFT per seed; then for each
-seed every RL method from that SFT checkpoint with that seed. Per run we keep the held-out
-accuracy curve (greedy, every ``rl.eval_every`` steps, step 0 = the SFT model) and report
-per method
+1. **SFT** on the annotated data, evaluated and saved every ``sft.train.eval_every`` steps.
+2. **The start**: the SFT checkpoint whose held-out accuracy (its own evaluation) is nearest
+   ``start_accuracy``. RL only has room where the model is right often enough to reinforce
+   and wrong often enough to improve (``docs/reft-tiny``: +1.6 to +3.75 points from 76-78%,
+   nothing from 33% or 92%), so the start is picked by accuracy, not by step number.
+3. **The start's evaluation** on the RL held-out set (``rl.eval_data``, ``rl.eval_examples``),
+   once: every arm and seed is compared with it question by question.
+4. **Every arm x seed** from that checkpoint (``ARMS``: ReFT, Dr.GRPO, CARFT v4 at three c_cl,
+   v9, v11, and ours with gradient through the all-gather); the RL seed varies, the start does
+   not, as in the paper. RL runs do not evaluate before their first step (step 3 did).
+5. **Results** (:mod:`carft_nemo.pipeline.study_results`): final accuracy, answers fixed and
+   broken against the start and against ReFT of the same seed with McNemar's exact test, the
+   largest drop below the running best, the contrastive diagnostics' run means.
 
-- final held-out accuracy: mean, sample standard deviation, min and max over seeds;
-- stability: the largest drop of held-out accuracy below its running best during RL
-  (the running best starts at the SFT model's accuracy), mean and max over seeds;
-- mean training reward over the last 5 steps.
-
-The claims the paper makes are then checked mechanically (``claims`` in results.json and
-the "What holds" table): a claim "holds" when the mean difference is positive and larger
-than the pooled standard error of the two means, "points the same way" when positive but
-within noise, and "does not hold" otherwise.
-
-Every run resumes / is skipped when rerun (its summary.json exists), so a crashed study
-continues where it stopped.
+Every stage is skipped when rerun if it finished (a summary or result file exists), so a
+crashed or preempted study continues where it stopped.
 """
 
 from __future__ import annotations
@@ -25,32 +23,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from carft_nemo.config import key_prefix, require, save_resolved
 from carft_nemo.distributed.layout import shutdown
 from carft_nemo.distributed.ray_group import shared_ray
-from carft_nemo.reporting.markdown import table
-from carft_nemo.reporting.plots import plot_curves
+from carft_nemo.evaluation.recipe import EvalConfig, run_evaluation
+from carft_nemo.pipeline.study_results import collect_results, write_results
 from carft_nemo.rl.config import RLConfig
 from carft_nemo.rl.controller import run_rl, worker_cpus
 from carft_nemo.sft.config import SFTConfig
 from carft_nemo.sft.run import run_sft
-from carft_nemo.telemetry.run_log import LOG, read_metrics
+from carft_nemo.telemetry.run_log import LOG
 from carft_nemo.telemetry.timing import PhaseTimer
 
-
-def _carft(mode: str, partial_reward: bool) -> Callable[[RLConfig], RLConfig]:
-    def variant(base: RLConfig) -> RLConfig:
-        cl = dataclasses.replace(base.contrastive, enabled=True, mode=mode, partial_reward=partial_reward)
-        return dataclasses.replace(base, contrastive=cl)
-
-    return variant
+Arm = Callable[[RLConfig], RLConfig]
 
 
 def _reft(base: RLConfig) -> RLConfig:
@@ -58,7 +47,7 @@ def _reft(base: RLConfig) -> RLConfig:
 
 
 def _grpo(base: RLConfig) -> RLConfig:
-    """Dr.GRPO with the same number of samples per step as the PPO runs (questions / G)."""
+    """Dr.GRPO with the same number of samples per step as the PPO runs (questions / G); no critic, no KL."""
     group = 8
     require(
         base.rl.questions_per_step % group == 0,
@@ -71,17 +60,28 @@ def _grpo(base: RLConfig) -> RLConfig:
         samples_per_question=group,
         questions_per_step=base.rl.questions_per_step // group,
         kl_coef=0.0,
+        critic_warmup_steps=0,
     )
     return dataclasses.replace(base, rl=loop, contrastive=dataclasses.replace(base.contrastive, enabled=False))
 
 
-METHODS: dict[str, Callable[[RLConfig], RLConfig]] = {
+def _carft(variant: str, coef: float, **extension: bool) -> Arm:
+    def arm(base: RLConfig) -> RLConfig:
+        cl = dataclasses.replace(base.contrastive, enabled=True, variant=variant, coef=coef, **extension)
+        return dataclasses.replace(base, contrastive=cl)
+
+    return arm
+
+
+ARMS: dict[str, Arm] = {
     "reft": _reft,
     "grpo": _grpo,
-    "carft_positive": _carft("positive", False),
-    "carft_negative": _carft("negative", False),
-    "carft_both": _carft("both", False),
-    "carft_both_partial_reward": _carft("both", True),
+    "carft_v4": _carft("v4", 0.1),  # the authors' paper trainer at their config class's c_cl
+    "carft_v4_c0.01": _carft("v4", 0.01),
+    "carft_v4_c0.001": _carft("v4", 0.001),  # their launcher's c_cl
+    "carft_v9": _carft("v9", 0.1),  # + the negative signal
+    "carft_v11": _carft("v11", 0.1),  # + the embedding-enhanced partial reward
+    "carft_v4_gather_grad": _carft("v4", 0.1, gather_with_grad=True),  # ours: gradient through the gather
 }
 
 
@@ -91,21 +91,30 @@ class StudyConfig:
 
     output_dir: str = "outputs/study"
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    shared_sft: bool = True  # one SFT (seed sft.train.seed) for all seeds; False: one SFT per seed
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    start_accuracy: float = 0.77  # RL starts from the SFT checkpoint whose held-out accuracy is nearest this
     sft: SFTConfig = field(default_factory=SFTConfig)
-    rl: RLConfig = field(default_factory=RLConfig)  # the ReFT settings every method starts from
+    rl: RLConfig = field(default_factory=RLConfig)  # the ReFT settings every arm starts from
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")
         require(len(self.seeds) >= 1, "seeds", "give at least one seed")
         require(len(set(self.seeds)) == len(self.seeds), "seeds", f"repeated seeds in {self.seeds}")
-        for m in self.methods:
-            require(m in METHODS, "methods", f"unknown method {m!r}; choose from {sorted(METHODS)}")
-
-
-def sft_dir(out: Path, seed: int, cfg: StudyConfig) -> Path:
-    return out / "sft" if cfg.shared_sft else out / f"seed_{seed}" / "sft"
+        for arm in self.arms:
+            require(arm in ARMS, "arms", f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
+        require(0 < self.start_accuracy < 1, "start_accuracy", f"must be in (0, 1), got {self.start_accuracy}")
+        train = self.sft.train
+        require(
+            train.eval_every > 0 and train.save_every == train.eval_every,
+            "sft.train.save_every",
+            f"must equal sft.train.eval_every (> 0): the start is an evaluated checkpoint, got "
+            f"save_every={train.save_every}, eval_every={train.eval_every}",
+        )
+        require(
+            train.keep_checkpoints * train.save_every >= train.steps,
+            "sft.train.keep_checkpoints",
+            f"{train.keep_checkpoints} x save_every {train.save_every} < steps {train.steps}: candidates get pruned",
+        )
 
 
 def _done(out: Path) -> bool:
@@ -113,230 +122,88 @@ def _done(out: Path) -> bool:
     return path.is_file() and not json.loads(path.read_text()).get("stopped_early", False)
 
 
+def pick_start(sft_out: Path, target: float) -> dict:
+    """The SFT checkpoint whose evaluation is nearest ``target`` (the earlier one on a tie)."""
+    candidates = []
+    for summary in sorted((sft_out / "eval").glob("step_*_summary.json")) + [sft_out / "eval" / "final_summary.json"]:
+        if not summary.is_file():
+            continue
+        step = (
+            json.loads((sft_out / "summary.json").read_text())["steps"]
+            if summary.name.startswith("final")
+            else int(summary.name.split("_")[1])
+        )
+        path = sft_out / "checkpoints" / f"step_{step}"
+        if path.is_dir():
+            candidates.append((abs(json.loads(summary.read_text())["accuracy"] - target), step, summary, path))
+    require(bool(candidates), "sft", f"no evaluated checkpoint under {sft_out} to start RL from")
+    _, step, summary, path = min(candidates, key=lambda c: (c[0], c[1]))
+    return {"step": step, "sft_eval_accuracy": json.loads(summary.read_text())["accuracy"], "checkpoint": str(path)}
+
+
+def evaluate_start(cfg: StudyConfig, start: dict, out: Path) -> Path:
+    """The start checkpoint on the RL held-out set (once); returns its predictions file."""
+    predictions = out / "start_predictions.jsonl"
+    if predictions.is_file():
+        return predictions
+    rl = cfg.rl
+    eval_cfg = EvalConfig(
+        checkpoint=start["checkpoint"],
+        tokenizer=str(Path(start["checkpoint"]).parents[1] / "tokenizer"),  # <sft>/checkpoints/step_N
+        output_dir=str(out),
+        name="start",
+        data=dataclasses.replace(rl.eval_data, limit=rl.rl.eval_examples or None),
+        encoding=rl.encoding,
+        generation=rl.eval_generation,
+        seed=rl.rl.seed,
+    )
+    with key_prefix("rl"):
+        run_evaluation(eval_cfg)
+    shutdown()
+    return predictions
+
+
+def _sft_stage(cfg: StudyConfig, out: Path) -> dict:
+    """SFT (unless done), then the start it offers; ``start.json`` records the choice."""
+    sft_cfg = copy.deepcopy(cfg.sft)
+    sft_cfg.output_dir = str(out / "sft")
+    if not _done(out / "sft"):
+        LOG.info("study: SFT")
+        with key_prefix("sft"):
+            stopped = run_sft(sft_cfg)["stopped_early"]
+        shutdown()
+        if stopped:
+            raise SystemExit(0)  # a stop signal ends the study, not just this run: rerun to continue
+    start = pick_start(out / "sft", cfg.start_accuracy)
+    (out / "start.json").write_text(json.dumps(start, indent=2) + "\n")
+    LOG.info("study: RL starts from %s (SFT eval accuracy %.3f)", start["checkpoint"], start["sft_eval_accuracy"])
+    return start
+
+
 def run_study(cfg: StudyConfig) -> Path:
-    """Run (or continue) every seed x method and write results.md / results.json / PNGs."""
+    """Run (or continue) every stage and arm x seed; write results.md / results.json / PNGs."""
     out = Path(cfg.output_dir)
     timer = PhaseTimer()
     save_resolved(cfg, out / "config.yaml")
-    pending = {(seed, m) for seed in cfg.seeds for m in cfg.methods if not _done(out / f"seed_{seed}" / m)}
-    with shared_ray(max((worker_cpus(METHODS[m](cfg.rl)) for _, m in pending), default=0), address=cfg.rl.ray_address):
-        for seed in cfg.seeds:
-            sft_cfg = copy.deepcopy(cfg.sft)
-            sft_cfg.output_dir = str(sft_dir(out, seed, cfg))
-            if not cfg.shared_sft:
-                sft_cfg.train = dataclasses.replace(sft_cfg.train, seed=seed)
-            if not _done(Path(sft_cfg.output_dir)):
-                LOG.info("study: SFT, seed %d", seed)
-                with key_prefix("sft"):
-                    stopped = run_sft(sft_cfg)["stopped_early"]
-                shutdown()
-                if stopped:
-                    raise SystemExit(0)  # a stop signal ends the study, not just this run: rerun to continue
-            for method in cfg.methods:
-                if (seed, method) not in pending:
-                    continue
-                run_out = out / f"seed_{seed}" / method
-                base = dataclasses.replace(
-                    cfg.rl,
-                    sft_checkpoint=sft_cfg.output_dir,
-                    output_dir=str(run_out),
-                    rl=dataclasses.replace(cfg.rl.rl, seed=seed),
-                )
-                LOG.info("study: %s, seed %d", method, seed)
-                with key_prefix("rl"):
-                    stopped = run_rl(METHODS[method](base))["stopped_early"]
-                if stopped:
-                    raise SystemExit(0)
-    results = collect_results(out, cfg.seeds, cfg.methods, shared_sft=cfg.shared_sft)
+    start = _sft_stage(cfg, out)
+    evaluate_start(cfg, start, out / "start")
+    pending = [(seed, arm) for seed in cfg.seeds for arm in cfg.arms if not _done(out / f"seed_{seed}" / arm)]
+    with shared_ray(max((worker_cpus(ARMS[a](cfg.rl)) for _, a in pending), default=0), address=cfg.rl.ray_address):
+        for seed, arm in pending:
+            base = dataclasses.replace(
+                cfg.rl,
+                sft_checkpoint=start["checkpoint"],
+                output_dir=str(out / f"seed_{seed}" / arm),
+                rl=dataclasses.replace(cfg.rl.rl, seed=seed, eval_before=False),
+            )
+            LOG.info("study: %s, seed %d", arm, seed)
+            with key_prefix("rl"):
+                stopped = run_rl(ARMS[arm](base))["stopped_early"]
+            if stopped:
+                raise SystemExit(0)
+    results = collect_results(out, cfg.seeds, cfg.arms)
     results["wall_time_s_this_invocation"] = timer.elapsed()
     return write_results(out, results)
 
 
-# ---------------------------------------------------------------------------- analysis
-
-
-def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """Held-out accuracy by step (step 0 = before RL), last value per step."""
-    by_step: dict[int, float] = {}
-    for row in read_metrics(run_dir / "metrics.jsonl"):
-        if isinstance(row.get("eval_accuracy"), (int, float)):
-            by_step[int(row["step"])] = float(row["eval_accuracy"])
-    return sorted(by_step.items())
-
-
-def largest_drop(curve: list[tuple[int, float]]) -> float:
-    """max_t (max_{u <= t} acc_u - acc_t): how far accuracy fell below its running best."""
-    best, drop = -math.inf, 0.0
-    for _, acc in curve:
-        best = max(best, acc)
-        drop = max(drop, best - acc)
-    return drop
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
-def collect_results(out: Path, seeds: list[int], methods: list[str], *, shared_sft: bool = False) -> dict[str, Any]:
-    per_run: dict[str, dict[int, dict[str, Any]]] = {"sft": {}}
-    for seed in seeds:
-        sft_path = (out / "sft" if shared_sft else out / f"seed_{seed}" / "sft") / "summary.json"
-        if not (shared_sft and per_run["sft"]):
-            per_run["sft"][seed] = {
-                "accuracy": json.loads(sft_path.read_text())["accuracy_after"],
-                "largest_drop": None,
-            }
-        for method in methods:
-            run_dir = out / f"seed_{seed}" / method
-            if not _done(run_dir):
-                continue  # an unfinished study reports what has finished (n per method in the table)
-            summary = json.loads((run_dir / "summary.json").read_text())
-            curve = eval_curve(run_dir)
-            per_run.setdefault(method, {})[seed] = {
-                "accuracy": summary["accuracy_after"],
-                "largest_drop": largest_drop(curve),
-                "reward_last_steps": summary["reward_last_steps"],
-                "curve": curve,
-                "wall_time_s": summary["wall_time_s"],
-            }
-    aggregate = {}
-    for method, runs in per_run.items():
-        accs = [r["accuracy"] for r in runs.values()]
-        entry = {"accuracy": _stats(accs)}
-        drops = [r["largest_drop"] for r in runs.values() if r["largest_drop"] is not None]
-        if drops:
-            entry["largest_drop"] = _stats(drops)
-            entry["reward_last_steps"] = _stats([r["reward_last_steps"] for r in runs.values()])
-        aggregate[method] = entry
-    return {
-        "seeds": seeds,
-        "methods": methods,
-        "shared_sft": shared_sft,
-        "per_run": per_run,
-        "aggregate": aggregate,
-        "claims": check_claims(aggregate),
-    }
-
-
-def _compare(aggregate: dict, a: str, b: str, key: str, higher_is_better: bool = True) -> dict[str, Any] | None:
-    if a not in aggregate or b not in aggregate or key not in aggregate[a] or key not in aggregate[b]:
-        return None
-    sa, sb = aggregate[a][key], aggregate[b][key]
-    diff = (sa["mean"] - sb["mean"]) * (1 if higher_is_better else -1)
-    se = math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
-    verdict = "holds" if diff > se and diff > 0 else ("points the same way" if diff > 0 else "does not hold")
-    return {"a": a, "b": b, "metric": key, "difference": diff, "standard_error": se, "verdict": verdict}
-
-
-CLAIMS = [
-    ("RL (ReFT) improves on SFT", "reft", "sft", "accuracy", True),
-    ("CARFT (both signals + partial reward) beats ReFT", "carft_both_partial_reward", "reft", "accuracy", True),
-    ("CARFT (both signals) beats ReFT", "carft_both", "reft", "accuracy", True),
-    ("CARFT beats Dr.GRPO", "carft_both_partial_reward", "grpo", "accuracy", True),
-    ("both signals beat the positive signal alone", "carft_both", "carft_positive", "accuracy", True),
-    ("both signals beat the negative signal alone", "carft_both", "carft_negative", "accuracy", True),
-    ("the partial reward helps", "carft_both_partial_reward", "carft_both", "accuracy", True),
-    (
-        "CARFT is more stable than ReFT (smaller largest drop)",
-        "carft_both_partial_reward",
-        "reft",
-        "largest_drop",
-        False,
-    ),
-]
-
-
-def check_claims(aggregate: dict) -> list[dict[str, Any]]:
-    out = []
-    for text, a, b, key, higher in CLAIMS:
-        cmp = _compare(aggregate, a, b, key, higher)
-        if cmp is not None:
-            out.append({"claim": text, **cmp})
-    return out
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def write_results(out: Path, results: dict[str, Any]) -> Path:
-    rows = []
-    for method, agg in results["aggregate"].items():
-        acc = agg["accuracy"]
-        drop = agg.get("largest_drop")
-        rew = agg.get("reward_last_steps")
-        rows.append(
-            [
-                method,
-                str(acc["n"]),
-                f"{_pct(acc['mean'])} ± {_pct(acc['std'])}",
-                f"{_pct(acc['min'])} – {_pct(acc['max'])}",
-                f"{_pct(drop['mean'])} (max {_pct(drop['max'])})" if drop else "–",
-                f"{rew['mean']:.3f}" if rew else "–",
-            ]
-        )
-    claims = [
-        [c["claim"], c["verdict"], f"{100 * c['difference']:+.1f}", f"{100 * c['standard_error']:.1f}"]
-        for c in results["claims"]
-    ]
-    seeds = results["seeds"]
-    sft_note = (
-        "one SFT checkpoint shared by all seeds (the sft row is that single run)"
-        if results.get("shared_sft")
-        else "one SFT run per seed"
-    )
-    lines = [
-        "# Reproduction study results",
-        "",
-        f"Seeds: {seeds}; {sft_note}. Held-out accuracy in % (greedy), mean ± sample std over seeds.",
-        "",
-        table(
-            ["method", "runs", "final accuracy", "range", "largest drop below running best", "train reward (last 5)"],
-            rows,
-        ),
-        "",
-        "## What holds",
-        "",
-        "A claim holds when the mean difference is positive and larger than the standard error of the "
-        "difference of the means (sqrt(sa^2/n + sb^2/n)); 'largest drop' differences are counted as "
-        "improvements when smaller.",
-        "",
-        table(["claim", "verdict", "difference (points)", "standard error (points)"], claims),
-        "",
-    ]
-    series = {}
-    for method in results["methods"]:
-        runs = results["per_run"].get(method, {})
-        if not runs:
-            continue
-        steps = sorted({s for r in runs.values() for s, _ in r["curve"]})
-        mean_curve = []
-        for s in steps:
-            vals = [dict(r["curve"]).get(s) for r in runs.values()]
-            vals = [v for v in vals if v is not None]
-            if len(vals) == len(runs):
-                mean_curve.append((s, statistics.fmean(vals)))
-        series[method] = mean_curve
-    png = plot_curves(
-        series,
-        out / "accuracy_curves.png",
-        title="held-out accuracy during RL (mean over seeds)",
-        ylabel="accuracy",
-        smooth=1,
-    )
-    if png is not None:
-        lines += ["## Held-out accuracy during RL", "", "![accuracy](accuracy_curves.png)", ""]
-    lines += [f"Wall time of this invocation: {results['wall_time_s_this_invocation'] / 60:.1f} min.", ""]
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    path = out / "results.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-__all__ = ["METHODS", "StudyConfig", "check_claims", "collect_results", "eval_curve", "largest_drop", "run_study"]
+__all__ = ["ARMS", "StudyConfig", "evaluate_start", "pick_start", "run_study"]

@@ -82,6 +82,48 @@ def _fmt_change(change: Any) -> str:
     return f"+{change['fixed']} / -{change['broken']} (p={change['sign_test_p']:.2g})"
 
 
+CURVES = {
+    "loss.png": ("training loss", "loss", 5),
+    "eval_accuracy.png": ("held-out accuracy (greedy)", "eval_accuracy", 1),
+    "reward.png": ("mean training reward", "reward", 5),
+}
+# The CARFT diagnostics (rl/experience.py, workers/gradient_probe.py): run mean, then how to read it.
+DIAGNOSTICS = [
+    ("contrastive/grad_ratio", "gradient norm, contrastive over policy loss"),
+    ("contrastive/grad_cosine", "cosine of the two gradients"),
+    ("contrastive/cos_mean", "cos(z_ann, z_gen), mean over samples"),
+    ("contrastive/cos_p10", "cos(z_ann, z_gen), 10th percentile"),
+    ("contrastive/correct_under_clamp", "correct samples below the clamp (where v4 acts)"),
+    ("contrastive/partial_reward_std", "spread (std) of 0.1 cos + 0.2 over wrong samples"),
+]
+
+
+def contrastive_section(out: Path, stages: list[StageResult]) -> list[str]:
+    """Run means of the CARFT diagnostics per stage that logged them, and their curves."""
+    rows = []
+    for stage in stages:
+        means = {k: [v for _, v in stage.series(k)] for k, _ in DIAGNOSTICS}
+        if any(means.values()):
+            rows.append([stage.name] + [f"{sum(v) / len(v):.4g}" if v else "n/a" for v in means.values()])
+    if not rows:
+        return []
+    lines = [
+        "## What the contrastive term did (run means)",
+        "",
+        table(["stage"] + [d for _, d in DIAGNOSTICS], rows),
+        "",
+    ]
+    series = {
+        f"{st.name} {label}": st.series(key)
+        for st in stages
+        for key, label in (("contrastive/grad_ratio", "grad ratio"), ("contrastive/cos_mean", "cos(z_ann, z_gen)"))
+    }
+    png = plot_curves(series, out / "contrastive.png", title="CARFT diagnostics per step", ylabel="value")
+    if png is not None:
+        lines += ["![CARFT diagnostics](contrastive.png)", ""]
+    return lines
+
+
 def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, notes: list[str] = ()) -> Path:
     """Write ``report.md`` and its PNGs into ``out_dir``; returns the markdown path."""
     out = Path(out_dir)
@@ -121,16 +163,12 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
         ),
         "",
     ]
-    curves = {
-        "loss.png": ("training loss", "loss", 5),
-        "eval_accuracy.png": ("held-out accuracy (greedy)", "eval_accuracy", 1),
-        "reward.png": ("mean training reward", "reward", 5),
-    }
-    for filename, (label, key, smooth) in curves.items():
+    for filename, (label, key, smooth) in CURVES.items():
         series = {st.name: st.series(key) for st in stages}
         png = plot_curves(series, out / filename, title=label, ylabel=key, smooth=smooth)
         if png is not None:
             lines += [f"## {label.capitalize()}", "", f"![{label}]({filename})", ""]
+    lines += contrastive_section(out, stages)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     path = out / "report.md"

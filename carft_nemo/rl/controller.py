@@ -399,7 +399,12 @@ class RLRun:
             value_clip=cfg.critic.value_clip,
             value_loss_coef=cfg.critic.value_loss_coef,
             contrastive=self.settings.contrastive,
+            probe_gradients=self._probes_gradients(step),
         )
+
+    def _probes_gradients(self, step: int) -> bool:
+        every = self.cfg.contrastive.diagnostics_every if self.cfg.contrastive.enabled else 0
+        return bool(every) and step % every == 0
 
     def _critic_train_settings(self, step: int) -> CriticTrainSettings:
         loop = self.cfg.rl
@@ -475,7 +480,7 @@ class RLRun:
             self.start_workers()
             start = self.resume()
             self.logger = RunLogger(self.out, cfg.method, enabled=True, total_steps=cfg.rl.steps, start_step=start)
-            outcome = run_loop(cfg.rl, self, self.logger, start=start, evaluate_before=True)
+            outcome = run_loop(cfg.rl, self, self.logger, start=start, evaluate_before=cfg.rl.eval_before)
         except WorkerFailure as err:
             LOG.error(
                 "%s; the newest complete checkpoint under %s is usable: rerun the same command to resume",

@@ -201,13 +201,20 @@ def penalized_token_rewards(
     return kl_penalized_rewards(scores, logprobs, reference, mask, kl_coef)
 
 
-def lcs_split(annotated: AnnotatedBatch, rollout: RolloutBatch) -> dict[str, Tensor]:
-    """LCS membership of annotated vs on-policy CoT tokens (CARFT's negative signal).
+def lcs_split(annotated: AnnotatedBatch, rollout: RolloutBatch, *, cot_only: bool = False) -> dict[str, Tensor]:
+    """LCS membership of annotated vs on-policy tokens (CARFT's negative signal).
 
     ``ann_common [B, Sa]`` and ``gen_common [B, S]`` (bool, the tokens of the longest common
-    subsequence of the two CoTs) and ``lcs_length [B]``: the :class:`CarftTensors` fields.
+    subsequence) and ``lcs_length [B]``: the :class:`CarftTensors` fields. Over the whole
+    prompt + CoT sequences, as the authors' v9 does (the shared prompt is then in the LCS),
+    or over the CoT tokens only (``cot_only``: ``contrastive.lcs_cot_only``).
     """
-    spans = lcs_spans(annotated.tokens.t(), annotated.cot_mask.t(), rollout.tokens.t(), rollout.response_mask.t())
+    if cot_only:
+        ann_mask, gen_mask = annotated.cot_mask, rollout.response_mask
+    else:
+        ann_mask = torch.arange(annotated.tokens.shape[1])[None, :] < annotated.lengths[:, None]
+        gen_mask = rollout.attention_mask
+    spans = lcs_spans(annotated.tokens.t(), ann_mask.t(), rollout.tokens.t(), gen_mask.t())
     return {
         "ann_common": spans.annotated_common.t(),
         "gen_common": spans.on_policy_common.t(),
@@ -226,12 +233,10 @@ def carft_tensors(
     annotated: AnnotatedBatch,
     results: InferenceResults,
     correct: Tensor,
-    *,
-    negative: bool,
-    shared_value_head: bool,
+    settings: ExperienceSettings,
 ) -> CarftTensors:
-    """The contrastive inputs; with the negative signal, the LCS split of annotated vs on-policy CoT."""
-    values, ann_values = select_values(results, shared_value_head=shared_value_head)
+    """The contrastive inputs; with the negative signal, the LCS split of annotated vs on-policy tokens."""
+    values, ann_values = select_values(results, shared_value_head=settings.shared_value_head)
     tensors = CarftTensors(
         response_mask=rollout.response_mask,
         correct=correct,
@@ -240,32 +245,86 @@ def carft_tensors(
         ann_values=ann_values,
         ann_cot_mask=annotated.cot_mask,
     )
-    if negative:
-        split = lcs_split(annotated, rollout)
-        tensors.ann_common, tensors.gen_common, tensors.lcs_length = (
-            split["ann_common"],
-            split["gen_common"],
-            split["lcs_length"],
-        )
+    if settings.contrastive.uses_negative:
+        split = lcs_split(annotated, rollout, cot_only=settings.contrastive.lcs_cot_only)
+        tensors.ann_common, tensors.gen_common = split["ann_common"], split["gen_common"]
+        tensors.lcs_length = split["lcs_length"]
     return tensors
 
 
+@dataclass(frozen=True)
+class PooledPair:
+    """Rollout-time CoT embeddings of every sample: ``z_annotated``, ``z_on_policy`` ``[B, d]``."""
+
+    z_annotated: Tensor
+    z_on_policy: Tensor
+
+    @classmethod
+    def of(cls, carft: CarftTensors, results: InferenceResults) -> PooledPair:
+        return cls(
+            pooled_embeddings(carft.ann_embeddings, carft.ann_values, carft.ann_cot_mask),
+            pooled_embeddings(results.policy["embeddings"], carft.critic_token_values, carft.response_mask),
+        )
+
+    def cosine(self) -> Tensor:
+        """``cos(z_ann_i, z_gen_i)`` ``[B]``; 0 where a CoT is empty."""
+        return torch.nn.functional.cosine_similarity(
+            self.z_annotated.float(), self.z_on_policy.float(), dim=-1, eps=1e-8
+        )
+
+
 def shaped_rewards(
-    rollout: RolloutBatch, results: InferenceResults, carft: CarftTensors | None, settings: ExperienceSettings
+    rollout: RolloutBatch,
+    results: InferenceResults,
+    carft: CarftTensors | None,
+    pair: PooledPair | None,
+    settings: ExperienceSettings,
 ) -> ShapedRewards:
-    """The pool's rewards with the partial reward (CARFT, when on) and the unfinished score applied."""
+    """The pool's rewards with the partial reward (v11) and the unfinished score applied."""
     rewards = torch.tensor([s.reward for s in results.scored], dtype=torch.float32)
     partial = None
     cl = settings.contrastive
-    if carft is not None and cl is not None and cl.partial_reward:
+    if carft is not None and pair is not None and cl.partial_reward:
         extracted = torch.tensor([s.extracted for s in results.scored])
-        partial = PartialRewardTerm(
-            config=cl,
-            z_annotated=pooled_embeddings(carft.ann_embeddings, carft.ann_values, carft.ann_cot_mask),
-            z_on_policy=pooled_embeddings(results.policy["embeddings"], carft.critic_token_values, carft.response_mask),
-            wrong_extractable=extracted & ~carft.correct,
-        )
+        partial = PartialRewardTerm(cl, pair.z_annotated, pair.z_on_policy, extracted & ~carft.correct)
     return shape_rewards(rewards, rollout.finished, unfinished_score=settings.unfinished_score, partial=partial)
+
+
+def contrastive_diagnostics(
+    pair: PooledPair, correct: Tensor, extracted: Tensor, cfg: ContrastiveConfig
+) -> dict[str, float]:
+    """What the contrastive signals see in this rollout (rollout-time embeddings, no gradient).
+
+    ``contrastive/cos_*``: cos(z_ann, z_gen) over the samples (mean, 10/50/90th percentiles)
+    and over the correct ones; ``contrastive/correct_under_clamp``: the fraction of correct
+    samples whose cosine is below the clamp, the only ones v4's gradient reaches;
+    ``contrastive/partial_reward_std`` / ``_min`` / ``_max``: the spread of v11's
+    ``scale * cos + offset`` over the wrong-but-extractable samples (computed for every
+    variant: whether the partial reward would carry information).
+    """
+    cos = pair.cosine()
+    q = torch.quantile(cos, torch.tensor([0.1, 0.5, 0.9]))
+    out = {
+        "contrastive/cos_mean": float(cos.mean()),
+        "contrastive/cos_p10": float(q[0]),
+        "contrastive/cos_p50": float(q[1]),
+        "contrastive/cos_p90": float(q[2]),
+    }
+    if correct.any():
+        out["contrastive/cos_correct_mean"] = float(cos[correct].mean())
+        clamp = cfg.clamp_positive_similarity if cfg.clamp_positive_similarity is not None else float("inf")
+        out["contrastive/correct_under_clamp"] = float((cos[correct] < clamp).float().mean())
+    wrong = extracted & ~correct
+    if wrong.any():
+        partial = cfg.partial_reward_scale * cos[wrong] + cfg.partial_reward_offset
+        out.update(
+            {
+                "contrastive/partial_reward_std": float(partial.std(unbiased=False)),
+                "contrastive/partial_reward_min": float(partial.min()),
+                "contrastive/partial_reward_max": float(partial.max()),
+            }
+        )
+    return out
 
 
 def experience_metrics(
@@ -304,17 +363,11 @@ def build_experience(
     mask = action_mask(rollout)
     logprobs = results.policy["logprobs"] * mask
     correct = torch.tensor([s.correct for s in results.scored])
-    carft = None
+    carft = pair = None
     if settings.contrastive is not None:
-        carft = carft_tensors(
-            rollout,
-            annotated,
-            results,
-            correct,
-            negative=settings.contrastive.uses_negative,
-            shared_value_head=settings.shared_value_head,
-        )
-    shaped = shaped_rewards(rollout, results, carft, settings)
+        carft = carft_tensors(rollout, annotated, results, correct, settings)
+        pair = PooledPair.of(carft, results)
+    shaped = shaped_rewards(rollout, results, carft, pair, settings)
     token_rewards, kl = penalized_token_rewards(
         shaped.scores, logprobs, results.reference_logprobs, mask, settings.kl_coef
     )
@@ -326,7 +379,11 @@ def build_experience(
     experience = Experience(
         rollout.tokens, mask, logprobs, advantages.advantages, old_values, advantages.returns, carft
     )
-    return experience, experience_metrics(rollout, results, shaped, kl, advantages, mask, old_values)
+    metrics = experience_metrics(rollout, results, shaped, kl, advantages, mask, old_values)
+    if pair is not None:
+        extracted = torch.tensor([s.extracted for s in results.scored])
+        metrics.update(contrastive_diagnostics(pair, correct, extracted, settings.contrastive))
+    return experience, metrics
 
 
 __all__ = [
@@ -335,9 +392,11 @@ __all__ = [
     "Experience",
     "ExperienceSettings",
     "InferenceResults",
+    "PooledPair",
     "action_mask",
     "build_experience",
     "carft_tensors",
+    "contrastive_diagnostics",
     "experience_metrics",
     "forward_rows",
     "join_rollouts",

@@ -9,6 +9,7 @@ CONTRASTIVE_KEYS = (
     "contrastive/num_positive",
     "contrastive/num_negative",
 )
+PROBE_KEYS = ("contrastive/grad_ratio", "contrastive/grad_cosine")
 
 
 def train_metrics(actor: dict[str, float] | None, critic: dict[str, float] | None) -> dict[str, float]:
@@ -43,7 +44,10 @@ def train_metrics(actor: dict[str, float] | None, critic: dict[str, float] | Non
     for key in CONTRASTIVE_KEYS:
         if actor is not None and key in actor:
             out[key] = actor[key] / micro_batches
+    for key in PROBE_KEYS:  # already figures of one micro-batch (workers/gradient_probe.py)
+        if actor is not None and key in actor:
+            out[key] = actor[key]
     return out
 
 
-__all__ = ["CONTRASTIVE_KEYS", "train_metrics"]
+__all__ = ["CONTRASTIVE_KEYS", "PROBE_KEYS", "train_metrics"]

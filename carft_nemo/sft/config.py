@@ -21,7 +21,6 @@ class SFTLoopConfig(LoopSchedule):
     global_batch_size: int = 32
     micro_batch_size: int = 8
     pad_to_multiple_of: int = 8
-    eval_before: bool = True
     vote_k: int = 1  # > 1: also majority-vote accuracy over k samples at each evaluation
 
     def __post_init__(self) -> None:

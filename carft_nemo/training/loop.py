@@ -35,6 +35,7 @@ class LoopSchedule:
     save_every: int = 10  # 0 = only at the end (and on a stop signal)
     keep_checkpoints: int = 2  # newest complete checkpoints kept on disk
     seed: int = 1234
+    eval_before: bool = True  # evaluate before the first step (a study that evaluated the start once: false)
 
     def __post_init__(self) -> None:
         for name in ("steps", "keep_checkpoints"):

@@ -20,6 +20,7 @@ from carft_nemo.checkpoint.dist_checkpoint import POLICY_GROUP, load_checkpoint,
 from carft_nemo.data.batch import Batch
 from carft_nemo.data.records import Example
 from carft_nemo.data.tokenization import load_tokenizer
+from carft_nemo.distributed import device
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.evaluation.runner import evaluate
 from carft_nemo.generation.config import GenerationConfig
@@ -29,9 +30,11 @@ from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.forward import unwrap
 from carft_nemo.models.gpt import build_gpt_model
 from carft_nemo.models.heads import POLICY_HEADS, attach_policy_heads
+from carft_nemo.telemetry.run_log import LOG
 from carft_nemo.training.optim import OptimConfig, make_trainable
 from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss, policy_outputs
 from carft_nemo.workers.contracts import POLICY_WEIGHTS
+from carft_nemo.workers.gradient_probe import contrastive_gradient_probe
 from carft_nemo.workers.model_worker import ModelWorker
 
 
@@ -122,7 +125,8 @@ class ActorWorker(ModelWorker):
                 gpt, settings, self.vocab_size, dp_group, mean_term_weight=normalizer / (dp * num_micro)
             ), normalizer
 
-        return self.train_epochs(
+        probe = self._probe_gradients(batch, settings) if settings.probe_gradients else {}
+        totals = self.train_epochs(
             batch,
             epochs=settings.epochs,
             mini_batch_rows=settings.mini_batch_rows,
@@ -131,6 +135,23 @@ class ActorWorker(ModelWorker):
             make_loss=make_loss,
             hidden_to_loss=True,
         )
+        return {**totals, **probe}
+
+    def _probe_gradients(self, batch: Batch, settings: ActorTrainSettings) -> dict[str, float]:
+        """The contrastive / policy gradient figures on this replica's first micro-batch (gradient_probe)."""
+        if settings.contrastive is None:
+            return {}
+        if self.layout is not None and self.layout.pipeline_parallel > 1:
+            if not getattr(self, "_probe_warned", False):
+                LOG.warning("contrastive.diagnostics_every: the gradient probe needs pipeline_parallel 1; skipped")
+                self._probe_warned = True
+            return {}
+        dev = device.local_device()
+        micro = {k: v[: self.spec.micro_batch_size].to(dev) for k, v in batch.items()}
+        dp_group = self.layout.group("dp") if self.layout is not None else None
+        tp_group = self.layout.group("tp") if self.layout is not None else None
+        self.model.train()
+        return contrastive_gradient_probe(self.model, micro, settings, self.vocab_size, dp_group, tp_group)
 
     # ------------------------------------------------------------------ evaluation and state
 

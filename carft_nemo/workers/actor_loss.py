@@ -42,6 +42,7 @@ class ActorTrainSettings:
     value_clip: float = 0.2
     value_loss_coef: float = 1.0
     contrastive: ContrastiveConfig | None = None
+    probe_gradients: bool = False  # this step, measure the contrastive / policy gradient ratio first
 
 
 def policy_outputs(
@@ -65,6 +66,44 @@ def policy_outputs(
     return fn
 
 
+def policy_term(
+    logits: torch.Tensor, micro: dict[str, torch.Tensor], settings: ActorTrainSettings, vocab_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_policy`` (a token sum) and its metrics, entropy included; ``logits [b, S, V/tp]``."""
+    mask = micro["action_mask"].bool()
+    logits = logits[:, :-1]
+    logp = token_logprobs(logits, micro["tokens"][:, 1:], settings.temperature, vocab_size=vocab_size)
+    total, metrics = clipped_policy_loss(logp, micro["old_logprobs"], micro["advantages"], mask, settings.clip_ratio)
+    metrics = dict(metrics)
+    entropy = token_entropy(logits, settings.temperature, vocab_size=vocab_size)
+    metrics["policy/entropy"] = (entropy * mask).sum()
+    return total, metrics
+
+
+def contrastive_term(
+    gpt: torch.nn.Module,
+    micro: dict[str, torch.Tensor],
+    hidden: torch.Tensor,
+    values: torch.Tensor | None,
+    cfg: ContrastiveConfig,
+    dp_group,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``c_cl * L_contrastive`` of the micro-batch (this rank's share) and its global-batch metrics.
+
+    ``values [s, b]``: the shared value head's (with gradient, as the authors' head); ``None``
+    takes the separate critic's rollout-time values from the batch.
+    """
+    token_values = values if values is not None else micro["critic_token_values"].t()
+    on_policy = CoTBatch(getattr(gpt, CONTRASTIVE_HEAD)(hidden), token_values, micro["response_mask"].t().bool())
+    annotated = CoTBatch(
+        micro["ann_embeddings"].transpose(0, 1), micro["ann_values"].t(), micro["ann_cot_mask"].t().bool()
+    )
+    lcs = None
+    if cfg.uses_negative:
+        lcs = LcsSpans(micro["ann_common"].t().bool(), micro["gen_common"].t().bool(), micro["lcs_length"])
+    return contrastive_loss(cfg, on_policy, annotated, micro["correct"].bool(), lcs, dp_group=dp_group)
+
+
 def actor_loss(
     gpt: torch.nn.Module, settings: ActorTrainSettings, vocab_size: int, dp_group, *, mean_term_weight: float
 ) -> Callable:
@@ -73,38 +112,22 @@ def actor_loss(
     cl_cfg = settings.contrastive if settings.contrastive is not None and settings.contrastive.enabled else None
 
     def loss_fn(logits: torch.Tensor, micro: dict[str, torch.Tensor], hidden: torch.Tensor):
-        mask = micro["action_mask"].bool()
-        logits = logits[:, :-1]
-        logp = token_logprobs(logits, micro["tokens"][:, 1:], settings.temperature, vocab_size=vocab_size)
-        total, metrics = clipped_policy_loss(
-            logp, micro["old_logprobs"], micro["advantages"], mask, settings.clip_ratio
-        )
-        metrics = dict(metrics)
-        entropy = token_entropy(logits, settings.temperature, vocab_size=vocab_size)
-        metrics["policy/entropy"] = (entropy * mask).sum()
-        metrics["count/micro_batches"] = torch.tensor(1.0 / dp_size, device=logp.device)
+        total, metrics = policy_term(logits, micro, settings, vocab_size)
+        metrics["count/micro_batches"] = torch.tensor(1.0 / dp_size, device=total.device)
         values = None
         if settings.shared_value:
             values = shared_values(gpt, hidden)  # [s, b], value after reading token t
             v_sum, v_metrics = clipped_value_loss(
-                values.t()[:, :-1], micro["old_values"], micro["returns"], mask, settings.value_clip
+                values.t()[:, :-1],
+                micro["old_values"],
+                micro["returns"],
+                micro["action_mask"].bool(),
+                settings.value_clip,
             )
             total = total + settings.value_loss_coef * v_sum
             metrics.update(v_metrics)
         if cl_cfg is not None:
-            token_values = values if values is not None else micro["critic_token_values"].t()
-            on_policy = CoTBatch(
-                getattr(gpt, CONTRASTIVE_HEAD)(hidden), token_values, micro["response_mask"].t().bool()
-            )
-            annotated = CoTBatch(
-                micro["ann_embeddings"].transpose(0, 1), micro["ann_values"].t(), micro["ann_cot_mask"].t().bool()
-            )
-            lcs = None
-            if cl_cfg.uses_negative:
-                lcs = LcsSpans(micro["ann_common"].t().bool(), micro["gen_common"].t().bool(), micro["lcs_length"])
-            cl_loss, cl_metrics = contrastive_loss(
-                cl_cfg, on_policy, annotated, micro["correct"].bool(), lcs, dp_group=dp_group
-            )
+            cl_loss, cl_metrics = contrastive_term(gpt, micro, hidden, values, cl_cfg, dp_group)
             total = total + cl_loss * mean_term_weight
             # metrics are global-batch values on every rank; / dp so that the DP sum restores them
             metrics.update({k: v / dp_size for k, v in cl_metrics.items()})
@@ -113,4 +136,4 @@ def actor_loss(
     return loss_fn
 
 
-__all__ = ["ActorTrainSettings", "actor_loss", "policy_outputs"]
+__all__ = ["ActorTrainSettings", "actor_loss", "contrastive_term", "policy_outputs", "policy_term"]

@@ -16,9 +16,10 @@ from tests.multiprocess import run_ranks
 
 F64 = torch.float64
 CONFIGS = {
-    "both_grad_gather": dict(mode="both", coef=1.0, detach_annotated=False),
-    "both_paper_gather": dict(mode="both", coef=1.0, gather_with_grad=False),
-    "positive_clamped": dict(mode="positive", coef=1.0, clamp_positive_similarity=0.5),
+    "v9_grad_gather": dict(variant="v9", coef=1.0, detach_annotated=False, gather_with_grad=True),
+    "v9_paper_gather": dict(variant="v9", coef=1.0),
+    "v4_paper": dict(variant="v4", coef=1.0),
+    "v4_clamped_low": dict(variant="v4", coef=1.0, clamp_positive_similarity=0.5),
 }
 
 
@@ -102,3 +103,45 @@ def test_two_ranks_equal_one_process():
         for param in ("proj", "value"):
             averaged = (ranks[0][param] + ranks[1][param]) / 2
             torch.testing.assert_close(averaged, full[param], msg=f"{key}: {param} gradient")
+
+
+# ---------------------------------------------------------------------------- v4's detached gather
+
+
+def _v4_rows(case: dict, rows: slice, dp_group) -> dict[str, torch.Tensor]:
+    """v4 on one-token CoTs (z = the token's vector): loss and the gradient of this rank's rows."""
+    z_gen = case["z_gen"][rows].clone().requires_grad_(True)
+    ones = torch.ones(1, z_gen.shape[0], dtype=torch.bool)
+    zeros = torch.zeros(1, z_gen.shape[0], dtype=F64)
+    loss, _ = contrastive_loss(
+        ContrastiveConfig(variant="v4", coef=1.0),
+        CoTBatch(z_gen[None], zeros, ones),
+        CoTBatch(case["z_ann"][rows][None], zeros, ones),
+        case["correct"][rows],
+        dp_group=dp_group,
+    )
+    loss.backward()
+    return {"loss": loss.detach(), "grad": z_gen.grad}
+
+
+def _v4_rank_fn(rank: int, world: int, case: dict) -> dict:
+    return to_numpy(_v4_rows(case, slice(3 * rank, 3 * rank + 3), dist.group.WORLD))
+
+
+def test_v4_detached_gather_equals_one_process_and_sends_nothing_across_ranks():
+    g = torch.Generator().manual_seed(7)
+    case = {
+        "z_gen": torch.randn(6, 4, dtype=F64, generator=g),
+        "z_ann": torch.randn(6, 4, dtype=F64, generator=g),
+        "correct": torch.tensor([True, True, False, True, False, True]),
+    }
+    ranks = [to_torch(r) for r in run_ranks(_v4_rank_fn, 2, case)]
+    full = _v4_rows(case, slice(None), None)
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, full["loss"])
+    # each rank's gradient is its own rows' numerator pull only: (W / N) d(-min(cos, 0.9) / tau) / dz
+    z = case["z_gen"].clone().requires_grad_(True)
+    cos = torch.nn.functional.cosine_similarity(case["z_ann"], z, dim=-1).clamp(max=0.9)
+    (-(cos / 0.2)[case["correct"]].sum() / int(case["correct"].sum())).backward()
+    for rank, rows in enumerate((slice(0, 3), slice(3, 6))):
+        torch.testing.assert_close(ranks[rank]["grad"], 2 * z.grad[rows])  # W = 2 ranks
+    torch.testing.assert_close(full["grad"], z.grad)

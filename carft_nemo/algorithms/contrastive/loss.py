@@ -126,7 +126,7 @@ def contrastive_loss(
     """CARFT contrastive loss ``coef * (w_pos L_pos + w_neg L_neg)`` for one micro-batch.
 
     Args:
-        cfg: switches and coefficients (mode, tau, clamp, gather_with_grad, ...).
+        cfg: switches and coefficients (variant, tau, clamp, gather_with_grad, ...).
         on_policy: the sampled responses, ``[s_g, b]`` (gradient flows into embeddings and values).
         annotated: the annotated CoTs of the same questions, ``[s_a, b]`` (same ``b`` order).
         correct: ``[b]`` bool, the sampled answer is correct.
@@ -145,7 +145,7 @@ def contrastive_loss(
         zero = torch.zeros((), device=device)
         return zero, {"contrastive/loss": zero}
     if cfg.uses_negative and lcs is None:
-        raise ValueError("contrastive mode uses the negative signal: pass lcs=lcs_spans(...)")
+        raise ValueError(f"contrastive variant {cfg.variant} uses the negative signal: pass lcs=lcs_spans(...)")
     batch = on_policy.embeddings.shape[1]
     if annotated.embeddings.shape[1] != batch or correct.shape != (batch,):
         raise ValueError("on_policy, annotated and correct must share the batch dimension b")
@@ -201,9 +201,10 @@ def _pool_views(
         views.use_pos = views.use_pos & views.ann.nonempty
     if cfg.uses_negative:
         assert lcs is not None
-        gen_common_mask = on_policy.cot_mask.bool() & lcs.on_policy_common
-        views.common = _pool(on_policy, gen_common_mask, seq_group)
-        views.rest = _pool(on_policy, on_policy.cot_mask.bool() & ~gen_common_mask, seq_group)
+        # the authors pool every LCS token as the common part, the shared prompt's included
+        common_mask = on_policy.cot_mask.bool() & lcs.on_policy_common if cfg.lcs_cot_only else lcs.on_policy_common
+        views.common = _pool(on_policy, common_mask, seq_group)
+        views.rest = _pool(on_policy, on_policy.cot_mask.bool() & ~lcs.on_policy_common, seq_group)
         views.ann_rest = _pool(annotated, annotated.cot_mask.bool() & ~lcs.annotated_common, seq_group)
         views.use_neg = ~correct & views.common.nonempty & views.ann_rest.nonempty
     return views

@@ -14,15 +14,21 @@ CoTs do differently, i.e. the two remainders are driven apart. ``L_neg`` is the 
 wrong samples with a non-empty LCS and a non-empty annotated remainder; exactly 0 (no
 graph) when there are none.
 
-Differences from the paper code (my_cl_trainer_v9):
-* the LCS is over CoT tokens only (the paper's runs over the whole decoded sequence, so
-  the shared prompt always lands in the "common" part and the LCS is never empty);
+As the authors' my_cl_trainer_v9 (and v8) by default: the LCS runs over the whole prompt +
+CoT sequences, so the shared prompt is in the common part ``c_i`` that is pooled.
+
+Differences from the paper code:
+
+* ``lcs_cot_only=True`` (ours, off by default) takes the LCS of the CoT tokens only, so the
+  common part holds CoT tokens alone; the authors' LCS also runs over their batch's left
+  padding, ours over the real tokens;
 * the common-part candidates are gathered over the data-parallel batch like the
-  remainders (the paper uses the local micro-batch only), so the loss does not depend
-  on how the batch is split over ranks;
+  remainders (the paper uses the local micro-batch only, with gradient), so the loss does
+  not depend on how the batch is split over ranks; they carry no gradient unless
+  ``gather_with_grad``;
 * empty parts are left out of the candidate set instead of entering as zero vectors,
   and anchors need a non-empty annotated remainder (else there is no positive);
-* gradient through the all-gather and the global mean as in :mod:`.positive`.
+* the global mean as in :mod:`.positive`.
 """
 
 from __future__ import annotations

@@ -8,9 +8,16 @@ with j over all on-policy embeddings of the global data-parallel batch (non-empt
 the own one included; ``L_pos = mean_i l_i`` over the global batch's correct samples, and
 exactly 0 (a constant, no graph) when there are none.
 
-Differences from the paper code (my_cl_trainer_v4):
-* the all-gather carries gradient by default; ``gather_with_grad=False`` detaches the
-  gathered copy as the paper does (the denominator then passes no gradient);
+As the authors' my_cl_trainer_v4 runs it (the default): the annotated embedding and the
+gathered on-policy embeddings carry no gradient, so the denominator passes none and the only
+gradient is the pull ``-(1/tau) d cos(z_ann_i, z_gen_i) / d z_gen_i`` of a correct sample
+whose cosine is below the clamp; above it the term is constant.
+
+Differences from the paper code:
+
+* ``gather_with_grad=True`` (ours, off by default) lets gradient through the all-gather: the
+  denominators then push every on-policy embedding away from the annotated ones, the
+  sample's own among them (above the clamp that is all the term does);
 * the mean is over the correct samples of the *global* batch (the paper divides by the
   local count, ``+1e-8``, and lets DDP average), so 2 ranks with half a batch each equal 1
   rank with the whole batch;

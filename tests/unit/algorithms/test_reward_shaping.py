@@ -17,7 +17,9 @@ def test_unfinished_score_replaces_only_unfinished_samples():
 def _partial(partial_reward: bool) -> PartialRewardTerm:
     # cos(z_ann, z_gen) per sample: 1, 0, 1
     return PartialRewardTerm(
-        config=ContrastiveConfig(partial_reward=partial_reward, partial_reward_scale=0.1, partial_reward_offset=0.2),
+        config=ContrastiveConfig(
+            variant="v11" if partial_reward else "v4", partial_reward_scale=0.1, partial_reward_offset=0.2
+        ),
         z_annotated=torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]]),
         z_on_policy=torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 1.0]]),
         wrong_extractable=torch.tensor([False, True, True]),

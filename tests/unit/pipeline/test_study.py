@@ -1,4 +1,4 @@
-"""The study's analysis: stability measure, claim verdicts, aggregation from run folders."""
+"""The study: its arms, the pick of the start checkpoint, the analysis from run folders, the verdicts."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from carft_nemo.config import ConfigError, load_config
-from carft_nemo.pipeline.study import METHODS, StudyConfig, check_claims, collect_results, largest_drop, write_results
+from carft_nemo.pipeline.study import ARMS, StudyConfig, pick_start
+from carft_nemo.pipeline.study_results import (
+    check_claims,
+    collect_results,
+    diagnostic_means,
+    largest_drop,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -18,62 +25,114 @@ def test_largest_drop_is_measured_from_the_running_best():
     assert largest_drop([]) == 0.0
 
 
-def test_claim_verdicts_use_the_standard_error_of_the_difference():
-    agg = {
-        "reft": {"accuracy": {"mean": 0.40, "std": 0.02, "n": 3}},
-        "sft": {"accuracy": {"mean": 0.35, "std": 0.02, "n": 3}},
-        "carft_both_partial_reward": {
-            "accuracy": {"mean": 0.41, "std": 0.05, "n": 3},
-            "largest_drop": {"mean": 0.05, "std": 0.01, "n": 3},
-        },
-        "carft_both": {"accuracy": {"mean": 0.38, "std": 0.01, "n": 3}},
-    }
-    agg["reft"]["largest_drop"] = {"mean": 0.02, "std": 0.01, "n": 3}
-    verdicts = {c["claim"]: c for c in check_claims(agg)}
-    # 0.05 > sqrt(0.02^2/3 * 2) = 0.0163
-    assert verdicts["RL (ReFT) improves on SFT"]["verdict"] == "holds"
-    # 0.01 < sqrt(0.05^2/3 + 0.02^2/3) = 0.031
-    assert verdicts["CARFT (both signals + partial reward) beats ReFT"]["verdict"] == "points the same way"
-    assert verdicts["CARFT (both signals) beats ReFT"]["verdict"] == "does not hold"
-    # a larger drop is worse: 0.05 vs 0.02 -> does not hold
-    assert verdicts["CARFT is more stable than ReFT (smaller largest drop)"]["verdict"] == "does not hold"
-    assert "CARFT beats Dr.GRPO" not in verdicts  # grpo was not run
+def test_the_start_is_the_evaluated_checkpoint_nearest_the_target(tmp_path: Path):
+    sft = tmp_path / "sft"
+    for step, acc in ((50, 0.60), (100, 0.74), (150, 0.80), (200, 0.91)):
+        (sft / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (sft / "eval").mkdir(exist_ok=True)
+        (sft / "eval" / f"step_{step}_summary.json").write_text(json.dumps({"accuracy": acc}))
+    (sft / "summary.json").write_text(json.dumps({"steps": 200}))
+    (sft / "eval" / "step_200_summary.json").unlink()
+    (sft / "eval" / "final_summary.json").write_text(json.dumps({"accuracy": 0.91}))
+    start = pick_start(sft, 0.77)  # 0.74 and 0.80 are 0.03 away: the earlier wins
+    assert (start["step"], start["sft_eval_accuracy"]) == (100, 0.74)
+    assert start["checkpoint"].endswith("step_100")
+    assert pick_start(sft, 0.95)["step"] == 200  # the final evaluation counts as the last step's
+    with pytest.raises(ConfigError, match="no evaluated checkpoint"):
+        pick_start(tmp_path / "empty", 0.77)
 
 
-def _fake_run(root: Path, seed: int, method: str, accs: list[float], final: float) -> None:
-    run = root / f"seed_{seed}" / method
-    run.mkdir(parents=True)
-    rows = [{"stage": method, "step": 10 * i, "eval_accuracy": a} for i, a in enumerate(accs)]
-    rows += [{"stage": method, "step": 1, "reward": 0.5}]
+def _predictions(path: Path, correct: list[bool]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"q{i}", "correct": c}) + "\n" for i, c in enumerate(correct)))
+
+
+def _fake_run(root: Path, seed: int, arm: str, correct: list[bool], curve: list[float], diag: float = 0.0) -> None:
+    run = root / f"seed_{seed}" / arm
+    _predictions(run / "eval" / "final_predictions.jsonl", correct)
+    rows = [{"stage": arm, "step": 10 * (i + 1), "eval_accuracy": a} for i, a in enumerate(curve)]
+    rows += [{"stage": arm, "step": s, "reward": 0.5, "contrastive/grad_ratio": diag * s} for s in (1, 2)]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    accuracy = sum(correct) / len(correct)
     (run / "summary.json").write_text(
-        json.dumps({"accuracy_after": final, "reward_last_steps": 0.5, "wall_time_s": 60.0, "stopped_early": False})
+        json.dumps({"accuracy_after": accuracy, "reward_last_steps": 0.5, "wall_time_s": 60.0, "stopped_early": False})
     )
 
 
-def test_collect_and_write_results_from_run_folders(tmp_path):
-    for seed, sft_acc in ((1, 0.30), (2, 0.34)):
-        (tmp_path / f"seed_{seed}" / "sft").mkdir(parents=True)
-        (tmp_path / f"seed_{seed}" / "sft" / "summary.json").write_text(json.dumps({"accuracy_after": sft_acc}))
-        _fake_run(tmp_path, seed, "reft", [sft_acc, sft_acc + 0.1, sft_acc + 0.02], sft_acc + 0.02)
-    results = collect_results(tmp_path, [1, 2], ["reft"])
-    assert results["aggregate"]["sft"]["accuracy"]["mean"] == pytest.approx(0.32)
-    assert results["aggregate"]["reft"]["largest_drop"]["mean"] == pytest.approx(0.08)
-    assert results["aggregate"]["reft"]["accuracy"]["std"] == pytest.approx(0.0282843, rel=1e-5)
+def _study_tree(tmp_path: Path) -> None:
+    start = [True] * 6 + [False] * 4  # 60%
+    _predictions(tmp_path / "start" / "start_predictions.jsonl", start)
+    (tmp_path / "start" / "start_summary.json").write_text(json.dumps({"accuracy": 0.6, "num_examples": 10}))
+    (tmp_path / "start.json").write_text(json.dumps({"step": 100, "sft_eval_accuracy": 0.62, "checkpoint": "ck"}))
+    for seed in (1, 2):
+        # ReFT fixes q6, q7 and breaks q0 (70%); CARFT fixes q6..q9 and breaks nothing (100%)
+        _fake_run(tmp_path, seed, "reft", [False] + [True] * 7 + [False] * 2, [0.65, 0.7])
+        _fake_run(tmp_path, seed, "carft_v4", [True] * 10, [0.5, 1.0], diag=0.1)
+
+
+def test_collect_results_pairs_every_run_with_the_start_and_reft(tmp_path: Path):
+    _study_tree(tmp_path)
+    results = collect_results(tmp_path, [1, 2], ["reft", "carft_v4"])
+    reft, carft = results["aggregate"]["reft"], results["aggregate"]["carft_v4"]
+    assert reft["accuracy"]["mean"] == pytest.approx(0.7) and carft["accuracy"]["mean"] == 1.0
+    assert (reft["vs_start"]["fixed"], reft["vs_start"]["broken"]) == (4, 2)  # pooled over 2 seeds
+    assert (carft["vs_reft"]["fixed"], carft["vs_reft"]["broken"]) == (6, 0)
+    assert "vs_reft" not in reft
+    run = results["per_run"]["carft_v4"][1]
+    assert run["curve"] == [(0, 0.6), (10, 0.5), (20, 1.0)] and run["largest_drop"] == pytest.approx(0.1)
+    assert carft["diagnostics"]["contrastive/grad_ratio"] == pytest.approx(0.15)  # mean of 0.1, 0.2
+    verdicts = {c["claim"]: c["verdict"] for c in results["claims"]}
+    assert verdicts["RL (ReFT) improves on SFT"] == "points the same way"  # 4 / 2: p = 0.69
+    assert verdicts["CARFT v4 (c_cl 0.1) beats ReFT"] == "holds"  # 6 / 0: p = 0.031
+    assert "CARFT v9 (positive + negative) beats ReFT" not in verdicts  # not run
     results["wall_time_s_this_invocation"] = 1.0
     md = write_results(tmp_path, results).read_text()
-    assert "| reft | 2 | 34.0 ± 2.8 | 32.0 – 36.0 | 8.0 (max 8.0) | 0.500 |" in md
-    assert "RL (ReFT) improves on SFT" in md
-    assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [1, 2]
+    assert "| carft_v4 | 2 | 100.00 ± 0.00 | 100.00 – 100.00 | 8 / 0 (p 0.0078) | 6 / 0 (p 0.031) |" in md
+    assert "## What the contrastive term did" in md and (tmp_path / "accuracy_curves.png").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["start"]["questions"] == 10
 
 
-def test_study_configs_cover_every_method_with_equal_samples_per_step():
+def test_stability_verdict_compares_the_largest_drops():
+    def arm(drop_mean: float, drop_std: float) -> dict:
+        acc = {"mean": 0.5, "std": 0.0, "n": 3}
+        return {"accuracy": acc, "largest_drop": {"mean": drop_mean, "std": drop_std, "n": 3}}
+
+    claims = {c["claim"]: c for c in check_claims({"reft": arm(0.10, 0.01), "carft_v4": arm(0.02, 0.01)}, 0.5)}
+    assert claims["CARFT v4 is more stable than ReFT (smaller largest drop)"]["verdict"] == "holds"
+    claims = {c["claim"]: c for c in check_claims({"reft": arm(0.02, 0.01), "carft_v4": arm(0.05, 0.01)}, 0.5)}
+    assert claims["CARFT v4 is more stable than ReFT (smaller largest drop)"]["verdict"] == "does not hold"
+
+
+def test_diagnostic_means_skip_steps_without_the_metric(tmp_path: Path):
+    rows = [
+        {"step": 1, "contrastive/cos_mean": 0.9},
+        {"step": 2, "eval_accuracy": 0.5},
+        {"step": 3, "contrastive/cos_mean": 0.7},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert diagnostic_means(tmp_path) == {"contrastive/cos_mean": pytest.approx(0.8)}
+
+
+def test_study_configs_cover_every_arm_with_equal_samples_per_step():
     full = load_config(StudyConfig, ROOT / "configs" / "study-synthetic.yaml")
-    assert full.seeds == [1, 2, 3] and set(full.methods) == set(METHODS)
-    sizes = {m: METHODS[m](full.rl).rl.rollout_size for m in full.methods}
+    assert full.seeds == [1, 2, 3] and full.arms == list(ARMS)
+    sizes = {a: ARMS[a](full.rl).rl.rollout_size for a in full.arms}
     assert len(set(sizes.values())) == 1, sizes
-    assert METHODS["grpo"](full.rl).method == "grpo"
-    assert METHODS["carft_negative"](full.rl).contrastive.mode == "negative"
-    assert METHODS["carft_both_partial_reward"](full.rl).contrastive.partial_reward
-    with pytest.raises(ConfigError, match="methods"):
-        load_config(StudyConfig, ROOT / "configs" / "study-quick.yaml", ["methods=[ppo2]"])
+    variants = {
+        a: (c.contrastive.variant, c.contrastive.coef, c.contrastive.gather_with_grad)
+        for a in full.arms
+        if (c := ARMS[a](full.rl)).contrastive.enabled
+    }
+    assert variants == {
+        "carft_v4": ("v4", 0.1, False),
+        "carft_v4_c0.01": ("v4", 0.01, False),
+        "carft_v4_c0.001": ("v4", 0.001, False),
+        "carft_v9": ("v9", 0.1, False),
+        "carft_v11": ("v11", 0.1, False),
+        "carft_v4_gather_grad": ("v4", 0.1, True),
+    }
+    assert ARMS["grpo"](full.rl).method == "grpo" and ARMS["reft"](full.rl).method == "reft"
+    with pytest.raises(ConfigError, match="arms"):
+        load_config(StudyConfig, ROOT / "configs" / "study-quick.yaml", ["arms=[ppo2]"])
+    with pytest.raises(ConfigError, match="sft.train.save_every: must equal"):
+        load_config(StudyConfig, ROOT / "configs" / "study-quick.yaml", ["sft.train.save_every=10"])

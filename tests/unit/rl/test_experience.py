@@ -39,10 +39,14 @@ def test_lcs_split_marks_common_cot_tokens_only():
     # annotated: prompt [1, 2], CoT [7, 8, 9]; on-policy: prompt [1, 2], response [7, 4, 9]
     annotated = AnnotatedBatch.build([EncodedExample("q", [1, 2, 7, 8, 9], [0, 0, 1, 1, 1], 2)], pad_id=0)
     rollout = Rollout(prompts=[[1, 2]], responses=[[7, 4, 9]], logprobs=[[0.0] * 3], finished=[True]).to_batch(0)
-    split = lcs_split(annotated, rollout)
+    split = lcs_split(annotated, rollout, cot_only=True)
     assert split["lcs_length"].tolist() == [2]
     assert split["ann_common"].tolist() == [[False, False, True, False, True]]
     assert split["gen_common"].tolist() == [[False, False, True, False, True]]
+    # the authors' LCS runs over the whole sequences: the shared prompt is common too
+    whole = lcs_split(annotated, rollout)
+    assert whole["lcs_length"].tolist() == [4]
+    assert whole["gen_common"].tolist() == [[True, True, True, False, True]]
 
 
 # ---------------------------------------------------------------------------- annotated rows
@@ -178,7 +182,7 @@ def test_drgrpo_experience_uses_group_baselines_and_the_unfinished_score():
         exp.critic_batch()
 
 
-def test_carft_experience_carries_the_contrastive_inputs_and_the_partial_reward():
+def _carft_case():
     rollout = Rollout(
         prompts=[[1, 2]] * 2, responses=[[7, 4, 9], [7, 8]], logprobs=[[0.0] * 3, [0.0] * 2], finished=[True, True]
     ).to_batch(0)
@@ -194,15 +198,41 @@ def test_carft_experience_carries_the_contrastive_inputs_and_the_partial_reward(
         policy_annotated={"embeddings": torch.tensor([[1.0, 0.0]]).expand(2, 5, d).clone()},
         critic_annotated={"values": torch.zeros(2, 5)},
     )
-    cl = ContrastiveConfig(mode="both", partial_reward=True)
-    exp, metrics = build_experience(rollout, annotated, results, _ppo_settings(contrastive=cl))
+    return rollout, annotated, results
+
+
+def test_carft_v9_experience_carries_the_lcs_split():
+    rollout, annotated, results = _carft_case()
+    exp, metrics = build_experience(
+        rollout, annotated, results, _ppo_settings(contrastive=ContrastiveConfig(variant="v9"))
+    )
     carft = exp.carft
     assert carft.correct.tolist() == [True, False]
-    assert carft.lcs_length.tolist() == [2, 2]  # [7, 9] and [7, 8] in common with [7, 8, 9]
-    assert carft.gen_common[0].tolist() == [False, False, True, False, True]
-    assert carft.ann_embeddings.shape == (2, 5, d) and carft.ann_cot_mask.shape == (2, 5)
-    # sample 1 is wrong but extractable: cos(z_ann = x, z_gen = y) = 0 -> 0.1 * 0 + 0.2
-    assert metrics["partial_reward"] == pytest.approx(0.2) and metrics["reward"] == pytest.approx(0.6)
+    assert carft.lcs_length.tolist() == [4, 4]  # the prompt [1, 2], then [7, 9] and [7, 8] of [7, 8, 9]
+    assert carft.gen_common[0].tolist() == [True, True, True, False, True]
+    assert carft.ann_embeddings.shape == (2, 5, 2) and carft.ann_cot_mask.shape == (2, 5)
+    assert "partial_reward" not in metrics and metrics["reward"] == pytest.approx(0.55)
     assert {"response_mask", "correct", "critic_token_values", "ann_common", "lcs_length"} <= set(
         exp.actor_batch(with_value_targets=False)
     )
+    cot_only = ContrastiveConfig(variant="v9", lcs_cot_only=True)
+    assert build_experience(rollout, annotated, results, _ppo_settings(contrastive=cot_only))[
+        0
+    ].carft.lcs_length.tolist() == [2, 2]
+
+
+def test_carft_v11_partial_reward_and_the_diagnostics():
+    rollout, annotated, results = _carft_case()
+    exp, metrics = build_experience(
+        rollout, annotated, results, _ppo_settings(contrastive=ContrastiveConfig(variant="v11"))
+    )
+    assert exp.carft.lcs_length is None  # no negative signal in v11
+    # sample 1 is wrong but extractable: cos(z_ann = x, z_gen = y) = 0 -> 0.1 * 0 + 0.2
+    assert metrics["partial_reward"] == pytest.approx(0.2) and metrics["reward"] == pytest.approx(0.6)
+    # cos per sample: 1 (correct, above the 0.9 clamp: v4 does not act on it) and 0 (wrong)
+    assert metrics["contrastive/cos_mean"] == pytest.approx(0.5)
+    assert metrics["contrastive/cos_correct_mean"] == pytest.approx(1.0)
+    assert metrics["contrastive/correct_under_clamp"] == 0.0
+    assert metrics["contrastive/partial_reward_std"] == 0.0  # one wrong-but-extractable sample
+    assert metrics["contrastive/partial_reward_min"] == pytest.approx(0.2)
+    assert metrics["contrastive/cos_p10"] <= metrics["contrastive/cos_p50"] <= metrics["contrastive/cos_p90"]

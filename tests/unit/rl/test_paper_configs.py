@@ -57,7 +57,9 @@ def test_paper_settings(method: str, model: str, data: str) -> None:
     cfg = _load(method, model, data)
     assert cfg.method == method
     assert cfg.actor.optim.lr == pytest.approx(3e-7)
-    assert (cfg.actor.optim.schedule, cfg.actor.optim.warmup_steps) == ("constant", 0)
+    # ReFT keeps lr 3e-7 constant; the CARFT YAMLs leave HF's default, linear decay to 0, no warm-up
+    schedule = "linear" if method == "carft" else "constant"
+    assert (cfg.actor.optim.schedule, cfg.actor.optim.warmup_steps, cfg.actor.optim.min_lr) == (schedule, 0, 0.0)
     assert cfg.actor.optim.clip_grad == 1.0
     assert (cfg.rl.gamma, cfg.rl.lam, cfg.rl.clip_ratio) == (1.0, 0.95, 0.2)
     assert (cfg.rl.ppo_epochs, cfg.rl.mini_batch_size, cfg.rl.rollout_size) == (2, 64, 64)
@@ -82,9 +84,12 @@ def test_paper_settings(method: str, model: str, data: str) -> None:
     contrastive = cfg.contrastive
     assert contrastive.enabled == (method == "carft")
     if method == "carft":
-        assert (contrastive.mode, contrastive.partial_reward) == ("both", True)
+        # my_cl_trainer_v4, as the authors' README says the paper ran: the positive signal only
+        assert contrastive.variant == "v4" and not contrastive.partial_reward and not contrastive.uses_negative
         assert (contrastive.tau, contrastive.projection_dim, contrastive.coef) == (0.2, 64, 0.1)
-        assert contrastive.weights == (0.5, 0.5)
+        assert contrastive.clamp_positive_similarity == 0.9 and not contrastive.gather_with_grad
+        assert contrastive.detach_annotated and not contrastive.lcs_cot_only
+        assert contrastive.weights == (1.0, 0.0)
 
 
 @pytest.mark.parametrize("method,model,data", RECIPES, ids=lambda v: v)

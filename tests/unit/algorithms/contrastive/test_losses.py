@@ -40,7 +40,7 @@ def test_positive_loss_hand_computed():
     ann = [[1.0, 0.2], [1.0, 0.0], [0.0, 3.0]]
     correct = torch.tensor([True, False, True])
     tau = 0.5
-    cfg = ContrastiveConfig(mode="positive", coef=1.0, tau=tau, clamp_positive_similarity=None)
+    cfg = ContrastiveConfig(variant="v4", coef=1.0, tau=tau, clamp_positive_similarity=None)
     loss, metrics = contrastive_loss(cfg, _one_token_batch(gen), _one_token_batch(ann), correct)
     expected = 0.0
     for i in (0, 2):
@@ -54,24 +54,57 @@ def test_positive_loss_hand_computed():
 
 def test_positive_clamp_caps_numerator_only():
     gen = [[1.0, 0.0], [0.0, 1.0]]
-    cfg = ContrastiveConfig(mode="positive", coef=1.0, tau=0.2, clamp_positive_similarity=0.9)
+    cfg = ContrastiveConfig(variant="v4", coef=1.0, tau=0.2, clamp_positive_similarity=0.9)
     loss, _ = contrastive_loss(cfg, _one_token_batch(gen), _one_token_batch(gen), torch.tensor([True, False]))
     denom = math.exp(1.0 / 0.2) + math.exp(0.0)  # the denominator keeps the unclamped cos = 1
     assert loss.item() == pytest.approx(-(0.9 / 0.2) + math.log(denom), rel=1e-12)
 
 
 def test_no_correct_samples_gives_constant_zero():
-    cfg = ContrastiveConfig(mode="positive")
+    cfg = ContrastiveConfig(variant="v4")
     gen = _one_token_batch([[1.0, 0.0], [0.0, 1.0]])
     loss, _ = contrastive_loss(cfg, gen, _one_token_batch([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([False, False]))
     assert loss.item() == 0.0 and not loss.requires_grad
+
+
+def test_v4_gradient_by_hand():
+    """v4's only gradient: -(1/tau) d cos(a, g) / d g for correct samples below the clamp, over their count."""
+    # sample 0: a = (1, 0), g = (1, 1), cos = 0.7071 < 0.9 -> pulled;  sample 1: cos = 0.995 > 0.9 -> nothing;
+    # sample 2 is wrong -> nothing.  d cos / d g = a / (|a||g|) - cos * g / |g|^2 = (0.35355, -0.35355)
+    gen = _one_token_batch([[1.0, 1.0], [1.0, 0.1], [0.0, 1.0]])
+    ann = _one_token_batch([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    cfg = ContrastiveConfig(variant="v4", coef=1.0, tau=0.2)
+    assert not cfg.gather_with_grad and cfg.clamp_positive_similarity == 0.9  # the authors' defaults
+    loss, metrics = contrastive_loss(cfg, gen, ann, torch.tensor([True, True, False]))
+    loss.backward()
+    per_sample = -(1 / 0.2) * torch.tensor([0.5**0.5 - 0.5**0.5 / 2, -(0.5**0.5) / 2], dtype=F64)
+    expected = torch.zeros(3, 2, dtype=F64)
+    expected[0] = per_sample / 2  # the mean over the 2 correct samples
+    torch.testing.assert_close(gen.embeddings.grad[0], expected)
+    assert torch.allclose(expected[0], torch.tensor([-0.8839, 0.8839], dtype=F64), atol=1e-4)
+    assert ann.embeddings.grad is None
+    assert metrics["contrastive/num_positive"].item() == 2
+
+
+def test_v4_sends_no_gradient_when_every_correct_pair_is_above_the_clamp():
+    gen = _one_token_batch([[1.0, 0.1], [0.2, 1.0], [0.0, 1.0]])
+    ann = _one_token_batch([[1.0, 0.0], [0.1, 1.0], [1.0, 0.0]])  # cos 0.995 and 0.996; sample 2 is wrong
+    loss, _ = contrastive_loss(ContrastiveConfig(variant="v4", coef=1.0), gen, ann, torch.tensor([True, True, False]))
+    assert loss.item() > 0  # the term has a value: the denominators
+    loss.backward()
+    assert torch.count_nonzero(gen.embeddings.grad) == 0
+    # with the gradient through the gather (ours), the same pairs are pushed apart
+    gen2 = _one_token_batch([[1.0, 0.1], [0.2, 1.0], [0.0, 1.0]])
+    cfg = ContrastiveConfig(variant="v4", coef=1.0, gather_with_grad=True)
+    contrastive_loss(cfg, gen2, ann, torch.tensor([True, True, False]))[0].backward()
+    assert torch.count_nonzero(gen2.embeddings.grad) > 0
 
 
 def test_paper_gather_passes_no_denominator_gradient():
     """gather_with_grad=False: only the positive numerator -cos(z_ann, z_gen)/tau sends gradient."""
     gen = _one_token_batch([[1.0, 0.5], [0.3, 1.0], [-1.0, 0.2]])
     ann = [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
-    cfg = ContrastiveConfig(mode="positive", coef=1.0, tau=0.2, clamp_positive_similarity=None, gather_with_grad=False)
+    cfg = ContrastiveConfig(variant="v4", coef=1.0, tau=0.2, clamp_positive_similarity=None, gather_with_grad=False)
     correct = torch.tensor([True, True, False])
     loss, _ = contrastive_loss(cfg, gen, _one_token_batch(ann), correct)
     loss.backward()
@@ -98,7 +131,7 @@ def test_negative_loss_hand_computed():
     gen_val = torch.tensor([[0.0, 0.0], [0.0, 0.0], [math.log(2.0), 0.0]], dtype=F64)
     zeros = torch.zeros(3, 2, dtype=F64)
     tau = 0.3
-    cfg = ContrastiveConfig(mode="negative", coef=1.0, tau=tau, clamp_positive_similarity=None)
+    cfg = ContrastiveConfig(variant="v8", coef=1.0, tau=tau, clamp_positive_similarity=None)
     loss, metrics = contrastive_loss(
         cfg,
         CoTBatch(gen_emb, gen_val, gen_mask),
@@ -135,10 +168,13 @@ def _random_case(b: int = 4, s: int = 6, d: int = 3, seed: int = 0):
     return gen, ann, spans, correct
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative", "both"])
-def test_gradcheck_losses(mode: str):
+@pytest.mark.parametrize("variant", ["v4", "v8", "v9"])
+def test_gradcheck_losses(variant: str):
     gen, ann, spans, correct = _random_case()
-    cfg = ContrastiveConfig(mode=mode, coef=1.0, detach_annotated=False, clamp_positive_similarity=None)
+    # every path differentiable (the gather with gradient, the annotated side live): the math is checked
+    cfg = ContrastiveConfig(
+        variant=variant, coef=1.0, detach_annotated=False, clamp_positive_similarity=None, gather_with_grad=True
+    )
 
     def fn(ge, gv, ae, av):
         return contrastive_loss(cfg, CoTBatch(ge, gv, gen.cot_mask), CoTBatch(ae, av, ann.cot_mask), correct, spans)[0]
@@ -148,37 +184,38 @@ def test_gradcheck_losses(mode: str):
     assert torch.autograd.gradcheck(fn, (gen.embeddings, gen.values, ann.embeddings, ann.values))
 
 
-def test_modes_combine_with_weights():
+def test_variants_combine_with_weights():
     gen, ann, spans, correct = _random_case(seed=3)
     vals = {
-        m: contrastive_loss(ContrastiveConfig(mode=m, coef=1.0), gen, ann, correct, spans)[0].item()
-        for m in ("positive", "negative", "both")
+        v: contrastive_loss(ContrastiveConfig(variant=v, coef=1.0), gen, ann, correct, spans)[0].item()
+        for v in ("v4", "v8", "v9", "v11")
     }
-    assert vals["both"] == pytest.approx(0.5 * vals["positive"] + 0.5 * vals["negative"], rel=1e-12)
+    assert vals["v9"] == pytest.approx(0.5 * vals["v4"] + 0.5 * vals["v8"], rel=1e-12)  # 0.5 * (pos + neg)
+    assert vals["v11"] == vals["v4"]  # v11 changes the reward, not the loss
     scaled = contrastive_loss(
-        ContrastiveConfig(mode="both", coef=0.3, positive_weight=1.0, negative_weight=0.0), gen, ann, correct, spans
+        ContrastiveConfig(variant="v9", coef=0.3, positive_weight=1.0, negative_weight=0.0), gen, ann, correct, spans
     )[0].item()
-    assert scaled == pytest.approx(0.3 * vals["positive"], rel=1e-12)
+    assert scaled == pytest.approx(0.3 * vals["v4"], rel=1e-12)
     off = contrastive_loss(ContrastiveConfig(enabled=False), gen, ann, correct, spans)[0]
     assert off.item() == 0 and not off.requires_grad
 
 
 def test_detach_annotated_blocks_annotated_gradient():
     gen, ann, spans, correct = _random_case(seed=5)
-    loss, _ = contrastive_loss(ContrastiveConfig(mode="both"), gen, ann, correct, spans)
+    loss, _ = contrastive_loss(ContrastiveConfig(variant="v9"), gen, ann, correct, spans)
     loss.backward()
     assert ann.embeddings.grad is None and gen.embeddings.grad.abs().sum() > 0
 
 
-def test_negative_mode_requires_lcs():
+def test_negative_signal_requires_lcs():
     gen, ann, _, correct = _random_case()
     with pytest.raises(ValueError, match="lcs"):
-        contrastive_loss(ContrastiveConfig(mode="negative"), gen, ann, correct, None)
+        contrastive_loss(ContrastiveConfig(variant="v8"), gen, ann, correct, None)
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("mode", "bogus"), ("tau", 0.0), ("projection_dim", 0), ("clamp_positive_similarity", 1.5), ("coef", -1.0)],
+    [("variant", "v5"), ("tau", 0.0), ("projection_dim", 0), ("clamp_positive_similarity", 1.5), ("coef", -1.0)],
 )
 def test_config_validation_names_field(field: str, value):
     # keys are relative to the component; the loader prefixes its place (tests/unit/config/test_full_keys.py)
@@ -191,14 +228,14 @@ def test_partial_reward_hand_computed():
     z_gen = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], requires_grad=True)
     rewards = torch.tensor([0.1, 0.1, 0.1, 1.0])
     partial = torch.tensor([True, True, True, False])
-    out = embedding_partial_reward(ContrastiveConfig(partial_reward=True), z_ann, z_gen, rewards, partial)
+    out = embedding_partial_reward(ContrastiveConfig(variant="v11"), z_ann, z_gen, rewards, partial)
     torch.testing.assert_close(out, torch.tensor([0.3, 0.1, 0.2, 1.0]))
     assert not out.requires_grad
-    custom = ContrastiveConfig(partial_reward=True, partial_reward_scale=0.5, partial_reward_offset=0.0)
+    custom = ContrastiveConfig(variant="v11", partial_reward_scale=0.5, partial_reward_offset=0.0)
     torch.testing.assert_close(
         embedding_partial_reward(custom, z_ann, z_gen, rewards, partial)[:2], torch.tensor([0.5, -0.5])
     )
-    off = embedding_partial_reward(ContrastiveConfig(partial_reward=False), z_ann, z_gen, rewards, partial)
+    off = embedding_partial_reward(ContrastiveConfig(variant="v4"), z_ann, z_gen, rewards, partial)
     torch.testing.assert_close(off, rewards)
 
 
@@ -213,3 +250,18 @@ def test_lcs_spans_ignore_prompt_and_padding():
     assert spans.length.tolist() == [2]
     assert spans.annotated_common[:, 0].tolist() == [False, False, False, True, True, False]
     assert spans.on_policy_common[:, 0].tolist() == [False, False, True, False, True, False]
+
+
+def test_variants_select_the_authors_trainers():
+    assert (ContrastiveConfig().variant, ContrastiveConfig().uses_negative) == ("v4", False)
+    signals = {
+        v: (c.uses_positive, c.uses_negative, c.partial_reward, c.weights)
+        for v in ("v4", "v8", "v9", "v11")
+        for c in [ContrastiveConfig(variant=v)]
+    }
+    assert signals == {
+        "v4": (True, False, False, (1.0, 0.0)),
+        "v8": (False, True, False, (0.0, 1.0)),
+        "v9": (True, True, False, (0.5, 0.5)),
+        "v11": (True, False, True, (1.0, 0.0)),
+    }
