@@ -135,7 +135,9 @@ def common_steps(roots: Sequence[str | Path]) -> list[int]:
     return sorted(set.intersection(*steps)) if steps else []
 
 
-def prune_checkpoints(roots: str | Path | Sequence[str | Path], keep_last: int) -> list[Path]:
+def prune_checkpoints(
+    roots: str | Path | Sequence[str | Path], keep_last: int, protect: Sequence[int] = ()
+) -> list[Path]:
     """Keep the newest ``keep_last`` steps complete under every root; delete older ones.
 
     One root for a single model group (SFT), one per role for RL (actor, critic): a step is
@@ -143,13 +145,14 @@ def prune_checkpoints(roots: str | Path | Sequence[str | Path], keep_last: int) 
     missing role. Complete steps older than the newest kept one and not kept themselves go
     (also one role's orphan of a save the other roles never finished), as do interrupted
     saves (``.tmp-step_N``) older than it; newer folders stay (they may be being written).
-    ``keep_last <= 0`` keeps everything. Returns the deleted paths.
+    ``keep_last <= 0`` keeps everything. Steps in ``protect`` (the collapse guard's best
+    checkpoint) are kept whatever their age. Returns the deleted paths.
     """
     roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
     kept = common_steps(roots)[-keep_last:] if keep_last > 0 else []
     if not kept:
         return []
-    keep, newest = set(kept), kept[-1]
+    keep, newest = set(kept) | set(protect), kept[-1]
     doomed = []
     for root in roots:
         doomed += [p for s, p in list_checkpoints(root) if s not in keep and s < newest]
@@ -157,6 +160,15 @@ def prune_checkpoints(roots: str | Path | Sequence[str | Path], keep_last: int) 
             step = p.name[len(".tmp-step_") :]
             if step.isdigit() and int(step) < newest:
                 doomed.append(p)  # an interrupted save older than a complete one: never resumable
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def discard_checkpoints_after(roots: Sequence[str | Path], step: int) -> list[Path]:
+    """Delete every checkpoint newer than ``step`` under every root (a run rewound to ``step``
+    abandons them: a resume must not take one of them up). Returns the deleted paths."""
+    doomed = [p for root in roots for s, p in list_checkpoints(root) if s > step]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

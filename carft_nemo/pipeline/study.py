@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,9 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     start_accuracy: float = 0.77  # RL starts from the SFT checkpoint whose held-out accuracy is nearest this
+    # another study's output folder: take its SFT start (start.json) and the start's evaluation
+    # instead of training SFT again (the stability study runs from the main study's start)
+    reuse_start_from: str | None = None
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # the ReFT settings every arm starts from
 
@@ -163,8 +167,26 @@ def evaluate_start(cfg: StudyConfig, start: dict, out: Path) -> Path:
     return predictions
 
 
+def _reused_start(cfg: StudyConfig, out: Path) -> dict:
+    """The start of the study in ``cfg.reuse_start_from``, its evaluation copied beside this one's runs."""
+    source = Path(cfg.reuse_start_from)
+    require(
+        (source / "start.json").is_file() and (source / "start" / "start_predictions.jsonl").is_file(),
+        "reuse_start_from",
+        f"{source} holds no finished study start (start.json and start/start_predictions.jsonl)",
+    )
+    start = json.loads((source / "start.json").read_text())
+    if not (out / "start").is_dir():
+        shutil.copytree(source / "start", out / "start")
+    (out / "start.json").write_text(json.dumps({**start, "reused_from": str(source)}, indent=2) + "\n")
+    LOG.info("study: RL starts from %s, the start of %s", start["checkpoint"], source)
+    return start
+
+
 def _sft_stage(cfg: StudyConfig, out: Path) -> dict:
     """SFT (unless done), then the start it offers; ``start.json`` records the choice."""
+    if cfg.reuse_start_from:
+        return _reused_start(cfg, out)
     sft_cfg = copy.deepcopy(cfg.sft)
     sft_cfg.output_dir = str(out / "sft")
     if not _done(out / "sft"):

@@ -21,8 +21,11 @@ def plot_curves(
     xlabel: str = "step",
     ylabel: str = "",
     smooth: int = 1,
+    events: Mapping[str, Sequence[float]] | None = None,
 ) -> Path | None:
-    """One line per named series; ``smooth`` > 1 adds a running mean (raw line faded).
+    """One line per named series; ``smooth`` > 1 adds a running mean (raw line faded);
+    ``events``: a dashed vertical line at each x of each named kind (e.g. the collapse guard's
+    rollbacks), in the colour of the series of the same name when there is one.
 
     Returns the PNG path, or None when there is nothing to draw.
     """
@@ -32,6 +35,7 @@ def plot_curves(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    colours = {}
     for label, points in series.items():
         xs = [p[0] for p in points]
         ys = [p[1] for p in points]
@@ -43,7 +47,17 @@ def plot_curves(
             ]
             ax.plot(xs, means, color=line.get_color(), label=label, linewidth=2)
         else:
-            ax.plot(xs, ys, label=label, linewidth=2, marker="o" if len(xs) < 30 else None, markersize=3)
+            (line,) = ax.plot(xs, ys, label=label, linewidth=2, marker="o" if len(xs) < 30 else None, markersize=3)
+        colours[label] = line.get_color()
+    for name, xs in (events or {}).items():
+        for i, x in enumerate(xs):
+            ax.axvline(
+                x,
+                color=colours.get(name.split(" ")[0], "black"),
+                linestyle="--",
+                linewidth=1,
+                label=name if i == 0 else None,
+            )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -24,6 +24,7 @@ class StageResult:
 
     name: str  # "sft", "reft", "carft", ...
     out_dir: Path
+    step_offset: int = 0  # x of this stage's step 0 in the curves (an RL stage: the SFT step it starts from)
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -35,7 +36,13 @@ class StageResult:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def series(self, key: str) -> list[tuple[float, float]]:
-        return [(r["step"], r[key]) for r in self.metrics if isinstance(r.get(key), (int, float))]
+        return [(r["step"] + self.step_offset, r[key]) for r in self.metrics if isinstance(r.get(key), (int, float))]
+
+    @property
+    def guard_events(self) -> list[dict[str, Any]]:
+        """The collapse guard's rollbacks and stop (``collapse_guard.json``: there even after a crash)."""
+        path = self.out_dir / "collapse_guard.json"
+        return json.loads(path.read_text()).get("events", []) if path.is_file() else []
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -124,6 +131,19 @@ def contrastive_section(out: Path, stages: list[StageResult]) -> list[str]:
     return lines
 
 
+def guard_section(stages: list[StageResult]) -> list[str]:
+    """One row per collapse-guard event of any stage (none: no section)."""
+    rows = [
+        [st.name, str(e["step"]), e["action"], e["rule"], e["detail"], str(e["to_step"]), f"{e['lr_scale']:g}"]
+        for st in stages
+        for e in st.guard_events
+    ]
+    if not rows:
+        return []
+    header = ["stage", "at step", "action", "rule", "figures", "back to step", "LR scale after"]
+    return ["## Collapse guard", "", table(header, rows), ""]
+
+
 def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, notes: list[str] = ()) -> Path:
     """Write ``report.md`` and its PNGs into ``out_dir``; returns the markdown path."""
     out = Path(out_dir)
@@ -163,11 +183,15 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
         ),
         "",
     ]
+    events = {f"{st.name} rollback": [e["step"] + st.step_offset for e in st.guard_events] for st in stages}
+    events = {name: xs for name, xs in events.items() if xs}
     for filename, (label, key, smooth) in CURVES.items():
         series = {st.name: st.series(key) for st in stages}
-        png = plot_curves(series, out / filename, title=label, ylabel=key, smooth=smooth)
+        marked = events if key in ("eval_accuracy", "reward") else None
+        png = plot_curves(series, out / filename, title=label, ylabel=key, smooth=smooth, events=marked)
         if png is not None:
             lines += [f"## {label.capitalize()}", "", f"![{label}]({filename})", ""]
+    lines += guard_section(stages)
     lines += contrastive_section(out, stages)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

@@ -17,6 +17,8 @@ from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.rewards.sandbox import SandboxConfig
+from carft_nemo.rl.collapse_guard import CollapseGuardConfig
+from carft_nemo.telemetry.wandb_sink import LoggingConfig
 from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
 
@@ -131,6 +133,7 @@ class RLLoopConfig(LoopSchedule):
     # usually has no answer line -> 0). A number here overrides that score instead.
     unfinished_score: float | None = None
     call_timeout_s: float = 3600.0  # a worker call taking longer than this stops the run (no silent hang)
+    collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)  # rl/collapse_guard.py
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -199,6 +202,7 @@ class RLConfig:
     )
     rl: RLLoopConfig = field(default_factory=RLLoopConfig)
     ray_address: str | None = None  # an existing Ray cluster; default: start one on this host
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # W&B besides TensorBoard (telemetry/)
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")

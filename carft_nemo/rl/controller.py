@@ -33,7 +33,13 @@ from typing import Any
 
 from carft_nemo.algorithms.advantages import AdvantageSettings
 from carft_nemo.algorithms.grpo import drgrpo_normalizer
-from carft_nemo.checkpoint.dist_checkpoint import common_steps, prune_checkpoints, read_metadata, resolve_checkpoint
+from carft_nemo.checkpoint.dist_checkpoint import (
+    common_steps,
+    discard_checkpoints_after,
+    prune_checkpoints,
+    read_metadata,
+    resolve_checkpoint,
+)
 from carft_nemo.config import ConfigError, require, save_resolved
 from carft_nemo.data.datasets import load_examples
 from carft_nemo.data.tokenization import encode_prompts, encode_sft, load_tokenizer
@@ -44,6 +50,7 @@ from carft_nemo.evaluation.metrics import PairedChange
 from carft_nemo.evaluation.runner import EvalResult, held_out_summary, record_eval
 from carft_nemo.generation.rollout import Rollout
 from carft_nemo.models.config import ModelConfig
+from carft_nemo.rl.collapse_guard import CollapseGuard
 from carft_nemo.rl.config import RLConfig
 from carft_nemo.rl.experience import (
     AnnotatedBatch,
@@ -61,7 +68,7 @@ from carft_nemo.seeding import derive_seed
 from carft_nemo.telemetry.run_log import LOG, RunLogger, setup_logging
 from carft_nemo.telemetry.timing import PhaseTimer
 from carft_nemo.training.batches import BatchSchedule
-from carft_nemo.training.loop import run_loop
+from carft_nemo.training.loop import Rewind, run_loop
 from carft_nemo.workers.actor import ActorSpec, ActorWorker
 from carft_nemo.workers.actor_loss import ActorTrainSettings
 from carft_nemo.workers.contracts import PolicyWorker, RewardScorer, ValueWorker
@@ -168,6 +175,7 @@ class RLRun:
         self.owns_ray = False
         self.logger: RunLogger | None = None
         self.rewards: list[float] = []  # per step, for the summary
+        self.guard = CollapseGuard(cfg.rl.collapse_guard, self.out) if cfg.rl.collapse_guard.enabled else None
 
     def _load_data(self) -> None:
         cfg = self.cfg
@@ -400,6 +408,7 @@ class RLRun:
             value_loss_coef=cfg.critic.value_loss_coef,
             contrastive=self.settings.contrastive,
             probe_gradients=self._probes_gradients(step),
+            lr_scale=self._lr_scale,
         )
 
     def _probes_gradients(self, step: int) -> bool:
@@ -413,7 +422,12 @@ class RLRun:
             mini_batch_rows=loop.mini_batch_size // self.dps["critic"],
             seed=derive_seed(loop.seed, "critic_minibatch_order", step),
             value_clip=self.cfg.critic.value_clip,
+            lr_scale=self._lr_scale,
         )
+
+    @property
+    def _lr_scale(self) -> float:
+        return self.guard.state.lr_scale if self.guard is not None else 1.0
 
     # ------------------------------------------------------------------ the loop's hooks
 
@@ -442,7 +456,10 @@ class RLRun:
         result = EvalResult(
             summary["accuracy"], None, summary["num_examples"], summary["mean_response_tokens"], got["records"]
         )
-        return result, record_eval(result, self.out / "eval", name, done, self.logger, timer.elapsed())
+        change = record_eval(result, self.out / "eval", name, done, self.logger, timer.elapsed())
+        if name == "before" and self.guard is not None and self.guard.state.best_step is None:
+            self.guard.record_best(0, result.accuracy)  # the start: rebuilt from the SFT checkpoint (load)
+        return result, change
 
     def save(self, done: int) -> None:
         """Every role's checkpoint of step ``done``, then prune to the newest steps complete for all."""
@@ -453,14 +470,70 @@ class RLRun:
         if "critic" in self.ckpt_roots:
             calls["critic"] = self.groups["critic"].submit(ValueWorker.save, str(self.ckpt_roots["critic"]), done)
         wait_all(calls, self.cfg.rl.call_timeout_s)
-        prune_checkpoints(list(self.ckpt_roots.values()), self.cfg.rl.keep_checkpoints)
+        best = self.guard.state.best_step if self.guard is not None else None
+        prune_checkpoints(list(self.ckpt_roots.values()), self.cfg.rl.keep_checkpoints, protect=[best] if best else [])
         LOG.info("checkpoint step %d saved in %.1f s", done, timer.elapsed())
+
+    def after_step(
+        self, done: int, metrics: dict[str, float], evaluation: tuple[EvalResult, Any] | None, saved: bool
+    ) -> Rewind | None:
+        """The collapse guard's turn (rl/collapse_guard.py): keep a checkpoint of each new best
+        evaluation, and when a rule fires return every role to the best one."""
+        if self.guard is None:
+            return None
+        accuracy = evaluation[0].accuracy if evaluation is not None else None
+        if accuracy is not None and self.guard.is_new_best(accuracy):
+            if not saved:
+                self.save(done)  # the guard may return here: it must be a complete checkpoint
+            self.guard.record_best(done, accuracy)
+        trigger = self.guard.check(done, metrics, accuracy)
+        if trigger is None:
+            return None
+        if self.guard.state.best_step is None:
+            LOG.warning("collapse guard: %s (%s); no checkpoint to return to yet", trigger.rule, trigger.detail)
+            return None
+        event = self.guard.record_event(done, trigger)
+        target = event["to_step"]
+        discard_checkpoints_after(list(self.ckpt_roots.values()), target)
+        self.load(target)
+        self.logger.log(done, {"guard/rollback_to": float(target), "guard/lr_scale": event["lr_scale"]})
+        if event["action"] == "stop":
+            reason = (
+                f"collapse guard: {trigger.rule} ({trigger.detail}) after {self.guard.state.rollbacks} rollbacks "
+                f"(rl.collapse_guard.max_rollbacks); stopped at the best checkpoint, step {target}"
+            )
+            LOG.error("%s", reason)
+            return Rewind(target, stop=True, reason=reason)
+        LOG.warning(
+            "collapse guard: %s at step %d (%s); rolled back to step %d (held-out %.1f%%), learning rate x%g",
+            trigger.rule,
+            done,
+            trigger.detail,
+            target,
+            100 * event["best_accuracy"],
+            event["lr_scale"],
+        )
+        return Rewind(target)
 
     def resume(self) -> int:
         """Load the newest step complete for every role (0: none)."""
         step = max(common_steps(list(self.ckpt_roots.values())), default=0)
         if step == 0:
             return 0
+        self.load(step)
+        LOG.info("resumed from %s (step %d)", self.ckpt_roots["actor"] / f"step_{step}", step)
+        return step
+
+    def load(self, step: int) -> None:
+        """Every role's checkpoint of step ``step`` (the data position is a function of the step);
+        step 0 is the start: the model groups are set up again from the SFT checkpoint (fresh
+        optimizers and heads), as a checkpoint saved before any update would hold no optimizer state."""
+        if step == 0:
+            calls = {"actor": self.groups["actor"].submit(ActorWorker.setup, self._actor_spec())}
+            if self.cfg.uses_critic_group:
+                calls["critic"] = self.groups["critic"].submit(CriticWorker.setup, self._critic_spec())
+            wait_all(calls, self.cfg.rl.call_timeout_s)
+            return
         calls = {
             "actor": self.groups["actor"].submit(PolicyWorker.load, str(self.ckpt_roots["actor"] / f"step_{step}"))
         }
@@ -468,8 +541,6 @@ class RLRun:
             path = str(self.ckpt_roots["critic"] / f"step_{step}")
             calls["critic"] = self.groups["critic"].submit(ValueWorker.load, path)
         wait_all(calls, self.cfg.rl.call_timeout_s)
-        LOG.info("resumed from %s (step %d)", self.ckpt_roots["actor"] / f"step_{step}", step)
-        return step
 
     # ------------------------------------------------------------------ the loop
 
@@ -479,7 +550,16 @@ class RLRun:
         try:
             self.start_workers()
             start = self.resume()
-            self.logger = RunLogger(self.out, cfg.method, enabled=True, total_steps=cfg.rl.steps, start_step=start)
+            self.logger = RunLogger(
+                self.out,
+                cfg.method,
+                enabled=True,
+                total_steps=cfg.rl.steps,
+                start_step=start,
+                wandb=cfg.logging.wandb,
+                run_config=dataclasses.asdict(cfg),
+                progress_interval_s=cfg.logging.progress_interval_s,
+            )
             outcome = run_loop(cfg.rl, self, self.logger, start=start, evaluate_before=cfg.rl.eval_before)
         except WorkerFailure as err:
             LOG.error(
@@ -496,12 +576,15 @@ class RLRun:
             "method": cfg.method,
             "steps": outcome.steps,
             "stopped_early": outcome.stopped_early,
+            "stop_reason": outcome.stop_reason,
             "final_checkpoint": str(self.ckpt_roots["actor"]),
             **held_out_summary(outcome.final_evaluation, self.out / "eval"),
             "reward_first_steps": _mean(self.rewards[:5]),
             "reward_last_steps": _mean(self.rewards[-5:]),
             "wall_time_s": self.timer.elapsed(),
         }
+        if self.guard is not None:
+            summary["collapse_guard"] = self.guard.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 

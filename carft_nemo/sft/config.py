@@ -10,6 +10,7 @@ from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_model_layout
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
+from carft_nemo.telemetry.wandb_sink import LoggingConfig
 from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
 
@@ -61,6 +62,7 @@ class SFTConfig:
     eval_data: DatasetConfig = field(default_factory=held_out_split)
     generation: GenerationConfig = field(default_factory=_greedy_eval)
     train: SFTLoopConfig = field(default_factory=SFTLoopConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # W&B besides TensorBoard (telemetry/)
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")

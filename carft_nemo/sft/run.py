@@ -144,6 +144,10 @@ class SFTStage:
             keep_last=self.cfg.train.keep_checkpoints,
         )
 
+    def after_step(self, done: int, metrics: dict[str, float], evaluation: Any, saved: bool) -> None:
+        """SFT has no collapse guard: the loop always goes on."""
+        return None
+
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train (or resume) SFT as configured; returns the final summary (same on every rank)."""
@@ -156,7 +160,16 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         save_resolved(cfg, out / "config.yaml")
     stage = SFTStage(cfg, layout, out)
     start = stage.resume()
-    stage.logger = RunLogger(out, "sft", enabled=layout.is_logging_rank, total_steps=cfg.train.steps, start_step=start)
+    stage.logger = RunLogger(
+        out,
+        "sft",
+        enabled=layout.is_logging_rank,
+        total_steps=cfg.train.steps,
+        start_step=start,
+        wandb=cfg.logging.wandb,
+        run_config=dataclasses.asdict(cfg),
+        progress_interval_s=cfg.logging.progress_interval_s,
+    )
     outcome = run_loop(cfg.train, stage, stage.logger, start=start, evaluate_before=cfg.train.eval_before)
     stage.logger.close()
     summary = {

@@ -2,7 +2,8 @@
 
 Three sinks for the same numbers: ``metrics.jsonl`` (one JSON object per step, appended
 and flushed, so a crash loses nothing already logged and reports can be drawn from it),
-TensorBoard scalars, and a tqdm progress bar with the latest values.
+TensorBoard scalars, and a tqdm progress bar with the latest values; Weights & Biases as
+a fourth when ``logging.wandb.mode`` is set (``telemetry/wandb_sink.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from carft_nemo.telemetry.wandb_sink import WandbConfig, WandbSink
 
 LOG = logging.getLogger("carft_nemo")
 
@@ -43,15 +46,21 @@ class RunLogger:
         start_step: int = 0,
         tensorboard: bool = True,
         progress: bool = True,
+        wandb: WandbConfig | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        progress_interval_s: float = 1.0,
     ) -> None:
         self.enabled = enabled
         self.stage = stage
         self.out_dir = Path(out_dir)
         self._writer = None
         self._bar = None
+        self._wandb = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if wandb is not None and wandb.mode != "disabled":
+            self._wandb = WandbSink(wandb, self.out_dir, stage, run_config)
         self._jsonl = (self.out_dir / "metrics.jsonl").open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,7 +68,12 @@ class RunLogger:
             self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         if progress:
             self._bar = tqdm(
-                total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True, file=sys.stderr, mininterval=1.0
+                total=total_steps,
+                initial=start_step,
+                desc=stage,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=progress_interval_s,
             )
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -72,6 +86,8 @@ class RunLogger:
             for key, value in clean.items():
                 if isinstance(value, float) and math.isfinite(value):
                     self._writer.add_scalar(f"{self.stage}/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, {k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)})
         if self._bar is not None:
             shown = {k: f"{v:.4g}" for k, v in clean.items() if isinstance(v, float) and k in _SHOWN}
             self._bar.set_postfix(shown, refresh=False)
@@ -87,6 +103,8 @@ class RunLogger:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
         self._jsonl.close()
 
 

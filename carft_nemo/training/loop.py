@@ -9,8 +9,10 @@ holds; they agree on everything else, which lives here once::
         log(step + 1, metrics)
         every eval_every steps (not the last):  evaluate "step_<n>"
         every save_every steps and the last:    save(n)
+        after_step(n, metrics, evaluation):     a Rewind goes back to an earlier step (RL's
+                                                collapse guard) or ends the run there
         a stop signal (SIGTERM / SIGUSR1, on any rank): save(n) unless just saved, stop
-    evaluate "final"                         (unless stopped early)
+    evaluate "final"                         (unless stopped early by a signal)
 
 ``n`` is the number of completed steps: a checkpoint ``step_n`` resumes at step ``n``.
 """
@@ -64,12 +66,25 @@ class StageHooks(Protocol):
     def save(self, done: int) -> None:
         """Write the checkpoint ``step_<done>`` (and prune older ones)."""
 
+    def after_step(self, done: int, metrics: dict[str, float], evaluation: Any, saved: bool) -> Rewind | None:
+        """After step ``done`` (evaluated and saved as the cadence says): go on (None) or rewind."""
+
+
+@dataclass(frozen=True)
+class Rewind:
+    """The hooks restored the state of step ``to_step``: the loop goes on from there, or ends."""
+
+    to_step: int
+    stop: bool = False  # end the run after the rewind (the final evaluation still runs)
+    reason: str = ""
+
 
 @dataclass(frozen=True)
 class LoopOutcome:
     steps: int  # completed steps when the loop ended
     stopped_early: bool  # a stop signal ended it (the final evaluation was skipped)
     final_evaluation: Any  # what hooks.evaluate returned for "final" (None when stopped early)
+    stop_reason: str = ""  # why a Rewind ended the run early, if one did
 
 
 def run_loop(
@@ -79,18 +94,24 @@ def run_loop(
     if evaluate_before and start == 0:
         hooks.evaluate(0, "before")
     preemption = PreemptionHandler()
-    done, stopped_early = start, False
+    done, stopped_early, stop_reason = start, False, ""
     try:
         while done < schedule.steps:
             metrics = hooks.train_step(done)
             done += 1
             logger.log(done, metrics)
             logger.advance()
-            if schedule.evaluates_after(done):
-                hooks.evaluate(done, f"step_{done}")
+            evaluation = hooks.evaluate(done, f"step_{done}") if schedule.evaluates_after(done) else None
             saved = schedule.saves_after(done)
             if saved:
                 hooks.save(done)
+            rewind = hooks.after_step(done, metrics, evaluation, saved)
+            if rewind is not None:
+                logger.advance(rewind.to_step - done)
+                done, saved = rewind.to_step, True  # the state of a complete checkpoint
+                if rewind.stop:
+                    stop_reason = rewind.reason
+                    break
             if done < schedule.steps and preemption.should_stop():
                 LOG.warning("stop signal %s: saving at step %d and exiting", preemption.received, done)
                 if not saved:
@@ -100,7 +121,7 @@ def run_loop(
     finally:
         preemption.restore()
     final = None if stopped_early else hooks.evaluate(done, "final")
-    return LoopOutcome(done, stopped_early, final)
+    return LoopOutcome(done, stopped_early, final, stop_reason)
 
 
-__all__ = ["LoopOutcome", "LoopSchedule", "StageHooks", "run_loop"]
+__all__ = ["LoopOutcome", "LoopSchedule", "Rewind", "StageHooks", "run_loop"]

@@ -62,10 +62,17 @@ class TrainableModel:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def step(self) -> tuple[bool, float]:
-        """Optimizer step + LR schedule step; returns (update applied, grad norm)."""
+    def step(self, lr_scale: float = 1.0) -> tuple[bool, float]:
+        """Optimizer step at ``lr_scale`` x the scheduled LR, then the LR schedule's step;
+        returns (update applied, grad norm). The scale lives with the caller (RL's collapse
+        guard), so a checkpoint's schedule state stays the schedule's own."""
+        scheduled = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_scale
         with cpu_compat.cuda_as_cpu_context():
             ok, grad_norm, _ = self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, scheduled):
+            group["lr"] = lr
         if ok:
             self.scheduler.step(increment=1)
         return bool(ok), float(grad_norm) if grad_norm is not None else 0.0

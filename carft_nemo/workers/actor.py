@@ -134,6 +134,7 @@ class ActorWorker(ModelWorker):
             seed=settings.seed,
             make_loss=make_loss,
             hidden_to_loss=True,
+            lr_scale=settings.lr_scale,
         )
         return {**totals, **probe}
 

@@ -43,6 +43,7 @@ class ActorTrainSettings:
     value_loss_coef: float = 1.0
     contrastive: ContrastiveConfig | None = None
     probe_gradients: bool = False  # this step, measure the contrastive / policy gradient ratio first
+    lr_scale: float = 1.0  # multiplies the scheduled LR (the collapse guard lowers it after a rollback)
 
 
 def policy_outputs(

@@ -45,6 +45,7 @@ class CriticTrainSettings:
     mini_batch_rows: int  # rows per optimizer step on this replica
     seed: int  # the row order of each epoch derives from it
     value_clip: float = 0.2
+    lr_scale: float = 1.0  # multiplies the scheduled LR (the collapse guard lowers it after a rollback)
 
 
 def _values(output: torch.Tensor, micro: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,6 +88,7 @@ class CriticWorker(ModelWorker):
             micro_batch_size=self.spec.micro_batch_size,
             seed=settings.seed,
             make_loss=make_loss,
+            lr_scale=settings.lr_scale,
         )
 
     def save(self, root: str, step: int) -> str:

@@ -130,19 +130,21 @@ class ModelWorker(ParallelWorker):
         seed: int,
         make_loss: Callable[[dict[str, torch.Tensor], int], tuple[Callable, float]],
         hidden_to_loss: bool = False,
+        lr_scale: float = 1.0,
     ) -> dict[str, float]:
         """``epochs`` passes over this rank's rows in ``mini_batch_rows`` mini-batches, one optimizer step each.
 
         ``make_loss(mini_batch, num_microbatches)`` returns ``(loss_fn, normalizer)`` for
         :func:`run_forward_backward`. The row order of each epoch is a function of ``seed``
         and the epoch (the same on every rank of a replica). Returns the metric sums of all
-        mini-batches plus ``grad_norm`` (mean) and ``updates_skipped``.
+        mini-batches plus ``grad_norm`` (mean), ``updates_skipped`` and ``lr`` (the last step's,
+        ``lr_scale`` included).
         """
         rows = next(iter(batch.values())).shape[0]
         if rows % mini_batch_rows:
             raise ValueError(f"{rows} rows per replica do not split into mini-batches of {mini_batch_rows}")
         totals: dict[str, float] = {}
-        grad_norms, skipped = [], 0
+        grad_norms, skipped, lr = [], 0, 0.0
         self.model.train()
         for epoch in range(epochs):
             order = torch.randperm(
@@ -161,7 +163,8 @@ class ModelWorker(ParallelWorker):
                     micro_batch_size=micro_batch_size,
                     hidden_to_loss=hidden_to_loss,
                 )
-                ok, grad_norm = self.trainable.step()
+                lr = self.trainable.lr * lr_scale
+                ok, grad_norm = self.trainable.step(lr_scale)
                 grad_norms.append(grad_norm)
                 skipped += int(not ok)
                 for k, v in metrics.items():
@@ -169,6 +172,7 @@ class ModelWorker(ParallelWorker):
         totals["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         totals["updates_skipped"] = float(skipped)
         totals["updates"] = float(len(grad_norms))
+        totals["lr"] = lr
         return totals
 
     @staticmethod

@@ -91,7 +91,7 @@ def _grad_norms(tp: int, layout: str, contrastive_on: bool) -> dict[str, float]:
         seed=0,
         shared_value=layout == "shared",
         value_loss_coef=0.0,
-        contrastive=ContrastiveConfig(enabled=contrastive_on, mode="both", coef=1.0, projection_dim=8),
+        contrastive=ContrastiveConfig(enabled=contrastive_on, variant="v9", coef=1.0, projection_dim=8),
     )
     dp_group = layout_info.group("dp")
     dp = layout_info.data_parallel

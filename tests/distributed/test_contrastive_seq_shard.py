@@ -53,7 +53,7 @@ def _loss_with_spans(case: dict, group) -> dict[str, torch.Tensor]:
     value = case["value"].clone().requires_grad_(True)
     cot = lambda h, m: CoTBatch(h @ proj.t(), h @ value, m)  # noqa: E731
     loss, _ = contrastive_loss(
-        ContrastiveConfig(mode="both", coef=1.0, detach_annotated=False),
+        ContrastiveConfig(variant="v9", coef=1.0, detach_annotated=False),
         cot(case["hidden_gen"], case["mask_gen"]),
         cot(case["hidden_ann"], case["mask_ann"]),
         case["correct"],

@@ -11,6 +11,7 @@ from carft_nemo.checkpoint.dist_checkpoint import (
     COMPLETE_MARKER,
     METADATA_FILE,
     CheckpointError,
+    discard_checkpoints_after,
     find_latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
@@ -47,6 +48,17 @@ def test_prune_keeps_newest_and_drops_stale_temp(tmp_path: Path) -> None:
     prune_checkpoints(tmp_path, keep_last=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-step_7", "step_3", "step_4"]
+
+
+def test_a_protected_step_outlives_pruning_and_a_rewind_discards_newer_steps(tmp_path: Path) -> None:
+    roots = [tmp_path / "actor", tmp_path / "critic"]
+    for root in roots:
+        for s in (0, 5, 10, 15):
+            _folder(root, f"step_{s}", True)
+    prune_checkpoints(roots, keep_last=2, protect=[5])  # the collapse guard's best
+    assert [[s for s, _ in list_checkpoints(r)] for r in roots] == [[5, 10, 15]] * 2
+    discard_checkpoints_after(roots, 5)
+    assert [[s for s, _ in list_checkpoints(r)] for r in roots] == [[5]] * 2
 
 
 def test_errors_name_the_path(tmp_path: Path) -> None:

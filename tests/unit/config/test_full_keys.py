@@ -23,10 +23,12 @@ ROOT = Path(__file__).resolve().parents[3]
 BAD: dict[str, tuple[str, str]] = {
     "ActorConfig": ("num_workers", "0"),
     "ContrastiveConfig": ("tau", "0.0"),
+    "CollapseGuardConfig": ("lr_factor", "0"),
     "CriticConfig": ("value_clip", "0"),
     "DatasetConfig": ("split", "dev"),
     "EncodingConfig": ("max_prompt_tokens", "0"),
     "GenerationConfig": ("temperature", "0.0"),
+    "LoggingConfig": ("progress_interval_s", "0"),
     "ModelConfig": ("preset", "gpt5"),
     "OptimConfig": ("lr", "-1"),
     "ParallelConfig": ("tensor_parallel", "0"),
@@ -39,6 +41,7 @@ BAD: dict[str, tuple[str, str]] = {
     "SandboxConfig": ("timeout_s", "0"),
     "SyntheticConfig": ("distractor_prob", "1.5"),
     "TokenizerConfig": ("kind", "sentencepiece"),
+    "WandbConfig": ("mode", "cloud"),
 }
 
 

@@ -10,15 +10,16 @@ import pytest
 
 from carft_nemo.config import ConfigError
 from carft_nemo.telemetry.run_log import RunLogger, read_metrics
-from carft_nemo.training.loop import LoopSchedule, run_loop
+from carft_nemo.training.loop import LoopSchedule, Rewind, run_loop
 
 
 class RecordingStage:
     """A stage whose steps only record what the loop asked; ``signal_at``: raise SIGUSR1 during that step."""
 
-    def __init__(self, signal_at: int | None = None) -> None:
+    def __init__(self, signal_at: int | None = None, rewinds: dict[int, Rewind] | None = None) -> None:
         self.calls: list[tuple[str, int, str]] = []
         self.signal_at = signal_at
+        self.rewinds = dict(rewinds or {})  # done -> the Rewind after_step returns there (once)
 
     def train_step(self, step: int) -> dict[str, float]:
         self.calls.append(("train", step, ""))
@@ -32,6 +33,9 @@ class RecordingStage:
 
     def save(self, done: int) -> None:
         self.calls.append(("save", done, ""))
+
+    def after_step(self, done: int, metrics: dict, evaluation, saved: bool) -> Rewind | None:
+        return self.rewinds.pop(done, None)
 
     def of(self, kind: str) -> list:
         return [(step, name) if kind == "eval" else step for k, step, name in self.calls if k == kind]
@@ -87,3 +91,22 @@ def test_schedule_fields_are_validated_relative_to_their_section() -> None:
         LoopSchedule(steps=0)
     with pytest.raises(ConfigError, match="^eval_every: must be >= 0"):
         LoopSchedule(eval_every=-1)
+
+
+def test_a_rewind_goes_back_and_replays_the_steps_after_it(tmp_path: Path) -> None:
+    stage = RecordingStage(rewinds={4: Rewind(to_step=2)})
+    outcome = _run(tmp_path, LoopSchedule(steps=5, eval_every=2, save_every=2), stage, before=False)
+    assert stage.of("train") == [0, 1, 2, 3, 2, 3, 4]  # steps 3 and 4 run again from step 2's state
+    assert stage.of("eval") == [(2, "step_2"), (4, "step_4"), (4, "step_4"), (5, "final")]
+    assert stage.of("save") == [2, 4, 4, 5]
+    assert outcome.steps == 5 and not outcome.stopped_early and outcome.stop_reason == ""
+    logged = [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")]
+    assert logged == [1, 2, 3, 4, 3, 4, 5]
+
+
+def test_a_stopping_rewind_ends_the_run_at_its_step_with_a_final_evaluation(tmp_path: Path) -> None:
+    stage = RecordingStage(rewinds={3: Rewind(to_step=1, stop=True, reason="guard spent")})
+    outcome = _run(tmp_path, LoopSchedule(steps=6, eval_every=0, save_every=1), stage, before=False)
+    assert stage.of("train") == [0, 1, 2]
+    assert stage.of("eval") == [(1, "final")]  # the restored state is evaluated
+    assert (outcome.steps, outcome.stopped_early, outcome.stop_reason) == (1, False, "guard spent")
