@@ -53,19 +53,23 @@ def group(axis: str) -> dist.ProcessGroup | None:
     return getters[axis]()
 
 
+# axis -> megatron's (size, rank) getters; the other axes ask their process group
+_SIZE_AND_RANK = {
+    "tp": ("get_tensor_model_parallel_world_size", "get_tensor_model_parallel_rank"),
+    "pp": ("get_pipeline_model_parallel_world_size", "get_pipeline_model_parallel_rank"),
+    "dp": ("get_data_parallel_world_size", "get_data_parallel_rank"),
+    "cp": ("get_context_parallel_world_size", "get_context_parallel_rank"),
+}
+
+
 def size(axis: str) -> int:
     """Ranks along ``axis`` (1 before :func:`build`)."""
     _check(axis)
     if not initialized():
         return 1
-    ps = _ps()
-    getters = {
-        "tp": ps.get_tensor_model_parallel_world_size,
-        "pp": ps.get_pipeline_model_parallel_world_size,
-        "dp": ps.get_data_parallel_world_size,
-        "cp": ps.get_context_parallel_world_size,
-    }
-    return getters[axis]() if axis in getters else dist.get_world_size(group(axis))
+    if axis in _SIZE_AND_RANK:
+        return getattr(_ps(), _SIZE_AND_RANK[axis][0])()
+    return dist.get_world_size(group(axis))
 
 
 def rank(axis: str) -> int:
@@ -73,14 +77,9 @@ def rank(axis: str) -> int:
     _check(axis)
     if not initialized():
         return 0
-    ps = _ps()
-    getters = {
-        "tp": ps.get_tensor_model_parallel_rank,
-        "pp": ps.get_pipeline_model_parallel_rank,
-        "dp": ps.get_data_parallel_rank,
-        "cp": ps.get_context_parallel_rank,
-    }
-    return getters[axis]() if axis in getters else dist.get_rank(group(axis))
+    if axis in _SIZE_AND_RANK:
+        return getattr(_ps(), _SIZE_AND_RANK[axis][1])()
+    return dist.get_rank(group(axis))
 
 
 def is_first_stage() -> bool:

@@ -23,7 +23,7 @@ from carft_nemo.algorithms.contrastive import ContrastiveConfig
 from carft_nemo.config import key_prefix, require, save_resolved
 from carft_nemo.distributed.layout import shutdown
 from carft_nemo.distributed.ray_group import shared_ray
-from carft_nemo.pipeline.study import pick_start
+from carft_nemo.pipeline.study import check_start_candidates, pick_start
 from carft_nemo.reporting.report import StageResult, write_report
 from carft_nemo.rl.config import RLConfig, RLLoopConfig
 from carft_nemo.rl.controller import run_rl, worker_cpus
@@ -48,14 +48,7 @@ class MainConfig:
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")
         if self.start_accuracy is not None:
-            require(0 < self.start_accuracy < 1, "start_accuracy", f"must be in (0, 1), got {self.start_accuracy}")
-            train = self.sft.train
-            require(
-                train.eval_every > 0 and train.save_every == train.eval_every,
-                "sft.train.save_every",
-                f"must equal sft.train.eval_every (> 0) with start_accuracy: the start is an evaluated checkpoint, "
-                f"got save_every={train.save_every}, eval_every={train.eval_every}",
-            )
+            check_start_candidates(self.start_accuracy, self.sft.train)
         for m in self.methods:
             require(m in RL_METHODS, "methods", f"unknown method {m!r}; choose from {RL_METHODS}")
         for m in RL_METHODS:

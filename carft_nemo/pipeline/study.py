@@ -39,6 +39,7 @@ from carft_nemo.sft.config import SFTConfig
 from carft_nemo.sft.run import run_sft
 from carft_nemo.telemetry.run_log import LOG
 from carft_nemo.telemetry.timing import PhaseTimer
+from carft_nemo.training.loop import LoopSchedule
 
 Arm = Callable[[RLConfig], RLConfig]
 
@@ -66,7 +67,7 @@ def _grpo(base: RLConfig) -> RLConfig:
     return dataclasses.replace(base, rl=loop, contrastive=dataclasses.replace(base.contrastive, enabled=False))
 
 
-def _carft(variant: str, coef: float, **extension: bool) -> Arm:
+def _carft(variant: str, coef: float, **extension: bool | float | None) -> Arm:
     def arm(base: RLConfig) -> RLConfig:
         cl = dataclasses.replace(base.contrastive, enabled=True, variant=variant, coef=coef, **extension)
         return dataclasses.replace(base, contrastive=cl)
@@ -83,7 +84,22 @@ ARMS: dict[str, Arm] = {
     "carft_v9": _carft("v9", 0.1),  # + the negative signal
     "carft_v11": _carft("v11", 0.1),  # + the embedding-enhanced partial reward
     "carft_v4_gather_grad": _carft("v4", 0.1, gather_with_grad=True),  # ours: gradient through the gather
+    # what the diagnostics pointed to (docs/study): with cos(z_ann, z_gen) ~ 0.99 every correct pair
+    # sits above the 0.9 clamp and v4 sends no gradient at all; without the clamp the pull acts
+    "carft_v4_unclamped": _carft("v4", 0.1, clamp_positive_similarity=None),
+    "carft_v4_unclamped_c0.01": _carft("v4", 0.01, clamp_positive_similarity=None),
 }
+# the arms of configs/study-synthetic.yaml; the others are follow-ups (configs/study-followup.yaml)
+PAPER_ARMS = [
+    "reft",
+    "grpo",
+    "carft_v4",
+    "carft_v4_c0.01",
+    "carft_v4_c0.001",
+    "carft_v9",
+    "carft_v11",
+    "carft_v4_gather_grad",
+]
 
 
 @dataclass
@@ -92,11 +108,13 @@ class StudyConfig:
 
     output_dir: str = "outputs/study"
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: list(PAPER_ARMS))
     start_accuracy: float = 0.77  # RL starts from the SFT checkpoint whose held-out accuracy is nearest this
     # another study's output folder: take its SFT start (start.json) and the start's evaluation
     # instead of training SFT again (the stability study runs from the main study's start)
     reuse_start_from: str | None = None
+    # arms whose finished runs in reuse_start_from are linked in, not rerun (the same RL settings!)
+    reuse_runs: list[str] = field(default_factory=list)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # the ReFT settings every arm starts from
 
@@ -106,19 +124,26 @@ class StudyConfig:
         require(len(set(self.seeds)) == len(self.seeds), "seeds", f"repeated seeds in {self.seeds}")
         for arm in self.arms:
             require(arm in ARMS, "arms", f"unknown arm {arm!r}; choose from {sorted(ARMS)}")
-        require(0 < self.start_accuracy < 1, "start_accuracy", f"must be in (0, 1), got {self.start_accuracy}")
-        train = self.sft.train
-        require(
-            train.eval_every > 0 and train.save_every == train.eval_every,
-            "sft.train.save_every",
-            f"must equal sft.train.eval_every (> 0): the start is an evaluated checkpoint, got "
-            f"save_every={train.save_every}, eval_every={train.eval_every}",
-        )
-        require(
-            train.keep_checkpoints * train.save_every >= train.steps,
-            "sft.train.keep_checkpoints",
-            f"{train.keep_checkpoints} x save_every {train.save_every} < steps {train.steps}: candidates get pruned",
-        )
+        for arm in self.reuse_runs:
+            require(arm in self.arms, "reuse_runs", f"{arm!r} is not one of arms")
+        require(not self.reuse_runs or bool(self.reuse_start_from), "reuse_runs", "needs reuse_start_from")
+        check_start_candidates(self.start_accuracy, self.sft.train)
+
+
+def check_start_candidates(start_accuracy: float, train: LoopSchedule) -> None:
+    """The SFT stage keeps an evaluated checkpoint at every evaluation, for :func:`pick_start`."""
+    require(0 < start_accuracy < 1, "start_accuracy", f"must be in (0, 1), got {start_accuracy}")
+    require(
+        train.eval_every > 0 and train.save_every == train.eval_every,
+        "sft.train.save_every",
+        f"must equal sft.train.eval_every (> 0): the start is an evaluated checkpoint, got "
+        f"save_every={train.save_every}, eval_every={train.eval_every}",
+    )
+    require(
+        train.keep_checkpoints * train.save_every >= train.steps,
+        "sft.train.keep_checkpoints",
+        f"{train.keep_checkpoints} x save_every {train.save_every} < steps {train.steps}: candidates get pruned",
+    )
 
 
 def _done(out: Path) -> bool:
@@ -179,6 +204,12 @@ def _reused_start(cfg: StudyConfig, out: Path) -> dict:
     if not (out / "start").is_dir():
         shutil.copytree(source / "start", out / "start")
     (out / "start.json").write_text(json.dumps({**start, "reused_from": str(source)}, indent=2) + "\n")
+    for seed in cfg.seeds:
+        for arm in cfg.reuse_runs:
+            here, there = out / f"seed_{seed}" / arm, (source / f"seed_{seed}" / arm).resolve()
+            if not here.exists() and _done(there):
+                here.parent.mkdir(parents=True, exist_ok=True)
+                here.symlink_to(there, target_is_directory=True)
     LOG.info("study: RL starts from %s, the start of %s", start["checkpoint"], source)
     return start
 
@@ -228,4 +259,4 @@ def run_study(cfg: StudyConfig) -> Path:
     return write_results(out, results)
 
 
-__all__ = ["ARMS", "StudyConfig", "evaluate_start", "pick_start", "run_study"]
+__all__ = ["ARMS", "PAPER_ARMS", "StudyConfig", "evaluate_start", "pick_start", "run_study"]

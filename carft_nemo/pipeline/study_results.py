@@ -13,7 +13,9 @@ largest drop (mean, max); the diagnostics' means.
 
 A claim "holds" when the pooled flips favour it with p < 0.05, "points the same way" when
 they favour it without, and "does not hold" otherwise; a stability claim compares the mean
-largest drops against their standard error.
+largest drops against their standard error and counts the runs that collapsed (fell at least
+``COLLAPSE_POINTS`` below their running best). A claim whose arms have not finished every seed
+gets no verdict ("incomplete"), whatever its partial numbers say.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from carft_nemo.reporting.plots import plot_curves
 from carft_nemo.telemetry.run_log import read_metrics
 
 START = "start"  # the pseudo-arm of the start checkpoint in curves and tables
+COLLAPSE_POINTS = 0.10  # a run collapsed when held-out accuracy fell this far below its running best
 
 
 def eval_curve(run_dir: Path, start_accuracy: float | None = None) -> list[tuple[int, float]]:
@@ -104,6 +107,7 @@ def _aggregate(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "accuracy": _stats([r["accuracy"] for r in runs.values()]),
         "largest_drop": _stats([r["largest_drop"] for r in runs.values()]),
+        "collapsed_runs": sum(r["largest_drop"] >= COLLAPSE_POINTS - 1e-9 for r in runs.values()),
         "reward_last_steps": _stats([r["reward_last_steps"] for r in runs.values()]),
         "vs_start": _pooled([r["vs_start"] for r in runs.values()]),
     }
@@ -142,7 +146,7 @@ def collect_results(out: Path, seeds: list[int], arms: list[str]) -> dict[str, A
         "start": {**start_record, "accuracy": start_summary["accuracy"], "questions": start_summary["num_examples"]},
         "per_run": per_run,
         "aggregate": aggregate,
-        "claims": check_claims(aggregate, start_summary["accuracy"]),
+        "claims": check_claims(aggregate, start_summary["accuracy"], len(seeds)),
     }
 
 
@@ -154,6 +158,8 @@ CLAIMS = [
     ("CARFT v9 (positive + negative) beats ReFT", "carft_v9", "reft"),
     ("CARFT v11 (v4 + partial reward) beats ReFT", "carft_v11", "reft"),
     ("CARFT v4 with gradient through the gather (ours) beats ReFT", "carft_v4_gather_grad", "reft"),
+    ("CARFT v4 without the clamp (c_cl 0.1) beats ReFT", "carft_v4_unclamped", "reft"),
+    ("CARFT v4 without the clamp (c_cl 0.01) beats ReFT", "carft_v4_unclamped_c0.01", "reft"),
     ("CARFT v4 beats Dr.GRPO (mean accuracy)", "carft_v4", "grpo"),
 ]
 
@@ -183,24 +189,34 @@ def _accuracy_claim(text: str, a: str, b: str, aggregate: dict, start_accuracy: 
     return {"claim": text, "a": a, "b": b, "difference": diff, **pooled, "verdict": verdict}
 
 
-def check_claims(aggregate: dict, start_accuracy: float) -> list[dict[str, Any]]:
-    """The claims whose arms ran; accuracy claims on pooled flips, stability on the largest drop."""
+def _stability_claim(arm: str, aggregate: dict) -> dict[str, Any]:
+    ca, re = aggregate[arm]["largest_drop"], aggregate["reft"]["largest_drop"]
+    diff = re["mean"] - ca["mean"]  # positive: CARFT fell less far
+    se = math.sqrt(ca["std"] ** 2 / ca["n"] + re["std"] ** 2 / re["n"])
+    verdict = "holds" if diff > se and diff > 0 else ("points the same way" if diff > 0 else "does not hold")
+    return {
+        "claim": f"{arm} is more stable than ReFT (smaller largest drop)",
+        "a": arm,
+        "b": "reft",
+        "difference": diff,
+        "standard_error": se,
+        "collapsed_runs": {arm: aggregate[arm]["collapsed_runs"], "reft": aggregate["reft"]["collapsed_runs"]},
+        "verdict": verdict,
+    }
+
+
+def check_claims(aggregate: dict, start_accuracy: float, seeds: int) -> list[dict[str, Any]]:
+    """The claims whose arms ran; accuracy claims on pooled flips, stability on the largest drop.
+
+    Verdicts only where every arm of the claim finished all ``seeds`` seeds ("incomplete" else).
+    """
     out = [c for text, a, b in CLAIMS if (c := _accuracy_claim(text, a, b, aggregate, start_accuracy)) is not None]
-    if "carft_v4" in aggregate and "reft" in aggregate:
-        ca, re = aggregate["carft_v4"]["largest_drop"], aggregate["reft"]["largest_drop"]
-        diff = re["mean"] - ca["mean"]  # positive: CARFT fell less far
-        se = math.sqrt(ca["std"] ** 2 / ca["n"] + re["std"] ** 2 / re["n"])
-        verdict = "holds" if diff > se and diff > 0 else ("points the same way" if diff > 0 else "does not hold")
-        out.append(
-            {
-                "claim": "CARFT v4 is more stable than ReFT (smaller largest drop)",
-                "a": "carft_v4",
-                "b": "reft",
-                "difference": diff,
-                "standard_error": se,
-                "verdict": verdict,
-            }
-        )
+    if "reft" in aggregate:
+        out += [_stability_claim(arm, aggregate) for arm in aggregate if arm.startswith("carft")]
+    for claim in out:
+        runs = [aggregate[arm]["accuracy"]["n"] for arm in (claim["a"], claim["b"]) if arm in aggregate]
+        if min(runs) < seeds:
+            claim["verdict"] = f"incomplete ({min(runs)} of {seeds} seeds)"
     return out
 
 
@@ -222,6 +238,7 @@ def _arm_rows(results: dict[str, Any]) -> list[list[str]]:
                 f"{vs_start['fixed']} / {vs_start['broken']} (p {vs_start['sign_test_p']:.2g})",
                 f"{vs_reft['fixed']} / {vs_reft['broken']} (p {vs_reft['sign_test_p']:.2g})" if vs_reft else "–",
                 f"{_pct(drop['mean'])} (max {_pct(drop['max'])})",
+                f"{agg['collapsed_runs']} of {acc['n']}",
                 f"{agg['reward_last_steps']['mean']:.3f}",
             ]
         )
@@ -288,6 +305,7 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
                 "fixed / broken vs start (pooled)",
                 "fixed / broken vs ReFT (same seed, pooled)",
                 "largest drop below running best",
+                f"runs that fell >= {100 * COLLAPSE_POINTS:.0f} points",
                 "train reward (last 5)",
             ],
             _arm_rows(results),

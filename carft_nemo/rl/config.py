@@ -18,7 +18,7 @@ from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.rewards.sandbox import SandboxConfig
 from carft_nemo.rl.collapse_guard import CollapseGuardConfig
-from carft_nemo.telemetry.wandb_sink import LoggingConfig
+from carft_nemo.telemetry.run_log import LoggingConfig
 from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
 

@@ -50,7 +50,7 @@ from carft_nemo.evaluation.metrics import PairedChange
 from carft_nemo.evaluation.runner import EvalResult, held_out_summary, record_eval
 from carft_nemo.generation.rollout import Rollout
 from carft_nemo.models.config import ModelConfig
-from carft_nemo.rl.collapse_guard import CollapseGuard
+from carft_nemo.rl.collapse_guard import CollapseGuard, Trigger
 from carft_nemo.rl.config import RLConfig
 from carft_nemo.rl.experience import (
     AnnotatedBatch,
@@ -68,7 +68,7 @@ from carft_nemo.seeding import derive_seed
 from carft_nemo.telemetry.run_log import LOG, RunLogger, setup_logging
 from carft_nemo.telemetry.timing import PhaseTimer
 from carft_nemo.training.batches import BatchSchedule
-from carft_nemo.training.loop import Rewind, run_loop
+from carft_nemo.training.loop import LoopOutcome, Rewind, run_loop
 from carft_nemo.workers.actor import ActorSpec, ActorWorker
 from carft_nemo.workers.actor_loss import ActorTrainSettings
 from carft_nemo.workers.contracts import PolicyWorker, RewardScorer, ValueWorker
@@ -492,6 +492,10 @@ class RLRun:
         if self.guard.state.best_step is None:
             LOG.warning("collapse guard: %s (%s); no checkpoint to return to yet", trigger.rule, trigger.detail)
             return None
+        return self._roll_back(done, trigger)
+
+    def _roll_back(self, done: int, trigger: Trigger) -> Rewind:
+        """Every role back to the guard's best checkpoint (newer ones deleted), the event logged."""
         event = self.guard.record_event(done, trigger)
         target = event["to_step"]
         discard_checkpoints_after(list(self.ckpt_roots.values()), target)
@@ -556,9 +560,8 @@ class RLRun:
                 enabled=True,
                 total_steps=cfg.rl.steps,
                 start_step=start,
-                wandb=cfg.logging.wandb,
+                settings=cfg.logging,
                 run_config=dataclasses.asdict(cfg),
-                progress_interval_s=cfg.logging.progress_interval_s,
             )
             outcome = run_loop(cfg.rl, self, self.logger, start=start, evaluate_before=cfg.rl.eval_before)
         except WorkerFailure as err:
@@ -572,6 +575,10 @@ class RLRun:
             if self.logger is not None:
                 self.logger.close()  # no progress bar redrawn after the error line at exit
             self.stop_workers()
+        return self._write_summary(outcome)
+
+    def _write_summary(self, outcome: LoopOutcome) -> dict[str, Any]:
+        cfg = self.cfg
         summary = {
             "method": cfg.method,
             "steps": outcome.steps,

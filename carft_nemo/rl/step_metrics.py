@@ -31,6 +31,7 @@ def train_metrics(actor: dict[str, float] | None, critic: dict[str, float] | Non
                 "entropy": actor.get("policy/entropy", 0.0) / tokens,
                 "grad_norm": actor["grad_norm"],
                 "updates_skipped": actor["updates_skipped"],
+                "lr": actor.get("lr", 0.0),  # the last update's (the collapse guard's scale included)
             }
         )
     value_source = critic if critic is not None else (actor or {})
@@ -40,6 +41,7 @@ def train_metrics(actor: dict[str, float] | None, critic: dict[str, float] | Non
         out["value_clip_fraction"] = value_source["value/clipped_tokens"] / value_tokens
     if critic is not None:
         out["critic_grad_norm"] = critic["grad_norm"]
+        out["critic_lr"] = critic.get("lr", 0.0)
     micro_batches = max((actor or {}).get("count/micro_batches", 0.0), 1.0)
     for key in CONTRASTIVE_KEYS:
         if actor is not None and key in actor:

@@ -10,7 +10,7 @@ from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_model_layout
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
-from carft_nemo.telemetry.wandb_sink import LoggingConfig
+from carft_nemo.telemetry.run_log import LoggingConfig
 from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
 

@@ -166,9 +166,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         enabled=layout.is_logging_rank,
         total_steps=cfg.train.steps,
         start_step=start,
-        wandb=cfg.logging.wandb,
+        settings=cfg.logging,
         run_config=dataclasses.asdict(cfg),
-        progress_interval_s=cfg.logging.progress_interval_s,
     )
     outcome = run_loop(cfg.train, stage, stage.logger, start=start, evaluate_before=cfg.train.eval_before)
     stage.logger.close()

@@ -13,11 +13,13 @@ import logging
 import math
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from carft_nemo.config import require
 from carft_nemo.telemetry.wandb_sink import WandbConfig, WandbSink
 
 LOG = logging.getLogger("carft_nemo")
@@ -33,6 +35,19 @@ def setup_logging(enabled: bool) -> None:
     LOG.setLevel(logging.INFO if enabled else logging.WARNING)
 
 
+@dataclass
+class LoggingConfig:
+    """``logging``: the progress bar's pace and sinks besides metrics.jsonl and TensorBoard."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # seconds between progress-bar redraws: a batch job's log gets one line per redraw, so a
+    # week-long Slurm run wants minutes here
+    progress_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.progress_interval_s > 0, "progress_interval_s", f"must be > 0, got {self.progress_interval_s}")
+
+
 class RunLogger:
     """Metrics sink for one stage (``sft``, ``ppo``, ...) under ``out_dir``."""
 
@@ -46,10 +61,12 @@ class RunLogger:
         start_step: int = 0,
         tensorboard: bool = True,
         progress: bool = True,
-        wandb: WandbConfig | None = None,
+        settings: LoggingConfig | None = None,
         run_config: Mapping[str, Any] | None = None,
-        progress_interval_s: float = 1.0,
     ) -> None:
+        """``settings``: the stage config's ``logging`` section; ``run_config``: what W&B records
+        as the run's config."""
+        settings = settings or LoggingConfig()
         self.enabled = enabled
         self.stage = stage
         self.out_dir = Path(out_dir)
@@ -59,8 +76,8 @@ class RunLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if wandb is not None and wandb.mode != "disabled":
-            self._wandb = WandbSink(wandb, self.out_dir, stage, run_config)
+        if settings.wandb.mode != "disabled":
+            self._wandb = WandbSink(settings.wandb, self.out_dir, stage, run_config)
         self._jsonl = (self.out_dir / "metrics.jsonl").open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -73,7 +90,7 @@ class RunLogger:
                 desc=stage,
                 dynamic_ncols=True,
                 file=sys.stderr,
-                mininterval=progress_interval_s,
+                mininterval=settings.progress_interval_s,
             )
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +33,6 @@ class WandbConfig:
     def __post_init__(self) -> None:
         require(self.mode in WANDB_MODES, "mode", f"must be one of {WANDB_MODES}, got {self.mode!r}")
         require(bool(self.project), "project", "must be set")
-
-
-@dataclass
-class LoggingConfig:
-    """``logging``: the progress bar's pace and sinks besides metrics.jsonl and TensorBoard."""
-
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    # seconds between progress-bar redraws: a batch job's log gets one line per redraw, so a
-    # week-long Slurm run wants minutes here
-    progress_interval_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        require(self.progress_interval_s > 0, "progress_interval_s", f"must be > 0, got {self.progress_interval_s}")
 
 
 class WandbSink:
@@ -84,4 +71,4 @@ class WandbSink:
         self.run.finish()
 
 
-__all__ = ["LoggingConfig", "WANDB_MODES", "WandbConfig", "WandbSink"]
+__all__ = ["WANDB_MODES", "WandbConfig", "WandbSink"]

@@ -179,7 +179,8 @@ class Run:
         return described
 
     def stderr(self) -> str:
-        self._err.flush()
+        if not self._err.closed:  # still running, or not cleaned up yet
+            self._err.flush()
         return self.stderr_path.read_text(errors="replace")
 
     def cleanup(self) -> None:

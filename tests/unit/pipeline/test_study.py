@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from carft_nemo.config import ConfigError, load_config
-from carft_nemo.pipeline.study import ARMS, StudyConfig, pick_start
+from carft_nemo.pipeline.study import ARMS, PAPER_ARMS, StudyConfig, pick_start
 from carft_nemo.pipeline.study_results import (
     check_claims,
     collect_results,
@@ -92,15 +92,30 @@ def test_collect_results_pairs_every_run_with_the_start_and_reft(tmp_path: Path)
     assert json.loads((tmp_path / "results.json").read_text())["start"]["questions"] == 10
 
 
-def test_stability_verdict_compares_the_largest_drops():
-    def arm(drop_mean: float, drop_std: float) -> dict:
-        acc = {"mean": 0.5, "std": 0.0, "n": 3}
-        return {"accuracy": acc, "largest_drop": {"mean": drop_mean, "std": drop_std, "n": 3}}
+def _arm(drop_mean: float, drop_std: float, runs: int = 3, collapsed: int = 0) -> dict:
+    acc = {"mean": 0.5, "std": 0.0, "n": runs}
+    drop = {"mean": drop_mean, "std": drop_std, "n": runs}
+    return {"accuracy": acc, "largest_drop": drop, "collapsed_runs": collapsed}
 
-    claims = {c["claim"]: c for c in check_claims({"reft": arm(0.10, 0.01), "carft_v4": arm(0.02, 0.01)}, 0.5)}
-    assert claims["CARFT v4 is more stable than ReFT (smaller largest drop)"]["verdict"] == "holds"
-    claims = {c["claim"]: c for c in check_claims({"reft": arm(0.02, 0.01), "carft_v4": arm(0.05, 0.01)}, 0.5)}
-    assert claims["CARFT v4 is more stable than ReFT (smaller largest drop)"]["verdict"] == "does not hold"
+
+def test_stability_verdict_compares_the_largest_drops_and_counts_collapses():
+    claim = "carft_v4 is more stable than ReFT (smaller largest drop)"
+    claims = {
+        c["claim"]: c
+        for c in check_claims({"reft": _arm(0.10, 0.01, collapsed=2), "carft_v4": _arm(0.02, 0.01)}, 0.5, 3)
+    }
+    assert claims[claim]["verdict"] == "holds"
+    assert claims[claim]["collapsed_runs"] == {"carft_v4": 0, "reft": 2}
+    claims = {c["claim"]: c for c in check_claims({"reft": _arm(0.02, 0.01), "carft_v4": _arm(0.05, 0.01)}, 0.5, 3)}
+    assert claims[claim]["verdict"] == "does not hold"
+    claims = {c["claim"]: c for c in check_claims({"reft": _arm(0.2, 0.01), "carft_v11": _arm(0.0, 0.0)}, 0.5, 3)}
+    assert claims["carft_v11 is more stable than ReFT (smaller largest drop)"]["verdict"] == "holds"  # every arm
+
+
+def test_a_claim_gets_no_verdict_before_every_seed_finished():
+    partial = {"reft": _arm(0.10, 0.01), "carft_v4": _arm(0.0, 0.0, runs=2)}
+    verdicts = {c["claim"]: c["verdict"] for c in check_claims(partial, 0.5, 3)}
+    assert verdicts["carft_v4 is more stable than ReFT (smaller largest drop)"] == "incomplete (2 of 3 seeds)"
 
 
 def test_diagnostic_means_skip_steps_without_the_metric(tmp_path: Path):
@@ -115,7 +130,7 @@ def test_diagnostic_means_skip_steps_without_the_metric(tmp_path: Path):
 
 def test_study_configs_cover_every_arm_with_equal_samples_per_step():
     full = load_config(StudyConfig, ROOT / "configs" / "study-synthetic.yaml")
-    assert full.seeds == [1, 2, 3] and full.arms == list(ARMS)
+    assert full.seeds == [1, 2, 3] and full.arms == PAPER_ARMS
     sizes = {a: ARMS[a](full.rl).rl.rollout_size for a in full.arms}
     assert len(set(sizes.values())) == 1, sizes
     variants = {
@@ -136,3 +151,27 @@ def test_study_configs_cover_every_arm_with_equal_samples_per_step():
         load_config(StudyConfig, ROOT / "configs" / "study-quick.yaml", ["arms=[ppo2]"])
     with pytest.raises(ConfigError, match="sft.train.save_every: must equal"):
         load_config(StudyConfig, ROOT / "configs" / "study-quick.yaml", ["sft.train.save_every=10"])
+
+
+def test_a_follow_up_study_reuses_the_start_and_links_the_runs_it_shares(tmp_path: Path):
+    from carft_nemo.pipeline.study import _sft_stage
+
+    source, out = tmp_path / "study", tmp_path / "followup"
+    _study_tree(source)
+    cfg = load_config(
+        StudyConfig,
+        ROOT / "configs" / "study-followup.yaml",
+        [f"reuse_start_from={source}", f"output_dir={out}", "seeds=[1,2,3]"],
+    )
+    start = _sft_stage(cfg, out)
+    assert start["checkpoint"] == "ck" and json.loads((out / "start.json").read_text())["reused_from"] == str(source)
+    assert (out / "start" / "start_predictions.jsonl").read_text() == (
+        source / "start" / "start_predictions.jsonl"
+    ).read_text()
+    assert (out / "seed_1" / "reft").resolve() == (source / "seed_1" / "reft").resolve()  # finished there: linked
+    assert not (out / "seed_3" / "reft").exists()  # never ran there: this study runs it
+    assert not (out / "seed_1" / "carft_v4_unclamped").exists()
+    with pytest.raises(ConfigError, match="reuse_start_from: .* holds no finished study start"):
+        _sft_stage(
+            load_config(StudyConfig, ROOT / "configs" / "study-followup.yaml", [f"output_dir={out}/x"]), out / "x"
+        )

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from wandb.proto import wandb_internal_pb2
 
 from carft_nemo.config import ConfigError
-from carft_nemo.telemetry.run_log import RunLogger
+from carft_nemo.telemetry.run_log import LoggingConfig, RunLogger
 from carft_nemo.telemetry.wandb_sink import WandbConfig
 
 BLOCK = 32768  # the W&B transaction log is LevelDB's log format: 32 KiB blocks of framed chunks
@@ -58,7 +58,9 @@ def tensorboard_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _log_run(out: Path, rows: list[tuple[int, dict[str, float]]]) -> None:
-    logger = RunLogger(out, "ppo", enabled=True, total_steps=3, progress=False, wandb=WandbConfig(mode="offline"))
+    logger = RunLogger(
+        out, "ppo", enabled=True, total_steps=3, progress=False, settings=LoggingConfig(WandbConfig(mode="offline"))
+    )
     for step, metrics in rows:
         logger.log(step, metrics)
     logger.close()
