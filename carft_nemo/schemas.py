@@ -20,6 +20,7 @@ SCHEMAS_BY_KIND: dict[str, type] = {
     "carft": RLConfig,
     "grpo": RLConfig,
     "study": StudyConfig,
+    "stability": StudyConfig,  # the stability study runs the study pipeline at a collapsing setting
     "main": MainConfig,
 }
 

@@ -77,6 +77,7 @@ def run_main(cfg: MainConfig) -> Path:
     if cfg.start_accuracy is not None:
         start = pick_start(out / "sft", cfg.start_accuracy)
         LOG.info("RL starts from %s (SFT held-out %.3f)", start["checkpoint"], start["sft_eval_accuracy"])
+    (out / "rl_start.json").write_text(json.dumps(start, indent=2) + "\n")
     pending = [m for m in cfg.methods if not _finished(out / m / "summary.json")]
     with shared_ray(
         max((worker_cpus(getattr(cfg, m)) for m in pending), default=0),

@@ -220,6 +220,11 @@ def check_claims(aggregate: dict, start_accuracy: float, seeds: int) -> list[dic
     return out
 
 
+def _p(p: float) -> str:
+    """A p-value as text; one that underflowed to 0 is below the smallest float."""
+    return f"{p:.2g}" if p > 0 else "< 1e-300"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -235,8 +240,8 @@ def _arm_rows(results: dict[str, Any]) -> list[list[str]]:
                 str(acc["n"]),
                 f"{_pct(acc['mean'])} ± {_pct(acc['std'])}",
                 f"{_pct(acc['min'])} – {_pct(acc['max'])}",
-                f"{vs_start['fixed']} / {vs_start['broken']} (p {vs_start['sign_test_p']:.2g})",
-                f"{vs_reft['fixed']} / {vs_reft['broken']} (p {vs_reft['sign_test_p']:.2g})" if vs_reft else "–",
+                f"{vs_start['fixed']} / {vs_start['broken']} (p {_p(vs_start['sign_test_p'])})",
+                f"{vs_reft['fixed']} / {vs_reft['broken']} (p {_p(vs_reft['sign_test_p'])})" if vs_reft else "–",
                 f"{_pct(drop['mean'])} (max {_pct(drop['max'])})",
                 f"{agg['collapsed_runs']} of {acc['n']}",
                 f"{agg['reward_last_steps']['mean']:.3f}",
@@ -275,7 +280,7 @@ def _mean_curves(results: dict[str, Any]) -> dict[str, list[tuple[float, float]]
     return series
 
 
-def write_results(out: Path, results: dict[str, Any]) -> Path:
+def write_results(out: Path, results: dict[str, Any], title: str = "Reproduction study results") -> Path:
     """``results.json``, ``results.md`` (tables, claims) and ``accuracy_curves.png`` under ``out``."""
     start = results["start"]
     claims = [
@@ -283,14 +288,14 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
             c["claim"],
             c["verdict"],
             f"{100 * c['difference']:+.2f}" if math.isfinite(c["difference"]) else "–",
-            f"{c['fixed']} / {c['broken']}, p {c['sign_test_p']:.2g}"
+            f"{c['fixed']} / {c['broken']}, p {_p(c['sign_test_p'])}"
             if "fixed" in c
             else f"se {100 * c['standard_error']:.2f} points",
         ]
         for c in results["claims"]
     ]
     lines = [
-        "# Reproduction study results",
+        f"# {title}",
         "",
         f"Start: {start.get('checkpoint', '?')} (SFT evaluation {_pct(start.get('sft_eval_accuracy', math.nan))}%), "
         f"{_pct(start['accuracy'])}% on the {start['questions']} held-out questions every run is evaluated on "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from carft_nemo.pipeline.study import ARMS
+from carft_nemo.pipeline.study import PAPER_ARMS as ARMS  # the arms configs/study-quick.yaml runs
 from carft_nemo.telemetry.run_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
