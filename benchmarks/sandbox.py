@@ -17,7 +17,7 @@ from benchmarks.common import parse_args, print_table, write_result
 from carft_nemo.data.datasets import DatasetConfig, load_examples
 from carft_nemo.data.prompts import build_target
 from carft_nemo.rewards.correctness import score_batch
-from carft_nemo.rewards.sandbox import SandboxConfig
+from carft_nemo.rewards.sandbox import SandboxConfig, isolation
 
 
 def main() -> None:
@@ -27,12 +27,14 @@ def main() -> None:
         extra=lambda p: (
             p.add_argument("--data", default="../shared/data/reft", help="folder with svamp_python_sdp.json"),
             p.add_argument("--workers", type=int, default=2, help="programs in parallel"),
+            p.add_argument("--isolation", default="auto", help="sandbox.isolation (auto, bwrap, namespaces, process)"),
         ),
     )
     examples = load_examples(DatasetConfig(name="svamp_reft", path=args.data, cot_style="pcot"))
     if args.quick:
         examples = examples[::20]
-    config = SandboxConfig(max_workers=args.workers)
+    config = SandboxConfig(max_workers=args.workers, isolation=args.isolation)
+    mode = isolation.choose(config)
     start = time.monotonic()
     results = score_batch([build_target(e) for e in examples], examples, sandbox=config)
     elapsed = time.monotonic() - start
@@ -44,6 +46,7 @@ def main() -> None:
     row = {
         "programs": len(examples),
         "workers": args.workers,
+        "isolation": mode,
         "seconds": elapsed,
         "programs_per_s": len(examples) / elapsed,
         "failures": len(failures),
@@ -58,7 +61,13 @@ def main() -> None:
             "quick": args.quick,
             "failures": failures,
             "failure_count": len(failures),
-            "sandbox": {"timeout_s": config.timeout_s, "cpu_time_s": config.cpu_time_s, "memory_mb": config.memory_mb},
+            "sandbox": {
+                "timeout_s": config.timeout_s,
+                "cpu_time_s": config.cpu_time_s,
+                "memory_mb": config.memory_mb,
+                "seccomp": config.seccomp,
+                "inner_policy": config.inner_policy,
+            },
         },
     )
 

@@ -225,7 +225,11 @@ class RLRun:
             )
             calls["reference"] = self._start_group("reference", ActorWorker, cfg.reference, frozen)
         self.groups["reward"] = WorkerGroup.independent(
-            RewardWorker, cfg.reward.num_workers, cfg.reward.tolerance, cfg.reward.sandbox
+            RewardWorker,
+            cfg.reward.num_workers,
+            cfg.reward.tolerance,
+            cfg.reward.sandbox,
+            "pcot" in (cfg.train_data.cot_style, cfg.eval_data.cot_style),
         )
         wait_all(calls, cfg.rl.call_timeout_s)
         groups = ", ".join(f"{role} x{g.world_size}" for role, g in self.groups.items())

@@ -1,0 +1,1 @@
+"""What runs inside a sandbox: standard library only, nothing of carft_nemo is imported there."""
