@@ -48,6 +48,12 @@ def _reft(base: RLConfig) -> RLConfig:
     return dataclasses.replace(base, contrastive=dataclasses.replace(base.contrastive, enabled=False))
 
 
+def _reft_guarded(base: RLConfig) -> RLConfig:
+    """ReFT with the collapse guard on (its defaults: rl/collapse_guard.py), where the study turns it off."""
+    guard = dataclasses.replace(base.rl.collapse_guard, enabled=True)
+    return _reft(dataclasses.replace(base, rl=dataclasses.replace(base.rl, collapse_guard=guard)))
+
+
 def _grpo(base: RLConfig) -> RLConfig:
     """Dr.GRPO with the same number of samples per step as the PPO runs (questions / G); no critic, no KL."""
     group = 8
@@ -77,6 +83,7 @@ def _carft(variant: str, coef: float, **extension: bool | float | None) -> Arm:
 
 ARMS: dict[str, Arm] = {
     "reft": _reft,
+    "reft_guarded": _reft_guarded,  # the stability study: does the guard stop a collapse from sticking?
     "grpo": _grpo,
     "carft_v4": _carft("v4", 0.1),  # the authors' paper trainer at their config class's c_cl
     "carft_v4_c0.01": _carft("v4", 0.01),
@@ -88,6 +95,8 @@ ARMS: dict[str, Arm] = {
     # sits above the 0.9 clamp and v4 sends no gradient at all; without the clamp the pull acts
     "carft_v4_unclamped": _carft("v4", 0.1, clamp_positive_similarity=None),
     "carft_v4_unclamped_c0.01": _carft("v4", 0.01, clamp_positive_similarity=None),
+    # the pull at c_cl 2 is ~0.1x the policy gradient (docs/study/followup: 0.0056x at c_cl 0.1)
+    "carft_v4_unclamped_c2": _carft("v4", 2.0, clamp_positive_similarity=None),
 }
 # the arms of configs/study-synthetic.yaml; the others are follow-ups (configs/study-followup.yaml)
 PAPER_ARMS = [
