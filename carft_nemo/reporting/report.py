@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from carft_nemo.evaluation.metrics import paired_change
+from carft_nemo.evaluation.runner import read_correctness
 from carft_nemo.reporting.markdown import table
 from carft_nemo.reporting.plots import plot_curves
 from carft_nemo.telemetry.run_log import read_metrics
@@ -131,6 +133,22 @@ def contrastive_section(out: Path, stages: list[StageResult]) -> list[str]:
     return lines
 
 
+def versus_section(stages: list[StageResult], baseline: str = "reft") -> list[str]:
+    """Each other RL stage's final answers against ``baseline``'s: fixed / broken and the exact McNemar p."""
+    finals = {st.name: st.out_dir / "eval" / "final_predictions.jsonl" for st in stages if st.name != "sft"}
+    finals = {name: path for name, path in finals.items() if path.is_file()}
+    if baseline not in finals or len(finals) < 2:
+        return []
+    base = read_correctness(finals[baseline])
+    rows = []
+    for name, path in finals.items():
+        if name != baseline:
+            change = paired_change(base, read_correctness(path))
+            rows.append([name, str(change.compared), _fmt_change(change.as_dict())])
+    header = ["stage", "questions", f"answers fixed / broken against {baseline} (exact McNemar p)"]
+    return [f"## Against {baseline}", "", table(header, rows), ""]
+
+
 def guard_section(stages: list[StageResult]) -> list[str]:
     """One row per collapse-guard event of any stage (none: no section)."""
     rows = [
@@ -173,7 +191,7 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
                 "stage",
                 "accuracy before",
                 "accuracy after",
-                "answers fixed / broken (sign test)",
+                "answers fixed / broken against the start (exact McNemar p)",
                 "train reward, first 5 steps",
                 "train reward, last 5 steps",
                 "steps",
@@ -191,6 +209,7 @@ def write_report(out_dir: str | Path, stages: list[StageResult], *, title: str, 
         png = plot_curves(series, out / filename, title=label, ylabel=key, smooth=smooth, events=marked)
         if png is not None:
             lines += [f"## {label.capitalize()}", "", f"![{label}]({filename})", ""]
+    lines += versus_section(stages)
     lines += guard_section(stages)
     lines += contrastive_section(out, stages)
     if notes:

@@ -69,3 +69,26 @@ def test_bad_run_folder_is_named(tmp_path: Path) -> None:
     assert run.returncode == 2 and "missing holds no summary.json" in run.stderr, run.stderr
     run = _report("--out", str(tmp_path / "rep"), "x=")
     assert run.returncode == 2 and "expected NAME=RUN_DIR" in run.stderr, run.stderr
+
+
+def _final_answers(run_dir: Path, correct: list[bool]) -> None:
+    (run_dir / "eval").mkdir()
+    rows = [json.dumps({"id": f"q{i}", "correct": c}) for i, c in enumerate(correct)]
+    (run_dir / "eval" / "final_predictions.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_rl_stages_are_compared_with_reft_question_by_question(tmp_path: Path) -> None:
+    for stage in ("sft", "reft", "carft", "grpo"):
+        _run_dir(tmp_path / stage, stage, [0.1, 0.2], None)
+    _final_answers(tmp_path / "reft", [True, True, False, False, True, False])
+    _final_answers(tmp_path / "carft", [True, False, True, True, True, False])  # 2 fixed, 1 broken
+    _final_answers(tmp_path / "grpo", [True, True, False, False, True, False])  # the same answers
+    run = _report(str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    section = lines[lines.index("## Against reft") :]
+    carft = next(line for line in section if line.startswith("| carft |"))
+    grpo = next(line for line in section if line.startswith("| grpo |"))
+    assert f"| 6 | +2 / -1 (p={sign_test_p(2, 1):.2g}) |" in carft, carft
+    assert "| 6 | +0 / -0 (p=1) |" in grpo, grpo
+    assert not any(line.startswith("| sft |") or line.startswith("| reft |") for line in section[:8])
