@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from carft_nemo.data.records import Example
 from carft_nemo.rewards.sandbox import IsolationUnavailable, SandboxConfig, SandboxPool, SandboxStatus, isolation
 from carft_nemo.workers.reward import RewardWorker
 
@@ -66,6 +67,25 @@ def test_the_reward_server_checks_the_boundary_at_start_up():
     with pytest.raises(IsolationUnavailable):
         RewardWorker(sandbox=SandboxConfig(**NONE_AVAILABLE), runs_programs=True)
     RewardWorker(sandbox=SandboxConfig(**NONE_AVAILABLE), runs_programs=False)  # N-CoT: no programs, no check
+
+
+def test_the_reward_server_scores_programs_in_its_sandboxes():
+    worker = RewardWorker(sandbox=SandboxConfig(timeout_s=2.0), runs_programs=True)
+    example = Example("svamp_1", "How many?", "def solution():\n    return 3\n", 7.0, "pcot")
+    programs = [
+        "def solution():\n    return 3 + 4\n",  # right
+        "def solution():\n    return 2 + 4\n",  # wrong but a number
+        "def solution():\n    while True:\n        pass\n",  # no answer in time
+        "def solution():\n    import socket\n    socket.socket()\n",  # refused by the boundary
+    ]
+    scored = worker.score(programs, [example] * len(programs))
+    assert [(s.reward, s.correct, s.extracted) for s in scored] == [
+        (1.0, True, True),
+        (0.1, False, True),
+        (0.0, False, False),
+        (0.0, False, False),
+    ]
+    assert [s.failure for s in scored[2:]] == ["TIMEOUT", "FORBIDDEN"]
 
 
 KILLED_TRAINER = """
