@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,9 @@ def test_an_offline_run_holds_the_same_scalars_as_tensorboard(tmp_path: Path) ->
     _log_run(out, rows)
     run_files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
-    history = wandb_history(run_files[0])
+    deadline = time.monotonic() + 60  # W&B's writer process may still be flushing on a loaded machine
+    while not (history := wandb_history(run_files[0])) and time.monotonic() < deadline:
+        time.sleep(0.5)
     from_wandb: dict[str, list[tuple[int, float]]] = {}
     for row in history:
         for key, value in row.items():
