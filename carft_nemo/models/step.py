@@ -12,6 +12,7 @@ place, hence metrics are detached copies.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -19,7 +20,8 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from carft_nemo.data.batch import Batch
-from carft_nemo.models.forward import capture_final_hidden, causal_inputs
+from carft_nemo.data.packing import bins_needed, pack, row_lengths, unpack
+from carft_nemo.models.forward import capture_final_hidden, causal_inputs, packed_inputs, per_token_rotary_positions
 from carft_nemo.models.logprobs import token_logprobs
 
 # loss_fn(model_output [b, s, V/tp] or [b, s, 1], micro_batch) -> (scalar loss, metrics)
@@ -30,23 +32,57 @@ def _forward_step(
     loss_fn: LossFn, capture_hidden: bool, hidden_to_loss: bool, batches: Iterator[Batch], model: torch.nn.Module
 ):
     batch = next(batches)
-    tokens = batch["tokens"]
-    positions, mask = causal_inputs(tokens)
-    if capture_hidden or hidden_to_loss:
-        with capture_final_hidden(model) as cap:
-            output = model(tokens, positions, mask)
-        hidden = cap.get("hidden")
+    packed = "packed_tokens" in batch
+    if packed:  # the model runs on the bins; the loss sees rows again (carft_nemo.data.packing)
+        tokens, positions = batch["packed_tokens"], batch["packed_positions"]
+        mask = packed_inputs(batch["packed_segments"])
+        rope = per_token_rotary_positions(model, positions)
     else:
-        output, hidden = model(tokens, positions, mask), None
+        tokens = batch["tokens"]
+        positions, mask = causal_inputs(tokens)
+        rope = contextlib.nullcontext()
+    with rope:
+        if capture_hidden or hidden_to_loss:
+            with capture_final_hidden(model) as cap:
+                output = model(tokens, positions, mask)
+            hidden = cap.get("hidden")
+        else:
+            output, hidden = model(tokens, positions, mask), None
 
     def score(out: torch.Tensor):
-        loss, metrics = loss_fn(out, batch, hidden) if hidden_to_loss else loss_fn(out, batch)
+        rows_hidden = hidden
+        if packed:
+            out = unpack(out, batch["unpack_index"])
+            if hidden is not None:
+                rows_hidden = unpack(hidden.transpose(0, 1), batch["unpack_index"]).transpose(0, 1)
+        loss, metrics = loss_fn(out, batch, rows_hidden) if hidden_to_loss else loss_fn(out, batch)
         metrics = {k: v.detach().clone() for k, v in metrics.items()}
-        if capture_hidden and hidden is not None:
-            metrics["hidden"] = hidden.detach().transpose(0, 1).clone()  # [b, s, h]
+        if capture_hidden and rows_hidden is not None:
+            metrics["hidden"] = rows_hidden.detach().transpose(0, 1).clone()  # [b, s, h]
         return loss, metrics
 
     return output, score
+
+
+def pack_microbatches(
+    micro_batches: Sequence[Batch], max_tokens: int, *, multiple: int = 1, same_shape: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Each micro-batch with its packed tensors added (``max_tokens`` 0: the micro-batch's width).
+
+    ``same_shape`` (pipeline parallelism: stages exchange fixed-shape activations): every
+    micro-batch gets the same number of bins of the same budget.
+    """
+    budgets = [max_tokens or m["tokens"].shape[1] for m in micro_batches]
+    if same_shape:
+        budgets = [max(budgets)] * len(budgets)
+    lengths = [row_lengths(m) for m in micro_batches]
+    min_bins = 0
+    if same_shape:
+        min_bins = max(bins_needed(n, b, multiple) for n, b in zip(lengths, budgets))
+    return [
+        {**m, **pack(m["tokens"], n, b, multiple=multiple, min_bins=min_bins)}
+        for m, n, b in zip(micro_batches, lengths, budgets)
+    ]
 
 
 def forward_backward(
@@ -69,7 +105,8 @@ def forward_backward(
     """
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    b, s = micro_batches[0]["tokens"].shape
+    key = "packed_tokens" if "packed_tokens" in micro_batches[0] else "tokens"
+    b, s = micro_batches[0][key].shape  # what pipeline stages exchange per micro-batch
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn, capture_hidden, hidden_to_loss),
         data_iterator=iter(micro_batches),

@@ -16,6 +16,7 @@ from carft_nemo.data.tokenization import EncodingConfig
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
+from carft_nemo.data.packing import PackingConfig
 from carft_nemo.rewards.sandbox import SandboxConfig
 from carft_nemo.rl.collapse_guard import CollapseGuardConfig
 from carft_nemo.telemetry.run_log import LoggingConfig
@@ -38,6 +39,7 @@ class ActorConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_rl_optim)
     micro_batch_size: int = 8  # sequences per forward/backward micro-batch
+    packing: PackingConfig = field(default_factory=PackingConfig)  # rows packed into bins (carft_nemo.data.packing)
     cpu_threads: int = 1  # torch threads per worker process on CPU (several workers share the cores)
 
     def __post_init__(self) -> None:
@@ -61,6 +63,7 @@ class CriticConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_rl_optim)
     micro_batch_size: int = 8
+    packing: PackingConfig = field(default_factory=PackingConfig)
     value_loss_coef: float = 1.0  # weight of the value loss (shared layout; the separate critic trains on it alone)
     value_clip: float = 0.2
     cpu_threads: int = 1

@@ -22,7 +22,8 @@ import torch
 from carft_nemo.data.batch import Batch
 from carft_nemo.distributed import axes, device
 from carft_nemo.distributed.collectives import all_reduce_sum_no_grad
-from carft_nemo.models.step import LossFn, forward_backward
+from carft_nemo.data.packing import PackingConfig
+from carft_nemo.models.step import LossFn, forward_backward, pack_microbatches
 
 
 def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -55,6 +56,8 @@ def run_forward_backward(
     micro_batch_size: int,
     forward_only: bool = False,
     hidden_to_loss: bool = False,
+    packing: PackingConfig | None = None,
+    sequence_multiple: int = 1,
 ) -> dict[str, float]:
     """Forward (and backward unless ``forward_only``) of this rank's batch (``tokens [B, S]``, ...).
 
@@ -63,8 +66,14 @@ def run_forward_backward(
     are broadcast, then summed over data parallel) has every metric sum plus
     ``"loss"`` = loss sum / ``normalizer``. With ``hidden_to_loss`` the loss function also
     receives the final hidden states ``[s, b, h]`` (see :func:`~carft_nemo.models.step.forward_backward`).
+    ``packing`` runs the model on each micro-batch's rows packed into bins (the loss still sees
+    rows: :mod:`carft_nemo.data.packing`); ``sequence_multiple`` rounds the bins for TP/CP.
     """
     microbatches = split_microbatches(batch, micro_batch_size)
+    if packing is not None and packing.enabled:
+        microbatches = pack_microbatches(
+            microbatches, packing.max_tokens, multiple=sequence_multiple, same_shape=axes.size("pp") > 1
+        )
     scale = axes.size("dp") * len(microbatches) / max(normalizer, 1e-12)
 
     def scaled_loss(

@@ -1,0 +1,169 @@
+"""Sequence packing: packed forward passes and gradients equal the unpacked ones (CPU, gloo)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from carft_nemo.data.packing import PAD_SEGMENT, first_fit_decreasing, pack, row_lengths, unpack
+from tests.multiprocess import run_ranks
+
+VOCAB = 64
+LENGTHS = [4, 7, 20, 11, 3, 5, 16, 9]  # a wide spread, as rollouts have
+
+
+def test_first_fit_decreasing_places_every_row_once_within_the_budget():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(1, 33, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        bins = first_fit_decreasing(lengths, 32)
+        assert sorted(r for b in bins for r in b) == list(range(len(lengths)))
+        assert all(sum(lengths[r] for r in b) <= 32 for b in bins)
+        assert len(bins) <= -(-sum(lengths) * 11 // 9 // 32) + 1 + 1  # FFD <= 11/9 OPT + 1 (OPT >= sum / budget)
+    assert first_fit_decreasing([5, 5, 4, 3, 3], 10) == [[0, 1], [2, 3, 4]]
+    with pytest.raises(ValueError, match="packing.max_tokens"):
+        first_fit_decreasing([11], 10)
+
+
+def test_pack_and_unpack_round_trip():
+    tokens = torch.arange(1, 8 * 20 + 1).view(8, 20)
+    lengths = torch.tensor(LENGTHS)
+    packed = pack(tokens, lengths, 24, multiple=8)
+    assert packed["packed_tokens"].shape[1] == 24
+    real = packed["packed_segments"] != PAD_SEGMENT
+    assert int(real.sum()) == sum(LENGTHS)
+    assert packed["packed_tokens"].shape[0] < len(LENGTHS)  # fewer rows for the model
+    back = unpack(packed["packed_tokens"].unsqueeze(-1).float(), packed["unpack_index"]).squeeze(-1)
+    keep = torch.arange(20)[None, :] < lengths[:, None]
+    assert torch.equal(back[keep], tokens[keep].float()) and torch.equal(back[~keep], torch.zeros(int((~keep).sum())))
+    for row, n in enumerate(LENGTHS):  # each row restarts its positions
+        where = packed["packed_segments"] == row
+        assert packed["packed_positions"][where].tolist() == list(range(n))
+    assert pack(tokens, lengths, 24, min_bins=7)["packed_tokens"].shape[0] == 7  # pipeline: fixed shape
+
+
+def test_row_lengths_from_the_action_mask():
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, 2:5] = True  # tokens 3..5 are actions: the row holds 6 tokens
+    mask[1, 0:9] = True
+    assert row_lengths({"action_mask": mask}).tolist() == [6, 10, 1]
+    assert row_lengths({"lengths": torch.tensor([3, 4])}).tolist() == [3, 4]
+
+
+def _build(pp: int = 1):
+    from carft_nemo.distributed.layout import ParallelConfig, initialize
+    from carft_nemo.models.config import ModelConfig
+    from carft_nemo.models.forward import unwrap
+    from carft_nemo.models.gpt import build_gpt_model
+    from carft_nemo.models.heads import attach_policy_heads
+
+    model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
+    parallel = ParallelConfig(pipeline_parallel=pp)
+    initialize(
+        parallel,
+        seed=1234,
+        num_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+    )
+    model = build_gpt_model(model_cfg, parallel)
+    attach_policy_heads(unwrap(model), shared_value_head=True, contrastive_dim=8)
+    return model, parallel
+
+
+def _scoring(rank: int, world: int, max_tokens: int):
+    from carft_nemo.data.packing import PackingConfig
+    from carft_nemo.distributed.layout import shutdown
+    from carft_nemo.models.forward import unwrap
+    from carft_nemo.workers.actor_loss import policy_outputs
+    from carft_nemo.workers.model_worker import ModelWorker
+
+    try:
+        model, parallel = _build()
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, VOCAB, (len(LENGTHS), 20), generator=g)
+        batch = {"tokens": tokens, "lengths": torch.tensor(LENGTHS)}
+        fn = policy_outputs(unwrap(model), ("logprobs", "values", "embeddings"), 1.0, VOCAB)
+        results = []
+        for packing in (PackingConfig(), PackingConfig(enabled=True, max_tokens=max_tokens)):
+            worker = ModelWorker()
+            worker.model = model
+            worker.spec = type("Spec", (), {"parallel": parallel, "packing": packing})()
+            out = worker.collect_forward(batch, fn, 4, hidden_to_loss=True)
+            results.append({k: v.numpy() for k, v in out.items()})
+        return results
+    finally:
+        shutdown()
+
+
+@pytest.mark.parametrize("max_tokens", [0, 24, 40])
+def test_packed_scoring_equals_unpacked(max_tokens):
+    ((plain, packed),) = run_ranks(_scoring, 1, max_tokens)  # outputs are defined up to each row's length
+    assert set(plain) == set(packed) == {"logprobs", "values", "embeddings"}
+    for row, n in enumerate(LENGTHS):
+        for key in plain:
+            real = n - 1 if key == "logprobs" else n
+            a, b = torch.from_numpy(plain[key][row]), torch.from_numpy(packed[key][row])
+            torch.testing.assert_close(b[:real], a[:real], atol=1e-5, rtol=1e-5, msg=f"{key} row {row}")
+
+
+def _training(rank: int, world: int, pp: int):
+    """Loss and gradients of a loss over log-probs, values and a hidden-state pooling, packed and not."""
+    from carft_nemo.data.packing import PackingConfig
+    from carft_nemo.distributed import axes
+    from carft_nemo.distributed.layout import shutdown
+    from carft_nemo.models.forward import unwrap
+    from carft_nemo.models.heads import shared_values
+    from carft_nemo.models.logprobs import token_logprobs
+    from carft_nemo.training.forward_backward import run_forward_backward
+
+    try:
+        model, parallel = _build(pp)
+        gpt = unwrap(model)
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (len(LENGTHS), 20), generator=g)
+        weights = torch.randn(len(LENGTHS), 19, generator=g)
+        lengths = torch.tensor(LENGTHS)
+        mask = (torch.arange(19)[None, :] < (lengths - 1)[:, None]).float()
+        batch = {"tokens": tokens, "lengths": lengths, "weights": weights * mask}
+
+        def loss_fn(output, micro, hidden):
+            logp = token_logprobs(output[:, :-1], micro["tokens"][:, 1:], vocab_size=VOCAB)
+            policy = (logp * micro["weights"]).sum()
+            values = shared_values(gpt, hidden).t()  # [b, s]
+            keep = torch.arange(values.shape[1])[None, :] < micro["lengths"][:, None]
+            pooled = (hidden.transpose(0, 1) * keep.unsqueeze(-1)).sum(1)  # per-row sum: a pooling over its tokens
+            loss = policy + (values * keep).pow(2).sum() + pooled.pow(2).sum() * 1e-3
+            return loss, {"policy": policy.detach()}
+
+        results = []
+        for packing in (PackingConfig(), PackingConfig(enabled=True, max_tokens=24)):
+            for p in model.parameters():
+                p.grad = None
+                if hasattr(p, "main_grad"):
+                    p.main_grad.zero_()
+            model.zero_grad_buffer() if hasattr(model, "zero_grad_buffer") else None
+            metrics = run_forward_backward(
+                model, batch, loss_fn=loss_fn, normalizer=100.0, micro_batch_size=4, hidden_to_loss=True,
+                packing=packing,
+            )  # fmt: skip
+            grads = {n: getattr(p, "main_grad", None) for n, p in model.named_parameters()}
+            grads = {n: g if g is not None else p.grad for (n, g), p in zip(grads.items(), model.parameters())}
+            results.append((metrics, {n: g.clone().numpy() for n, g in grads.items() if g is not None}))
+        return results, axes.rank("pp")
+    finally:
+        shutdown()
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_packed_training_equals_unpacked(pp):
+    for (plain, packed), _stage in run_ranks(_training, pp, pp):
+        (m_plain, g_plain), (m_packed, g_packed) = plain, packed
+        assert m_plain.keys() == m_packed.keys()
+        for key in m_plain:
+            assert m_packed[key] == pytest.approx(m_plain[key], rel=1e-5, abs=1e-5), key
+        assert g_plain.keys() == g_packed.keys() and g_plain
+        for name in g_plain:
+            torch.testing.assert_close(
+                torch.from_numpy(g_packed[name]), torch.from_numpy(g_plain[name]), atol=1e-5, rtol=1e-4, msg=name
+            )
