@@ -25,6 +25,7 @@ import torch
 
 from carft_nemo.config import require
 
+
 @dataclass
 class PackingConfig:
     """``packing`` of a model role (SFT, actor, critic, reference): rows packed into bins for the model.
@@ -40,6 +41,16 @@ class PackingConfig:
 
     def __post_init__(self) -> None:
         require(self.max_tokens >= 0, "max_tokens", f"must be >= 0, got {self.max_tokens}")
+
+
+def check_budget(packing: PackingConfig, longest_row: int, where: str) -> None:
+    """At start-up: a bin budget below the longest possible row would fail mid-run; name the key."""
+    if packing.enabled and packing.max_tokens:
+        require(
+            packing.max_tokens >= longest_row,
+            "packing.max_tokens",
+            f"{packing.max_tokens} is below the longest row this run can produce ({longest_row} tokens: {where})",
+        )
 
 
 PACKED_KEYS = ("packed_tokens", "packed_positions", "packed_segments", "unpack_index")
@@ -143,6 +154,7 @@ __all__ = [
     "PackingConfig",
     "PAD_SEGMENT",
     "bins_needed",
+    "check_budget",
     "first_fit_decreasing",
     "pack",
     "packed_token_count",

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from carft_nemo.algorithms.contrastive.config import ContrastiveConfig
-from carft_nemo.config import require
+from carft_nemo.config import key_prefix, require
 from carft_nemo.data.datasets import DatasetConfig, held_out_split
+from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
-from carft_nemo.data.packing import PackingConfig
 from carft_nemo.rewards.sandbox import SandboxConfig
 from carft_nemo.rl.collapse_guard import CollapseGuardConfig
 from carft_nemo.telemetry.run_log import LoggingConfig
@@ -211,6 +211,11 @@ class RLConfig:
         require(bool(self.output_dir), "output_dir", "must be set")
         require(self.train_data.split == "train", "train_data.split", "must be 'train'")
         require(not self.generation.greedy, "generation.greedy", "rollouts must sample (set greedy: false)")
+        longest = max(self.encoding.max_total_tokens, self.encoding.max_prompt_tokens + self.generation.max_new_tokens)
+        where = "encoding.max_total_tokens, or encoding.max_prompt_tokens + generation.max_new_tokens"
+        for role in ("actor", "critic"):
+            with key_prefix(role):
+                check_budget(getattr(self, role).packing, longest, where)
         if self.rl.algorithm == "grpo":
             require(
                 not self.contrastive.enabled,

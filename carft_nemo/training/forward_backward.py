@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 
 from carft_nemo.data.batch import Batch
+from carft_nemo.data.packing import PackingConfig
 from carft_nemo.distributed import axes, device
 from carft_nemo.distributed.collectives import all_reduce_sum_no_grad
-from carft_nemo.data.packing import PackingConfig
 from carft_nemo.models.step import LossFn, forward_backward, pack_microbatches
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from carft_nemo.data.batch import Batch
+from carft_nemo.data.packing import PackingConfig
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.distributed.ray_group import ParallelWorker
-from carft_nemo.data.packing import PackingConfig
 from carft_nemo.models.step import forward_backward, pack_microbatches
 from carft_nemo.seeding import derive_seed
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward, split_microbatches

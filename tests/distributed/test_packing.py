@@ -167,3 +167,19 @@ def test_packed_training_equals_unpacked(pp):
             torch.testing.assert_close(
                 torch.from_numpy(g_packed[name]), torch.from_numpy(g_plain[name]), atol=1e-5, rtol=1e-4, msg=name
             )
+
+
+def test_a_budget_below_the_longest_row_is_refused_at_start_up_by_its_full_key():
+    from carft_nemo.config import ConfigError
+    from carft_nemo.data.packing import PackingConfig
+    from carft_nemo.rl.config import ActorConfig, CriticConfig, RLConfig
+    from carft_nemo.sft.config import SFTConfig, SFTLoopConfig
+
+    with pytest.raises(ConfigError, match=r"actor\.packing\.max_tokens: 100 is below the longest row .*256 tokens"):
+        RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True, max_tokens=100)))
+    with pytest.raises(ConfigError, match=r"critic\.packing\.max_tokens"):
+        RLConfig(critic=CriticConfig(packing=PackingConfig(enabled=True, max_tokens=200)))
+    with pytest.raises(ConfigError, match=r"train\.packing\.max_tokens: 64 is below .*256 tokens"):
+        SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True, max_tokens=64)))
+    RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True, max_tokens=512)))  # room for any row
+    RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True)))  # 0: each micro-batch's width
