@@ -183,3 +183,87 @@ def test_a_budget_below_the_longest_row_is_refused_at_start_up_by_its_full_key()
         SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True, max_tokens=64)))
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True, max_tokens=512)))  # room for any row
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True)))  # 0: each micro-batch's width
+
+
+def _ppo_update(rank: int, world: int, contrastive: bool):
+    """The actor's real PPO (+ shared value, + CARFT v4) update, packed and not: the weights after one step."""
+    from carft_nemo.algorithms.contrastive import ContrastiveConfig
+    from carft_nemo.data.packing import PackingConfig
+    from carft_nemo.distributed.layout import ParallelConfig, initialize, shutdown
+    from carft_nemo.models.config import ModelConfig
+    from carft_nemo.models.forward import unwrap
+    from carft_nemo.models.gpt import build_gpt_model
+    from carft_nemo.models.heads import attach_policy_heads
+    from carft_nemo.training.optim import OptimConfig, make_trainable
+    from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss
+    from carft_nemo.workers.model_worker import ModelWorker
+
+    model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
+    parallel = ParallelConfig()
+    heads = {"num_attention_heads": model_cfg.num_attention_heads, "num_query_groups": model_cfg.num_query_groups}
+    initialize(parallel, seed=1234, num_layers=model_cfg.num_layers, **heads)
+    try:
+        g = torch.Generator().manual_seed(2)
+        b, s = len(LENGTHS), 20
+        tokens = torch.randint(0, VOCAB, (b, s), generator=g)
+        lengths = torch.tensor(LENGTHS)
+        cols = torch.arange(s - 1)[None, :]
+        mask = (cols >= 1) & (cols < (lengths - 1)[:, None])  # response = tokens[2:length]
+        batch = {
+            "tokens": tokens,
+            "action_mask": mask,
+            "old_logprobs": (torch.randn(b, s - 1, generator=g).clamp(-3, 0) - 1.0) * mask,
+            "advantages": torch.randn(b, s - 1, generator=g) * mask,
+            "old_values": torch.randn(b, s - 1, generator=g) * mask,
+            "returns": torch.randn(b, s - 1, generator=g) * mask,
+        }
+        cl = None
+        if contrastive:
+            cl = ContrastiveConfig(enabled=True, variant="v4", coef=0.5, clamp_positive_similarity=None)
+            sa = 12
+            batch.update(
+                response_mask=torch.cat([torch.zeros(b, 1, dtype=torch.bool), mask], dim=1),
+                correct=torch.tensor([True, False, True, True, False, True, True, False]),
+                critic_token_values=torch.randn(b, s, generator=g),
+                ann_embeddings=torch.randn(b, sa, 8, generator=g),
+                ann_values=torch.randn(b, sa, generator=g),
+                ann_cot_mask=torch.arange(sa)[None, :].expand(b, sa) >= 3,
+            )
+        settings = ActorTrainSettings(epochs=1, mini_batch_rows=b, seed=0, contrastive=cl, shared_value=True)
+        weights, initial = [], None
+        for packing in (PackingConfig(), PackingConfig(enabled=True, max_tokens=24)):
+            model = build_gpt_model(model_cfg, parallel)
+            attach_policy_heads(unwrap(model), shared_value_head=True, contrastive_dim=8 if contrastive else 0)
+            if initial is None:  # both runs start from the same weights
+                initial = {k: v.clone() for k, v in unwrap(model).state_dict().items() if torch.is_tensor(v)}
+            unwrap(model).load_state_dict(initial, strict=False)
+            trainable = make_trainable(model, model_cfg, parallel, OptimConfig(lr=1e-3, schedule="constant"), 10)
+            worker = ModelWorker()
+            worker.trainable, worker.model = trainable, trainable.model
+            worker.spec = type("Spec", (), {"parallel": parallel, "packing": packing})()
+            gpt = unwrap(trainable.model)
+
+            def make_loss(mini, num_micro, gpt=gpt):
+                return actor_loss(gpt, settings, VOCAB, None, mean_term_weight=float(mask.sum()) / num_micro), float(
+                    mask.sum()
+                )
+
+            metrics = worker.train_epochs(batch, epochs=1, mini_batch_rows=b, micro_batch_size=4, seed=0,
+                                          make_loss=make_loss, hidden_to_loss=True)  # fmt: skip
+            state = {k: v.detach().clone().numpy() for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
+            weights.append((metrics, state))
+        return weights
+    finally:
+        shutdown()
+
+
+@pytest.mark.parametrize("contrastive", [False, True], ids=["ppo", "carft_v4"])
+def test_packed_ppo_update_gives_the_same_weights(contrastive):
+    ((plain, packed),) = run_ranks(_ppo_update, 1, contrastive)
+    (m_plain, w_plain), (m_packed, w_packed) = plain, packed
+    for key in ("loss", "grad_norm"):
+        assert m_packed[key] == pytest.approx(m_plain[key], rel=1e-5, abs=1e-6), key
+    assert w_plain.keys() == w_packed.keys()
+    for name in w_plain:
+        torch.testing.assert_close(torch.from_numpy(w_packed[name]), torch.from_numpy(w_plain[name]),
+                                   atol=1e-5, rtol=1e-5, msg=name)  # fmt: skip
