@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from carft_nemo import compat
 from carft_nemo.data.batch import Batch
 from carft_nemo.data.packing import bins_needed, pack, row_lengths, unpack
 from carft_nemo.models.forward import capture_final_hidden, causal_inputs, packed_inputs, per_token_rotary_positions
@@ -72,6 +73,13 @@ def pack_microbatches(
     ``same_shape`` (pipeline parallelism: stages exchange fixed-shape activations): every
     micro-batch gets the same number of bins of the same budget.
     """
+    if compat.transformer_engine_available():
+        # TE's fused attention applies its own causal mask and ignores ours: packed rows would see
+        # each other. Its THD path (cu_seqlens) is the way there; until it is wired, refuse.
+        raise RuntimeError(
+            "packing.enabled: packed rows with Transformer Engine's attention need its THD format "
+            "(cu_seqlens), which is not wired yet; turn packing off on machines with Transformer Engine"
+        )
     budgets = [max_tokens or m["tokens"].shape[1] for m in micro_batches]
     if same_shape:
         budgets = [max(budgets)] * len(budgets)
