@@ -34,6 +34,10 @@ class PackingConfig:
         enabled: pack every training and scoring micro-batch.
         max_tokens: tokens per bin; 0 = each micro-batch's width (its longest row). A row longer
             than the budget is an error naming this key.
+
+    Runs with megatron's local attention (CPU, and GPUs without Transformer Engine). With
+    Transformer Engine the workers refuse it: TE's fused causal attention ignores the
+    block-diagonal mask, and its THD (cu_seqlens) path is not wired yet.
     """
 
     enabled: bool = False
