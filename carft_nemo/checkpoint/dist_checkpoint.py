@@ -77,12 +77,15 @@ class CheckpointInfo:
 def current_layout() -> dict[str, int]:
     """This job's parallel sizes, stored with the checkpoint to decide what can be restored."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {
+    layout = {
         "world_size": world,
         "tensor_parallel": axes.size("tp"),
         "pipeline_parallel": axes.size("pp"),
         "data_parallel": axes.size("dp"),
     }
+    if axes.size("cp") > 1:  # absent at 1, so checkpoints written before context parallelism still match
+        layout["context_parallel"] = axes.size("cp")
+    return layout
 
 
 def is_complete(path: str | Path) -> bool:
@@ -184,11 +187,14 @@ def _parts(entry: TrainableModel | torch.nn.Module) -> tuple[torch.nn.Module, An
 
 
 def _rng_sharded_object() -> Any:
-    """This rank's RNG states as a ShardedObject indexed by (pp, tp, dp) rank."""
+    """This rank's RNG states as a ShardedObject indexed by (pp, tp, dp[, cp]) rank (cp only when > 1,
+    so the keys of checkpoints written before context parallelism stay the same)."""
     from megatron.core.dist_checkpointing import ShardedObject
 
     shape = (axes.size("pp"), axes.size("tp"), axes.size("dp"))
     offset = (axes.rank("pp"), axes.rank("tp"), axes.rank("dp"))
+    if axes.size("cp") > 1:
+        shape, offset = (*shape, axes.size("cp")), (*offset, axes.rank("cp"))
     return ShardedObject("rng_state", capture_rng_state(), shape, offset, replica_id=0)
 
 

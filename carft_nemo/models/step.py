@@ -22,6 +22,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from carft_nemo import compat
 from carft_nemo.data.batch import Batch
 from carft_nemo.data.packing import bins_needed, pack, row_lengths, unpack
+from carft_nemo.distributed import axes
+from carft_nemo.models.cp_attention import split_for_context_parallel
 from carft_nemo.models.forward import capture_final_hidden, causal_inputs, packed_inputs, per_token_rotary_positions
 from carft_nemo.models.logprobs import token_logprobs
 
@@ -34,6 +36,11 @@ def _forward_step(
 ):
     batch = next(batches)
     packed = "packed_tokens" in batch
+    cp_size = axes.size("cp")
+    if cp_size > 1:
+        if packed:
+            raise RuntimeError("packing with context parallelism is not wired yet: turn one of them off")
+        batch = context_parallel_share(batch, cp_size, axes.rank("cp"))
     if packed:  # the model runs on the bins; the loss sees rows again (carft_nemo.data.packing)
         tokens, positions = batch["packed_tokens"], batch["packed_positions"]
         mask = packed_inputs(batch["packed_segments"])
@@ -63,6 +70,26 @@ def _forward_step(
         return loss, metrics
 
     return output, score
+
+
+def context_parallel_share(batch: Batch, cp_size: int, cp_rank: int) -> dict[str, torch.Tensor]:
+    """This context-parallel rank's chunks (r and 2C-1-r) of every per-token ``[b, S, ...]`` tensor.
+
+    Tensors whose dim 1 is not the tokens' width (per-row ``[b]`` values) stay whole; the others
+    are zero-padded on the right to a multiple of 2C first (masks are then 0 there). The
+    model then runs on the rank's tokens (RoPE and attention place them by their global
+    positions) and the loss sees only them: per-token targets must be aligned with their
+    token before the split (SFT's ``labels`` are), never shifted inside the loss.
+    """
+    width = batch["tokens"].shape[1]
+    padded = -(-width // (2 * cp_size)) * (2 * cp_size)  # zeros on the right: masks, hence losses, ignore them
+
+    def share(v: torch.Tensor) -> torch.Tensor:
+        if padded != width:
+            v = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, padded - width))
+        return split_for_context_parallel(v, cp_size, cp_rank)
+
+    return {k: share(v) if v.dim() >= 2 and v.shape[1] == width else v for k, v in batch.items()}
 
 
 def pack_microbatches(
@@ -114,7 +141,9 @@ def forward_backward(
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     key = "packed_tokens" if "packed_tokens" in micro_batches[0] else "tokens"
-    b, s = micro_batches[0][key].shape  # what pipeline stages exchange per micro-batch
+    b, s = micro_batches[0][key].shape
+    cp = axes.size("cp")
+    s = -(-s // (2 * cp)) * 2 if cp > 1 else s  # what pipeline stages exchange per micro-batch: this rank's share
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn, capture_hidden, hidden_to_loss),
         data_iterator=iter(micro_batches),

@@ -216,6 +216,13 @@ class RLConfig:
         for role in ("actor", "critic"):
             with key_prefix(role):
                 check_budget(getattr(self, role).packing, longest, where)
+        for role in ("actor", "critic", "reference"):
+            require(
+                getattr(self, role).parallel.context_parallel == 1,
+                f"{role}.parallel.context_parallel",
+                "context parallelism runs SFT today; the RL losses and scores still shift tokens inside the "
+                "loss, which a context-parallel rank's share of a sequence cannot do (issue: long context)",
+            )
         if self.rl.algorithm == "grpo":
             require(
                 not self.contrastive.enabled,

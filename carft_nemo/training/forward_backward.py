@@ -10,7 +10,9 @@ global normaliser N (e.g. the number of loss tokens in the whole data-parallel b
 passed in. We scale each micro-batch loss by ``dp * num_microbatches / N`` because the
 schedule divides by the number of micro-batches and DDP averages gradients over data
 parallel ranks: the net gradient is exactly that of ``sum / N`` over the global batch, for
-any layout. That is what makes TP/PP/DP runs and resumed runs agree.
+any layout. With context parallelism each rank's loss covers its share of the tokens (the
+schedule's factor C and DDP's average over data x context parallel cancel). That is what
+makes TP/PP/DP/CP runs and resumed runs agree.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def run_forward_backward(
         microbatches = pack_microbatches(
             microbatches, packing.max_tokens, multiple=sequence_multiple, same_shape=axes.size("pp") > 1
         )
+    # DDP averages gradients over data x context parallel, and megatron's schedule multiplies a
+    # (loss, metrics) loss by the context-parallel size: a context-parallel rank's loss, its tokens'
+    # share of the sum, needs no factor of its own (tests/distributed/test_context_parallel.py).
     scale = axes.size("dp") * len(microbatches) / max(normalizer, 1e-12)
 
     def scaled_loss(
@@ -104,8 +109,8 @@ def _share_last_stage_metrics(outputs: Sequence[dict[str, torch.Tensor]], normal
     local = local.to(device.local_device())
     if axes.size("pp") > 1:
         torch.distributed.broadcast(local, src=axes.last_stage_rank(), group=axes.group("pp"))
-    if local.numel():
-        local = all_reduce_sum_no_grad(local, axes.group("dp"))
+    if local.numel():  # context-parallel ranks hold shares of each sum: add them too
+        local = all_reduce_sum_no_grad(local, axes.group("dp_cp"))
     result = dict(zip(keys, local.tolist()))
     if "loss_sum" in result:
         result["loss"] = result["loss_sum"] / max(normalizer, 1e-12)
