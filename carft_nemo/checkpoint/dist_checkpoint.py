@@ -77,12 +77,15 @@ class CheckpointInfo:
 def current_layout() -> dict[str, int]:
     """This job's parallel sizes, stored with the checkpoint to decide what can be restored."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {
+    layout = {
         "world_size": world,
         "tensor_parallel": axes.size("tp"),
         "pipeline_parallel": axes.size("pp"),
         "data_parallel": axes.size("dp"),
     }
+    if axes.size("cp") > 1:  # absent at 1, so checkpoints written before context parallelism still match
+        layout["context_parallel"] = axes.size("cp")
+    return layout
 
 
 def is_complete(path: str | Path) -> bool:
@@ -184,17 +187,39 @@ def _parts(entry: TrainableModel | torch.nn.Module) -> tuple[torch.nn.Module, An
 
 
 def _rng_sharded_object() -> Any:
-    """This rank's RNG states as a ShardedObject indexed by (pp, tp, dp) rank."""
+    """This rank's RNG states as a ShardedObject indexed by (pp, tp, dp[, cp]) rank (cp only when > 1,
+    so the keys of checkpoints written before context parallelism stay the same)."""
     from megatron.core.dist_checkpointing import ShardedObject
 
     shape = (axes.size("pp"), axes.size("tp"), axes.size("dp"))
     offset = (axes.rank("pp"), axes.rank("tp"), axes.rank("dp"))
+    if axes.size("cp") > 1:
+        shape, offset = (*shape, axes.size("cp")), (*offset, axes.rank("cp"))
     return ShardedObject("rng_state", capture_rng_state(), shape, offset, replica_id=0)
 
 
+def _optimizer_has_state(optimizer: Any) -> bool:
+    """Whether Adam has moments yet: a model saved before its first update (the actor during
+    the critic's warm-up) has none, and loading expects the moments a checkpoint holds."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return bool(getattr(inner, "state", None))
+
+
+def _reset_optimizer_state(optimizer: Any) -> None:
+    """Back to no moments, as at the save of a model that had not been updated yet."""
+    getattr(optimizer, "optimizer", optimizer).state.clear()
+
+
 def _sharded_state(
-    models: Trainables, *, is_loading: bool, with_optimizer: bool, with_rng: bool, data_state: Mapping[str, Any] | None
+    models: Trainables,
+    *,
+    is_loading: bool,
+    with_optimizer: bool,
+    with_rng: bool,
+    data_state: Mapping[str, Any] | None,
+    with_scheduler: bool | None = None,
 ) -> dict[str, Any]:
+    with_scheduler = with_optimizer if with_scheduler is None else with_scheduler
     state: dict[str, Any] = {"models": {}}
     for name, entry in models.items():
         gpt, optimizer, scheduler = _parts(entry)
@@ -202,6 +227,7 @@ def _sharded_state(
         group: dict[str, Any] = {"model": model_sd}
         if with_optimizer and optimizer is not None:
             group["optimizer"] = compat.optimizer_sharded_state_dict(optimizer, model_sd, is_loading=is_loading)
+        if with_scheduler and scheduler is not None:
             group["scheduler"] = scheduler.state_dict()
         state["models"][name] = group
     if with_rng:
@@ -246,8 +272,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
         tmp.mkdir(parents=True)
     _barrier()
-    has_optimizer = any(isinstance(m, TrainableModel) for m in models.values())
-    state = _sharded_state(models, is_loading=False, with_optimizer=True, with_rng=True, data_state=data_state)
+    trainables = [m for m in models.values() if isinstance(m, TrainableModel)]
+    has_optimizer = any(_optimizer_has_state(m.optimizer) for m in trainables)
+    state = _sharded_state(
+        models,
+        is_loading=False,
+        with_optimizer=has_optimizer,
+        with_scheduler=bool(trainables),
+        with_rng=True,
+        data_state=data_state,
+    )
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
@@ -257,7 +291,8 @@ def save_checkpoint(
             "megatron_core": str(compat.MEGATRON_VERSION),
             "layout": current_layout(),
             "models": sorted(models),
-            "has_optimizer": has_optimizer,
+            "has_optimizer": has_optimizer,  # Adam moments (none before a model's first update)
+            "has_scheduler": bool(trainables),
             "data_state": dict(data_state or {}),
             "metadata": dict(metadata or {}),
             "saved_at": time.time(),
@@ -302,7 +337,15 @@ def load_checkpoint(
             current_layout(),
         )
     with_optimizer = load_optimizer and meta.get("has_optimizer", False)
-    state = _sharded_state(models, is_loading=True, with_optimizer=with_optimizer, with_rng=with_rng, data_state=None)
+    with_scheduler = load_optimizer and meta.get("has_scheduler", meta.get("has_optimizer", False))
+    state = _sharded_state(
+        models,
+        is_loading=True,
+        with_optimizer=with_optimizer,
+        with_scheduler=with_scheduler,
+        with_rng=with_rng,
+        data_state=None,
+    )
     try:
         loaded = dist_checkpointing.load(state, str(path))
     # megatron raises CheckpointingException / KeyError; torch.distributed.checkpoint's
@@ -320,8 +363,14 @@ def load_checkpoint(
         gpt.load_state_dict(_strip(f"{name}.", group["model"]), strict=True)
         if with_optimizer and optimizer is not None:
             optimizer.load_state_dict(group["optimizer"])
-            scheduler.load_state_dict(group["scheduler"])
             restored_optimizer = True
+        elif load_optimizer and optimizer is not None and meta.get("has_scheduler", False):
+            # saved before the model's first update (no moments): back to none, not the current ones
+            _reset_optimizer_state(optimizer)
+            restored_optimizer = True
+        if with_scheduler and scheduler is not None and "scheduler" in group:
+            scheduler.num_steps = 0  # megatron's load adds the saved count to the current one
+            scheduler.load_state_dict(group["scheduler"])
     if with_rng:
         restore_rng_state(loaded["rng"])
     _barrier()

@@ -20,6 +20,8 @@ megatron-core call sites (0.16.1; 0.19.x where noted) that need it:
    grad type string is ``torch.cuda.FloatTensor``) run under :func:`cuda_as_cpu_context`;
    so does GPTModel construction (``LanguageModule.setup_embeddings_and_output_layer`` calls
    ``weight.data.cuda()`` on the last stage's tied output weight when PP > 1).
+   It also drops ``pin_memory=True`` (no pinned allocator without an accelerator):
+   ``rope_utils.get_pos_emb_on_this_cp_rank`` pins the chunk indices of context parallelism.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class CudaAsCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if _names_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

@@ -30,7 +30,7 @@ class ParallelConfig:
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    context_parallel: int = 1  # needs Transformer Engine (GPU)
+    context_parallel: int = 1  # TE's attention on GPUs, ours (models/cp_attention.py) without TE
     sequence_parallel: bool = False  # needs TE/apex norms (GPU)
     use_distributed_optimizer: bool = False
     timeout_minutes: int = 30
@@ -171,12 +171,6 @@ def validate_layout(
             f"{key}.pipeline_parallel",
             f"{pp} does not divide model.num_layers={num_layers} (uneven stages are not supported)",
         )
-    if cp > 1:
-        require(
-            device.has_cuda() and _transformer_engine(),
-            f"{key}.context_parallel",
-            "context parallel needs GPUs with Transformer Engine",
-        )
     if parallel.sequence_parallel:
         require(
             device.has_cuda(),
@@ -190,12 +184,6 @@ def validate_layout(
 def check_model_layout(parallel: ParallelConfig, world_size: int, model: Any, *, key: str = "parallel") -> int:
     """:func:`validate_layout` with the model's shape (a ``ModelConfig``); returns the DP size."""
     return validate_layout(parallel, world_size, key=key, **model.layout_dims)
-
-
-def _transformer_engine() -> bool:
-    from carft_nemo import compat  # imports megatron: only asked when a GPU-only option is set
-
-    return compat.transformer_engine_available()
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ def check_supported(gpt: torch.nn.Module) -> None:
         "apply_residual_connection_post_layernorm": bool(c.apply_residual_connection_post_layernorm),
         "no_rope_freq": bool(getattr(c, "no_rope_freq", None)),
         "sequence_parallel": bool(c.sequence_parallel),
-        "context_parallel_size > 1": c.context_parallel_size > 1,
     }
     rope = getattr(gpt, "rotary_pos_emb", None)
     # YaRN / multimodal RoPE need mscale or 3-D positions that this forward does not pass
@@ -82,7 +81,9 @@ class KVCacheStage:
         self.keys = [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.layers]
         # [S, 1, dim] RoPE angles, built once (megatron lru-caches the same table)
-        self.freqs = gpt.rotary_pos_emb(gpt.max_sequence_length)[:, 0]
+        # the whole table: under context parallelism the module's forward returns only this rank's
+        # chunks, and generation runs the full sequence on every context-parallel rank
+        self.freqs = gpt.rotary_pos_emb.get_emb(gpt.max_sequence_length)[:, 0]
         # cos/sin once per step instead of per layer and tensor: Llama-style RoPE on the full head
         self.plain_rope = (
             not config.rotary_interleaved and self.freqs.shape[-1] == head_dim and not config.apply_rope_fusion

@@ -21,6 +21,50 @@ def causal_inputs(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, mask
 
 
+def packed_inputs(segments: torch.Tensor) -> torch.Tensor:
+    """Megatron's boolean mask ``[n, 1, s, s]`` (True = hidden) for packed rows (``carft_nemo.data.packing``).
+
+    A token sees the earlier tokens of its own segment only; a bin's unused tail
+    (segment -1) sees itself, so no softmax row is empty.
+    """
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).triu(1)
+    other = segments.unsqueeze(2) != segments.unsqueeze(1)
+    hidden = causal.unsqueeze(0) | other
+    hidden &= ~torch.eye(s, dtype=torch.bool, device=segments.device).unsqueeze(0)
+    return hidden.unsqueeze(1)
+
+
+@contextlib.contextmanager
+def per_token_rotary_positions(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Rotary embeddings at ``positions [b, s]`` instead of ``0 .. s-1`` for every row.
+
+    megatron-core's GPTModel derives RoPE from the sequence length alone (``position_ids`` feed
+    only learned absolute embeddings), so packed rows would continue each other's positions.
+    RoPE's attention scores depend on relative positions only, so that changes them by rounding
+    alone; with each token's own position (its rotary module returns the frequencies of each
+    token's position as ``[s, b, 1, d]``, which the attention's RoPE broadcasts per row) a
+    packed row is the same computation as the unpacked one, as far from the long-context
+    positions a row never reached.
+    """
+    gpt = unwrap(model)
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    if rotary is None:  # no RoPE (an intermediate pipeline stage still has the module; learned embeddings use ids)
+        yield
+        return
+    original = rotary.forward
+
+    def at_positions(*args, **kwargs):
+        table = original(int(positions.max()) + 1)  # [max_pos + 1, 1, 1, d]
+        return table[positions.t()].squeeze(2)  # [s, b, 1, d]
+
+    rotary.forward = at_positions
+    try:
+        yield
+    finally:
+        rotary.forward = original
+
+
 def unwrap(model: torch.nn.Module) -> GPTModel:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module"):

@@ -16,6 +16,7 @@ from carft_nemo import compat
 from carft_nemo.distributed import axes, cpu_compat, device
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.models.config import ModelConfig
+from carft_nemo.models.cp_attention import ContextParallelAttention
 from carft_nemo.models.heads import ValueHead
 
 
@@ -89,6 +90,15 @@ def build_gpt_model(
     return gpt
 
 
+def _layer_spec(use_te: bool, parallel: ParallelConfig):
+    """megatron's layer spec; without TE and with context parallelism, our core attention in it
+    (megatron's local one asserts a context-parallel size of 1: models/cp_attention.py)."""
+    spec = compat.gpt_layer_spec(use_te)
+    if parallel.context_parallel > 1 and not use_te:
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+    return spec
+
+
 def _gpt_model(
     config: TransformerConfig,
     model: ModelConfig,
@@ -100,7 +110,7 @@ def _gpt_model(
 ) -> GPTModel:
     return GPTModel(
         config=config,
-        transformer_layer_spec=compat.gpt_layer_spec(use_te),
+        transformer_layer_spec=_layer_spec(use_te, parallel),
         vocab_size=model.padded_vocab_size(parallel.tensor_parallel),
         max_sequence_length=model.max_sequence_length,
         pre_process=pre,

@@ -12,14 +12,19 @@ place, hence metrics are detached copies.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from carft_nemo import compat
 from carft_nemo.data.batch import Batch
-from carft_nemo.models.forward import capture_final_hidden, causal_inputs
+from carft_nemo.data.packing import bins_needed, pack, row_lengths, unpack
+from carft_nemo.distributed import axes
+from carft_nemo.models.cp_attention import split_for_context_parallel
+from carft_nemo.models.forward import capture_final_hidden, causal_inputs, packed_inputs, per_token_rotary_positions
 from carft_nemo.models.logprobs import token_logprobs
 
 # loss_fn(model_output [b, s, V/tp] or [b, s, 1], micro_batch) -> (scalar loss, metrics)
@@ -30,23 +35,89 @@ def _forward_step(
     loss_fn: LossFn, capture_hidden: bool, hidden_to_loss: bool, batches: Iterator[Batch], model: torch.nn.Module
 ):
     batch = next(batches)
-    tokens = batch["tokens"]
-    positions, mask = causal_inputs(tokens)
-    if capture_hidden or hidden_to_loss:
-        with capture_final_hidden(model) as cap:
-            output = model(tokens, positions, mask)
-        hidden = cap.get("hidden")
+    packed = "packed_tokens" in batch
+    cp_size = axes.size("cp")
+    if cp_size > 1:
+        if packed:
+            raise RuntimeError("packing with context parallelism is not wired yet: turn one of them off")
+        batch = context_parallel_share(batch, cp_size, axes.rank("cp"))
+    if packed:  # the model runs on the bins; the loss sees rows again (carft_nemo.data.packing)
+        tokens, positions = batch["packed_tokens"], batch["packed_positions"]
+        mask = packed_inputs(batch["packed_segments"])
+        rope = per_token_rotary_positions(model, positions)
     else:
-        output, hidden = model(tokens, positions, mask), None
+        tokens = batch["tokens"]
+        positions, mask = causal_inputs(tokens)
+        rope = contextlib.nullcontext()
+    with rope:
+        if capture_hidden or hidden_to_loss:
+            with capture_final_hidden(model) as cap:
+                output = model(tokens, positions, mask)
+            hidden = cap.get("hidden")
+        else:
+            output, hidden = model(tokens, positions, mask), None
 
     def score(out: torch.Tensor):
-        loss, metrics = loss_fn(out, batch, hidden) if hidden_to_loss else loss_fn(out, batch)
+        rows_hidden = hidden
+        if packed:
+            out = unpack(out, batch["unpack_index"])
+            if hidden is not None:
+                rows_hidden = unpack(hidden.transpose(0, 1), batch["unpack_index"]).transpose(0, 1)
+        loss, metrics = loss_fn(out, batch, rows_hidden) if hidden_to_loss else loss_fn(out, batch)
         metrics = {k: v.detach().clone() for k, v in metrics.items()}
-        if capture_hidden and hidden is not None:
-            metrics["hidden"] = hidden.detach().transpose(0, 1).clone()  # [b, s, h]
+        if capture_hidden and rows_hidden is not None:
+            metrics["hidden"] = rows_hidden.detach().transpose(0, 1).clone()  # [b, s, h]
         return loss, metrics
 
     return output, score
+
+
+def context_parallel_share(batch: Batch, cp_size: int, cp_rank: int) -> dict[str, torch.Tensor]:
+    """This context-parallel rank's chunks (r and 2C-1-r) of every per-token ``[b, S, ...]`` tensor.
+
+    Tensors whose dim 1 is not the tokens' width (per-row ``[b]`` values) stay whole; the others
+    are zero-padded on the right to a multiple of 2C first (masks are then 0 there). The
+    model then runs on the rank's tokens (RoPE and attention place them by their global
+    positions) and the loss sees only them: per-token targets must be aligned with their
+    token before the split (SFT's ``labels`` are), never shifted inside the loss.
+    """
+    width = batch["tokens"].shape[1]
+    padded = -(-width // (2 * cp_size)) * (2 * cp_size)  # zeros on the right: masks, hence losses, ignore them
+
+    def share(v: torch.Tensor) -> torch.Tensor:
+        if padded != width:
+            v = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, padded - width))
+        return split_for_context_parallel(v, cp_size, cp_rank)
+
+    return {k: share(v) if v.dim() >= 2 and v.shape[1] == width else v for k, v in batch.items()}
+
+
+def pack_microbatches(
+    micro_batches: Sequence[Batch], max_tokens: int, *, multiple: int = 1, same_shape: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Each micro-batch with its packed tensors added (``max_tokens`` 0: the micro-batch's width).
+
+    ``same_shape`` (pipeline parallelism: stages exchange fixed-shape activations): every
+    micro-batch gets the same number of bins of the same budget.
+    """
+    if compat.transformer_engine_available():
+        # TE's fused attention applies its own causal mask and ignores ours: packed rows would see
+        # each other. Its THD path (cu_seqlens) is the way there; until it is wired, refuse.
+        raise RuntimeError(
+            "packing.enabled: packed rows with Transformer Engine's attention need its THD format "
+            "(cu_seqlens), which is not wired yet; turn packing off on machines with Transformer Engine"
+        )
+    budgets = [max_tokens or m["tokens"].shape[1] for m in micro_batches]
+    if same_shape:
+        budgets = [max(budgets)] * len(budgets)
+    lengths = [row_lengths(m) for m in micro_batches]
+    min_bins = 0
+    if same_shape:
+        min_bins = max(bins_needed(n, b, multiple) for n, b in zip(lengths, budgets))
+    return [
+        {**m, **pack(m["tokens"], n, b, multiple=multiple, min_bins=min_bins)}
+        for m, n, b in zip(micro_batches, lengths, budgets)
+    ]
 
 
 def forward_backward(
@@ -69,7 +140,10 @@ def forward_backward(
     """
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    b, s = micro_batches[0]["tokens"].shape
+    key = "packed_tokens" if "packed_tokens" in micro_batches[0] else "tokens"
+    b, s = micro_batches[0][key].shape
+    cp = axes.size("cp")
+    s = -(-s // (2 * cp)) * 2 if cp > 1 else s  # what pipeline stages exchange per micro-batch: this rank's share
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_fn, capture_hidden, hidden_to_loss),
         data_iterator=iter(micro_batches),

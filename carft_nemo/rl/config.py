@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from carft_nemo.algorithms.contrastive.config import ContrastiveConfig
-from carft_nemo.config import require
+from carft_nemo.config import key_prefix, require
 from carft_nemo.data.datasets import DatasetConfig, held_out_split
+from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.generation.config import GenerationConfig
@@ -38,6 +39,7 @@ class ActorConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_rl_optim)
     micro_batch_size: int = 8  # sequences per forward/backward micro-batch
+    packing: PackingConfig = field(default_factory=PackingConfig)  # rows packed into bins (carft_nemo.data.packing)
     cpu_threads: int = 1  # torch threads per worker process on CPU (several workers share the cores)
 
     def __post_init__(self) -> None:
@@ -61,6 +63,7 @@ class CriticConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=_rl_optim)
     micro_batch_size: int = 8
+    packing: PackingConfig = field(default_factory=PackingConfig)
     value_loss_coef: float = 1.0  # weight of the value loss (shared layout; the separate critic trains on it alone)
     value_clip: float = 0.2
     cpu_threads: int = 1
@@ -208,6 +211,18 @@ class RLConfig:
         require(bool(self.output_dir), "output_dir", "must be set")
         require(self.train_data.split == "train", "train_data.split", "must be 'train'")
         require(not self.generation.greedy, "generation.greedy", "rollouts must sample (set greedy: false)")
+        longest = max(self.encoding.max_total_tokens, self.encoding.max_prompt_tokens + self.generation.max_new_tokens)
+        where = "encoding.max_total_tokens, or encoding.max_prompt_tokens + generation.max_new_tokens"
+        for role in ("actor", "critic"):
+            with key_prefix(role):
+                check_budget(getattr(self, role).packing, longest, where)
+        for role in ("actor", "critic", "reference"):
+            require(
+                getattr(self, role).parallel.context_parallel == 1,
+                f"{role}.parallel.context_parallel",
+                "context parallelism runs SFT today; the RL losses and scores still shift tokens inside the "
+                "loss, which a context-parallel rank's share of a sequence cannot do (issue: long context)",
+            )
         if self.rl.algorithm == "grpo":
             require(
                 not self.contrastive.enabled,

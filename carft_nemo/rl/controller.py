@@ -257,6 +257,7 @@ class RLRun:
             contrastive_dim=cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0,
             keep_reference=cfg.reference.mode == "swap" and cfg.rl.kl_coef > 0,
             micro_batch_size=cfg.actor.micro_batch_size,
+            packing=cfg.actor.packing,
             cpu_threads=cfg.actor.cpu_threads,
             temperature=cfg.generation.temperature,
         )
@@ -270,6 +271,7 @@ class RLRun:
             str(self.sft_step),
             total_steps=cfg.rl.optimizer_steps,
             micro_batch_size=cfg.critic.micro_batch_size,
+            packing=cfg.critic.packing,
             cpu_threads=cfg.critic.cpu_threads,
         )
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from carft_nemo.config import require
+from carft_nemo.config import key_prefix, require
 from carft_nemo.data.datasets import DatasetConfig, held_out_split
+from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_model_layout
 from carft_nemo.generation.config import GenerationConfig
@@ -21,6 +22,7 @@ class SFTLoopConfig(LoopSchedule):
 
     global_batch_size: int = 32
     micro_batch_size: int = 8
+    packing: PackingConfig = field(default_factory=PackingConfig)  # rows packed into bins (carft_nemo.data.packing)
     pad_to_multiple_of: int = 8
     vote_k: int = 1  # > 1: also majority-vote accuracy over k samples at each evaluation
 
@@ -67,6 +69,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")
         require(self.train_data.split == "train", "train_data.split", "must be 'train'")
+        with key_prefix("train"):
+            check_budget(self.train.packing, self.encoding.max_total_tokens, "encoding.max_total_tokens")
 
 
 def check_world_layout(cfg: SFTConfig, world_size: int) -> int:

@@ -103,10 +103,12 @@ class SFTStage:
         trainable.zero_grad()
         metrics = run_forward_backward(
             trainable.model,
-            {"tokens": inputs, "labels": labels, "loss_mask": loss_mask},
+            {"tokens": inputs, "labels": labels, "loss_mask": loss_mask, "lengths": batch["lengths"] - 1},
             loss_fn=self.loss_fn,
             normalizer=data_parallel_sum(loss_mask.sum()),
             micro_batch_size=self.cfg.train.micro_batch_size,
+            packing=self.cfg.train.packing,
+            sequence_multiple=self.cfg.parallel.sequence_multiple,
         )
         ok, grad_norm = trainable.step()
         return {

@@ -10,7 +10,9 @@ global normaliser N (e.g. the number of loss tokens in the whole data-parallel b
 passed in. We scale each micro-batch loss by ``dp * num_microbatches / N`` because the
 schedule divides by the number of micro-batches and DDP averages gradients over data
 parallel ranks: the net gradient is exactly that of ``sum / N`` over the global batch, for
-any layout. That is what makes TP/PP/DP runs and resumed runs agree.
+any layout. With context parallelism each rank's loss covers its share of the tokens (the
+schedule's factor C and DDP's average over data x context parallel cancel). That is what
+makes TP/PP/DP/CP runs and resumed runs agree.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from collections.abc import Sequence
 import torch
 
 from carft_nemo.data.batch import Batch
+from carft_nemo.data.packing import PackingConfig
 from carft_nemo.distributed import axes, device
 from carft_nemo.distributed.collectives import all_reduce_sum_no_grad
-from carft_nemo.models.step import LossFn, forward_backward
+from carft_nemo.models.step import LossFn, forward_backward, pack_microbatches
 
 
 def split_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -55,6 +58,8 @@ def run_forward_backward(
     micro_batch_size: int,
     forward_only: bool = False,
     hidden_to_loss: bool = False,
+    packing: PackingConfig | None = None,
+    sequence_multiple: int = 1,
 ) -> dict[str, float]:
     """Forward (and backward unless ``forward_only``) of this rank's batch (``tokens [B, S]``, ...).
 
@@ -63,8 +68,17 @@ def run_forward_backward(
     are broadcast, then summed over data parallel) has every metric sum plus
     ``"loss"`` = loss sum / ``normalizer``. With ``hidden_to_loss`` the loss function also
     receives the final hidden states ``[s, b, h]`` (see :func:`~carft_nemo.models.step.forward_backward`).
+    ``packing`` runs the model on each micro-batch's rows packed into bins (the loss still sees
+    rows: :mod:`carft_nemo.data.packing`); ``sequence_multiple`` rounds the bins for TP/CP.
     """
     microbatches = split_microbatches(batch, micro_batch_size)
+    if packing is not None and packing.enabled:
+        microbatches = pack_microbatches(
+            microbatches, packing.max_tokens, multiple=sequence_multiple, same_shape=axes.size("pp") > 1
+        )
+    # DDP averages gradients over data x context parallel, and megatron's schedule multiplies a
+    # (loss, metrics) loss by the context-parallel size: a context-parallel rank's loss, its tokens'
+    # share of the sum, needs no factor of its own (tests/distributed/test_context_parallel.py).
     scale = axes.size("dp") * len(microbatches) / max(normalizer, 1e-12)
 
     def scaled_loss(
@@ -95,8 +109,8 @@ def _share_last_stage_metrics(outputs: Sequence[dict[str, torch.Tensor]], normal
     local = local.to(device.local_device())
     if axes.size("pp") > 1:
         torch.distributed.broadcast(local, src=axes.last_stage_rank(), group=axes.group("pp"))
-    if local.numel():
-        local = all_reduce_sum_no_grad(local, axes.group("dp"))
+    if local.numel():  # context-parallel ranks hold shares of each sum: add them too
+        local = all_reduce_sum_no_grad(local, axes.group("dp_cp"))
     result = dict(zip(keys, local.tolist()))
     if "loss_sum" in result:
         result["loss"] = result["loss_sum"] / max(normalizer, 1e-12)

@@ -11,13 +11,14 @@ it in Ray through :class:`~carft_nemo.distributed.ray_group.RayWorkerGroup`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from carft_nemo.checkpoint.dist_checkpoint import POLICY_GROUP, load_checkpoint, load_model_weights, save_checkpoint
 from carft_nemo.data.batch import Batch
+from carft_nemo.data.packing import PackingConfig
 from carft_nemo.data.records import Example
 from carft_nemo.data.tokenization import load_tokenizer
 from carft_nemo.distributed import device
@@ -52,6 +53,7 @@ class ActorSpec:
     contrastive_dim: int = 0  # > 0: CARFT projection head of that size
     keep_reference: bool = False  # swap mode: keep the initial weights in CPU memory
     micro_batch_size: int = 8
+    packing: PackingConfig = field(default_factory=PackingConfig)
     cpu_threads: int = 1
     temperature: float = 1.0  # the sampling temperature: log-probs are of the sampling distribution
 

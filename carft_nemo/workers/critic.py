@@ -7,7 +7,7 @@ Its own parallel layout and optimizer; trained with the clipped value loss alone
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ import torch
 from carft_nemo.algorithms.ppo import clipped_value_loss
 from carft_nemo.checkpoint.dist_checkpoint import POLICY_GROUP, load_checkpoint, load_model_weights, save_checkpoint
 from carft_nemo.data.batch import Batch
+from carft_nemo.data.packing import PackingConfig
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.gpt import build_gpt_model
@@ -34,6 +35,7 @@ class CriticSpec:
     init_checkpoint: str  # SFT checkpoint: the backbone comes from its "policy" group
     total_steps: int = 1
     micro_batch_size: int = 8
+    packing: PackingConfig = field(default_factory=PackingConfig)
     cpu_threads: int = 1
 
 

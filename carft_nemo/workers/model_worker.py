@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from carft_nemo.data.batch import Batch
+from carft_nemo.data.packing import PackingConfig
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.distributed.ray_group import ParallelWorker
-from carft_nemo.models.step import forward_backward
+from carft_nemo.models.step import forward_backward, pack_microbatches
 from carft_nemo.seeding import derive_seed
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward, split_microbatches
 from carft_nemo.training.optim import TrainableModel
@@ -91,13 +92,18 @@ class ModelWorker(ParallelWorker):
 
         width = batch["tokens"].shape[1]
         same_width = self.layout is not None and self.layout.pipeline_parallel > 1
+        parallel = self.spec.parallel if self.spec is not None else ParallelConfig()
+        packing = self.packing
         order = None
-        if "lengths" in batch and not same_width:  # rows of similar length share micro-batches
+        if "lengths" in batch and not same_width and not packing.enabled:  # similar lengths share micro-batches
             order = torch.argsort(batch["lengths"], descending=True, stable=True)
             batch = {k: v[order] for k, v in batch.items()}
         micro_batches = split_microbatches(batch, micro_batch_size)
-        if "lengths" in batch:
-            parallel = self.spec.parallel if self.spec is not None else ParallelConfig()
+        if packing.enabled:  # the bins replace the trimming (carft_nemo.data.packing)
+            micro_batches = pack_microbatches(
+                micro_batches, packing.max_tokens, multiple=parallel.sequence_multiple, same_shape=same_width
+            )
+        elif "lengths" in batch:
             micro_batches = trim_microbatches(micro_batches, parallel.sequence_multiple, same_width=same_width)
         cut_columns = [width - micro["tokens"].shape[1] for micro in micro_batches]
         model = self.model
@@ -162,6 +168,8 @@ class ModelWorker(ParallelWorker):
                     normalizer=normalizer,
                     micro_batch_size=micro_batch_size,
                     hidden_to_loss=hidden_to_loss,
+                    packing=self.packing,
+                    sequence_multiple=self.spec.parallel.sequence_multiple if self.spec is not None else 1,
                 )
                 lr = self.trainable.lr * lr_scale
                 ok, grad_norm = self.trainable.step(lr_scale)
@@ -174,6 +182,11 @@ class ModelWorker(ParallelWorker):
         totals["updates"] = float(len(grad_norms))
         totals["lr"] = lr
         return totals
+
+    @property
+    def packing(self) -> PackingConfig:
+        """The role's packing settings (off for a spec without them)."""
+        return getattr(self.spec, "packing", None) or PackingConfig()
 
     @staticmethod
     def global_count(mask: torch.Tensor) -> float:

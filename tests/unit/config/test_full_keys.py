@@ -31,6 +31,7 @@ BAD: dict[str, tuple[str, str]] = {
     "LoggingConfig": ("progress_interval_s", "0"),
     "ModelConfig": ("preset", "gpt5"),
     "OptimConfig": ("lr", "-1"),
+    "PackingConfig": ("max_tokens", "-1"),
     "ParallelConfig": ("tensor_parallel", "0"),
     "RLConfig": ("output_dir", "''"),
     "RLLoopConfig": ("gamma", "2.0"),

@@ -1,0 +1,167 @@
+"""Sequence packing: the rows of a micro-batch packed into bins of a token budget (pure tensor code).
+
+A micro-batch of right-padded rows ``tokens [b, S]`` with real lengths ``L_i`` costs the model
+``b * S`` token positions; packed, it costs ``n_bins * budget`` with ``n_bins`` as small as
+first-fit decreasing gets it (each bin holds whole rows, ``sum L_i <= budget``). Inside a bin
+every row keeps its own positions (``0 .. L_i - 1``) and attends only to itself, causally
+(:func:`carft_nemo.models.forward.packed_inputs`), so the model's per-token outputs equal the
+unpacked ones. They are unpacked back to ``[b, S, ...]`` before any loss sees them
+(:func:`unpack`), so every loss (SFT, PPO, values, CARFT's pooling over a row's CoT) is
+unchanged, and the rows keep their micro-batch (losses that look across rows, like
+CARFT's negatives, see the same rows). Where the padding goes: the model stops computing it;
+unpacked outputs hold zeros past each row's length.
+
+The packed tensors travel in the micro-batch as extra keys (:data:`PACKED_KEYS`), so the
+batch stays a mapping of tensors. With pipeline parallelism every micro-batch must have the
+same shape on the wire: ``min_bins`` pads with empty bins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from carft_nemo.config import require
+
+
+@dataclass
+class PackingConfig:
+    """``packing`` of a model role (SFT, actor, critic, reference): rows packed into bins for the model.
+
+    Attributes:
+        enabled: pack every training and scoring micro-batch.
+        max_tokens: tokens per bin; 0 = each micro-batch's width (its longest row). A row longer
+            than the budget is an error naming this key.
+
+    Runs with megatron's local attention (CPU, and GPUs without Transformer Engine). With
+    Transformer Engine the workers refuse it: TE's fused causal attention ignores the
+    block-diagonal mask, and its THD (cu_seqlens) path is not wired yet.
+    """
+
+    enabled: bool = False
+    max_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.max_tokens >= 0, "max_tokens", f"must be >= 0, got {self.max_tokens}")
+
+
+def check_budget(packing: PackingConfig, longest_row: int, where: str) -> None:
+    """At start-up: a bin budget below the longest possible row would fail mid-run; name the key."""
+    if packing.enabled and packing.max_tokens:
+        require(
+            packing.max_tokens >= longest_row,
+            "packing.max_tokens",
+            f"{packing.max_tokens} is below the longest row this run can produce ({longest_row} tokens: {where})",
+        )
+
+
+PACKED_KEYS = ("packed_tokens", "packed_positions", "packed_segments", "unpack_index")
+PAD_SEGMENT = -1  # segment id of a bin's unused tail
+
+
+def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Row indices per bin: longest row first, each into the first bin with room (Johnson 1973: <= 11/9 OPT + 1)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[row]
+        if n > budget:
+            raise ValueError(f"row {row} has {n} tokens, more than the packing budget of {budget} (packing.max_tokens)")
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(row)
+                room[b] -= n
+                break
+        else:
+            bins.append([row])
+            room.append(budget - n)
+    return bins
+
+
+def row_lengths(micro: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Real tokens per row: ``lengths`` when the batch has it, else from the PPO ``action_mask [b, S-1]``.
+
+    (column j of the action mask is token j + 1, so a row ends after its last action + 1.)
+    """
+    if "lengths" in micro:
+        return micro["lengths"].long()
+    if "action_mask" in micro:
+        mask = micro["action_mask"].bool()
+        cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, cols, torch.full_like(cols, -1)).max(dim=1).values
+        return torch.where(last >= 0, last + 2, torch.ones_like(last))
+    raise KeyError("packing needs the rows' lengths: a 'lengths' or 'action_mask' entry in the batch")
+
+
+def pack(
+    tokens: torch.Tensor, lengths: torch.Tensor, budget: int, *, multiple: int = 1, min_bins: int = 0
+) -> dict[str, torch.Tensor]:
+    """The packed tensors of one micro-batch (``PACKED_KEYS``).
+
+    ``tokens [b, S]``, ``lengths [b]`` -> ``packed_tokens / packed_positions / packed_segments
+    [n_bins, budget]`` (segment = the row's index in the micro-batch, ``PAD_SEGMENT`` on a bin's
+    tail) and ``unpack_index [b, S]``: for each row position, its flat index in the packed
+    ``[n_bins * budget]`` tokens, or ``n_bins * budget`` past the row's length (a zero row).
+    ``budget`` is rounded up to ``multiple`` (what TP sequence parallelism and CP need).
+    """
+    require(budget >= 1, "packing.max_tokens", f"must be >= 1, got {budget}")
+    budget = -(-budget // multiple) * multiple
+    b, width = tokens.shape
+    lens = [int(n) for n in lengths.tolist()]
+    bins = first_fit_decreasing(lens, budget)
+    n_bins = max(len(bins), min_bins, 1)
+    packed = torch.zeros(n_bins, budget, dtype=tokens.dtype, device=tokens.device)
+    positions = torch.zeros(n_bins, budget, dtype=torch.long, device=tokens.device)
+    segments = torch.full((n_bins, budget), PAD_SEGMENT, dtype=torch.long, device=tokens.device)
+    index = torch.full((b, width), n_bins * budget, dtype=torch.long, device=tokens.device)
+    for bin_id, rows in enumerate(bins):
+        offset = 0
+        for row in rows:
+            n = lens[row]
+            packed[bin_id, offset : offset + n] = tokens[row, :n]
+            positions[bin_id, offset : offset + n] = torch.arange(n, device=tokens.device)
+            segments[bin_id, offset : offset + n] = row
+            index[row, :n] = bin_id * budget + offset + torch.arange(n, device=tokens.device)
+            offset += n
+    return {"packed_tokens": packed, "packed_positions": positions, "packed_segments": segments, "unpack_index": index}
+
+
+def bins_needed(lengths: torch.Tensor, budget: int, multiple: int = 1) -> int:
+    budget = -(-budget // multiple) * multiple
+    return len(first_fit_decreasing([int(n) for n in lengths.tolist()], budget))
+
+
+def unpack(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs ``[n_bins, budget, ...]`` back to the rows ``[b, S, ...]`` (zeros past each length).
+
+    A gather, so gradients flow back to the packed computation.
+    """
+    flat = packed.reshape(-1, *packed.shape[2:])
+    flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+    b, width = unpack_index.shape
+    return flat.index_select(0, unpack_index.reshape(-1)).reshape(b, width, *packed.shape[2:])
+
+
+def packed_token_count(micro: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(real tokens, positions the model computes) of a micro-batch, packed or not."""
+    if "packed_segments" in micro:
+        segments = micro["packed_segments"]
+        return int((segments != PAD_SEGMENT).sum()), segments.numel()
+    tokens = micro["tokens"]
+    return int(row_lengths(micro).sum()), tokens.numel()
+
+
+__all__ = [
+    "PACKED_KEYS",
+    "PackingConfig",
+    "PAD_SEGMENT",
+    "bins_needed",
+    "check_budget",
+    "first_fit_decreasing",
+    "pack",
+    "packed_token_count",
+    "row_lengths",
+    "unpack",
+]
