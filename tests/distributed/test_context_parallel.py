@@ -24,6 +24,22 @@ def test_the_load_balanced_chunks_cover_the_sequence_once():
         split_for_context_parallel(torch.zeros(1, 10), 3, 0)
 
 
+def _model(parallel, initial: dict | None):
+    """The process group of ``parallel`` and a micro model on it, from the ``initial`` full weights if given."""
+    from carft_nemo.distributed.layout import initialize
+    from carft_nemo.models.config import ModelConfig
+    from carft_nemo.models.gpt import build_gpt_model
+    from carft_nemo.models.sharding import load_full_state_dict
+
+    model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
+    heads = {"num_attention_heads": model_cfg.num_attention_heads, "num_query_groups": model_cfg.num_query_groups}
+    initialize(parallel, seed=1234, num_layers=model_cfg.num_layers, **heads)
+    model = build_gpt_model(model_cfg, parallel)
+    if initial is not None:
+        load_full_state_dict(model, {k: torch.from_numpy(v) for k, v in initial.items()})
+    return model_cfg, model
+
+
 def _sft_step(rank: int, world: int, tp: int, cp: int, initial: dict | None, reference: dict | None):
     """One SFT step (the recipe's masked NLL sum) at TP=tp, CP=cp from the ``initial`` full weights.
 
@@ -32,22 +48,15 @@ def _sft_step(rank: int, world: int, tp: int, cp: int, initial: dict | None, ref
     reference weights sharded for this layout).
     """
     from carft_nemo.algorithms.sft import masked_token_nll_sum, shift_for_next_token
-    from carft_nemo.distributed.layout import ParallelConfig, initialize, shutdown
-    from carft_nemo.models.config import ModelConfig
-    from carft_nemo.models.gpt import build_gpt_model
+    from carft_nemo.distributed.layout import ParallelConfig, shutdown
     from carft_nemo.models.logprobs import token_logprobs
-    from carft_nemo.models.sharding import full_state_dict, load_full_state_dict, shard_state_dict_for_tp
+    from carft_nemo.models.sharding import full_state_dict, shard_state_dict_for_tp
     from carft_nemo.training.forward_backward import run_forward_backward
     from carft_nemo.training.optim import OptimConfig, make_trainable
 
-    model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     parallel = ParallelConfig(tensor_parallel=tp, context_parallel=cp)
-    heads = {"num_attention_heads": model_cfg.num_attention_heads, "num_query_groups": model_cfg.num_query_groups}
-    initialize(parallel, seed=1234, num_layers=model_cfg.num_layers, **heads)
+    model_cfg, model = _model(parallel, initial)
     try:
-        model = build_gpt_model(model_cfg, parallel)
-        if initial is not None:
-            load_full_state_dict(model, {k: torch.from_numpy(v) for k, v in initial.items()})
         start = full_state_dict(model)
         trainable = make_trainable(model, model_cfg, parallel, OptimConfig(lr=1e-4, schedule="constant"), 10)
         g = torch.Generator().manual_seed(0)
@@ -92,20 +101,12 @@ def test_an_sft_step_with_context_parallelism_equals_cp1(tp, cp):
 
 
 def _greedy(rank: int, world: int, cp: int, initial: dict | None):
-    from carft_nemo.distributed.layout import ParallelConfig, initialize, shutdown
+    from carft_nemo.distributed.layout import ParallelConfig, shutdown
     from carft_nemo.generation import GenerationConfig, MegatronGenerator
-    from carft_nemo.models.config import ModelConfig
-    from carft_nemo.models.gpt import build_gpt_model
-    from carft_nemo.models.sharding import full_state_dict, load_full_state_dict
+    from carft_nemo.models.sharding import full_state_dict
 
-    model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
-    parallel = ParallelConfig(context_parallel=cp)
-    heads = {"num_attention_heads": model_cfg.num_attention_heads, "num_query_groups": model_cfg.num_query_groups}
-    initialize(parallel, seed=1234, num_layers=model_cfg.num_layers, **heads)
+    _, model = _model(ParallelConfig(context_parallel=cp), initial)
     try:
-        model = build_gpt_model(model_cfg, parallel)
-        if initial is not None:
-            load_full_state_dict(model, {k: torch.from_numpy(v) for k, v in initial.items()})
         prompts = [[3, 9, 4], [5, 1, 2, 8, 7], [11]]
         out = MegatronGenerator(model, vocab_size=VOCAB).generate(
             prompts, GenerationConfig(max_new_tokens=12, greedy=True)
