@@ -124,6 +124,7 @@ class StudyConfig:
     reuse_start_from: str | None = None
     # arms whose finished runs in reuse_start_from are linked in, not rerun (the same RL settings!)
     reuse_runs: list[str] = field(default_factory=list)
+    title: str = "Reproduction study results"  # the heading of results.md
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # the ReFT settings every arm starts from
 
@@ -265,7 +266,7 @@ def run_study(cfg: StudyConfig) -> Path:
                 raise SystemExit(0)
     results = collect_results(out, cfg.seeds, cfg.arms)
     results["wall_time_s_this_invocation"] = timer.elapsed()
-    return write_results(out, results)
+    return write_results(out, results, title=cfg.title)
 
 
 __all__ = ["ARMS", "PAPER_ARMS", "StudyConfig", "evaluate_start", "pick_start", "run_study"]

@@ -45,6 +45,16 @@ def eval_curve(run_dir: Path, start_accuracy: float | None = None) -> list[tuple
     return sorted(by_step.items())
 
 
+def eval_points(run_dir: Path, start_accuracy: float | None = None) -> list[tuple[int, float]]:
+    """Every held-out evaluation in the order it ran: a collapse-guard rollback evaluates a step
+    again, and the fall it caught stays here (:func:`eval_curve` keeps the last value per step)."""
+    points = [] if start_accuracy is None else [(0, start_accuracy)]
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        if isinstance(row.get("eval_accuracy"), (int, float)):
+            points.append((int(row["step"]), float(row["eval_accuracy"])))
+    return points
+
+
 def largest_drop(curve: list[tuple[int, float]]) -> float:
     """max_t (max_{u <= t} acc_u - acc_t): how far accuracy fell below its running best."""
     best, drop = -math.inf, 0.0
@@ -75,7 +85,7 @@ def _run_record(run_dir: Path, start: dict[str, bool], start_accuracy: float) ->
     return {
         "accuracy": summary["accuracy_after"],
         "vs_start": _flips(start, final),
-        "largest_drop": largest_drop(curve),
+        "largest_drop": largest_drop(eval_points(run_dir, start_accuracy)),  # falls the guard rolled back count
         "reward_last_steps": summary["reward_last_steps"],
         "curve": curve,
         "diagnostics": diagnostic_means(run_dir),

@@ -18,6 +18,15 @@ from carft_nemo.pipeline.study_results import (
 ROOT = Path(__file__).resolve().parents[3]
 
 
+def test_a_fall_the_guard_rolled_back_still_counts(tmp_path):
+    from carft_nemo.pipeline.study_results import eval_curve, eval_points
+
+    rows = [(5, 0.81), (10, 0.36), (10, 0.66), (10, 0.74), (15, 0.71)]  # rolled back twice at step 10
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "eval_accuracy": {a}}}\n' for s, a in rows))
+    assert largest_drop(eval_points(tmp_path)) == pytest.approx(0.45)
+    assert largest_drop(eval_curve(tmp_path)) == pytest.approx(0.10)  # the last value per step hides the fall
+
+
 def test_largest_drop_is_measured_from_the_running_best():
     assert largest_drop([(0, 0.30), (10, 0.40), (20, 0.25), (30, 0.38)]) == pytest.approx(0.15)
     assert largest_drop([(0, 0.30), (10, 0.31), (20, 0.35)]) == 0.0
