@@ -217,9 +217,8 @@ def _sharded_state(
     with_optimizer: bool,
     with_rng: bool,
     data_state: Mapping[str, Any] | None,
-    with_scheduler: bool | None = None,
+    with_scheduler: bool,
 ) -> dict[str, Any]:
-    with_scheduler = with_optimizer if with_scheduler is None else with_scheduler
     state: dict[str, Any] = {"models": {}}
     for name, entry in models.items():
         gpt, optimizer, scheduler = _parts(entry)

@@ -11,9 +11,10 @@ unchanged, and the rows keep their micro-batch (losses that look across rows, li
 CARFT's negatives, see the same rows). Where the padding goes: the model stops computing it;
 unpacked outputs hold zeros past each row's length.
 
-The packed tensors travel in the micro-batch as extra keys (:data:`PACKED_KEYS`), so the
-batch stays a mapping of tensors. With pipeline parallelism every micro-batch must have the
-same shape on the wire: ``min_bins`` pads with empty bins.
+The packed tensors travel in the micro-batch as extra keys (``packed_tokens``,
+``packed_positions``, ``packed_segments``, ``unpack_index``), so the batch stays a mapping of
+tensors. With pipeline parallelism every micro-batch must have the same shape on the wire:
+``min_bins`` pads with empty bins.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ def check_budget(packing: PackingConfig, longest_row: int, where: str) -> None:
         )
 
 
-PACKED_KEYS = ("packed_tokens", "packed_positions", "packed_segments", "unpack_index")
 PAD_SEGMENT = -1  # segment id of a bin's unused tail
 
 
@@ -95,22 +95,25 @@ def row_lengths(micro: Mapping[str, torch.Tensor]) -> torch.Tensor:
     raise KeyError("packing needs the rows' lengths: a 'lengths' or 'action_mask' entry in the batch")
 
 
+def plan(lengths: torch.Tensor, budget: int, multiple: int = 1) -> tuple[int, list[list[int]]]:
+    """The bin budget rounded up to ``multiple`` (what TP sequence parallelism and CP need) and
+    the rows of each bin (:func:`first_fit_decreasing`)."""
+    require(budget >= 1, "packing.max_tokens", f"must be >= 1, got {budget}")
+    budget = -(-budget // multiple) * multiple
+    return budget, first_fit_decreasing([int(n) for n in lengths.tolist()], budget)
+
+
 def pack(
-    tokens: torch.Tensor, lengths: torch.Tensor, budget: int, *, multiple: int = 1, min_bins: int = 0
+    tokens: torch.Tensor, lengths: torch.Tensor, budget: int, bins: list[list[int]], *, min_bins: int = 0
 ) -> dict[str, torch.Tensor]:
-    """The packed tensors of one micro-batch (``PACKED_KEYS``).
+    """The packed tensors of one micro-batch, by its :func:`plan`.
 
     ``tokens [b, S]``, ``lengths [b]`` -> ``packed_tokens / packed_positions / packed_segments
     [n_bins, budget]`` (segment = the row's index in the micro-batch, ``PAD_SEGMENT`` on a bin's
     tail) and ``unpack_index [b, S]``: for each row position, its flat index in the packed
     ``[n_bins * budget]`` tokens, or ``n_bins * budget`` past the row's length (a zero row).
-    ``budget`` is rounded up to ``multiple`` (what TP sequence parallelism and CP need).
     """
-    require(budget >= 1, "packing.max_tokens", f"must be >= 1, got {budget}")
-    budget = -(-budget // multiple) * multiple
     b, width = tokens.shape
-    lens = [int(n) for n in lengths.tolist()]
-    bins = first_fit_decreasing(lens, budget)
     n_bins = max(len(bins), min_bins, 1)
     packed = torch.zeros(n_bins, budget, dtype=tokens.dtype, device=tokens.device)
     positions = torch.zeros(n_bins, budget, dtype=torch.long, device=tokens.device)
@@ -119,18 +122,13 @@ def pack(
     for bin_id, rows in enumerate(bins):
         offset = 0
         for row in rows:
-            n = lens[row]
+            n = int(lengths[row])
             packed[bin_id, offset : offset + n] = tokens[row, :n]
             positions[bin_id, offset : offset + n] = torch.arange(n, device=tokens.device)
             segments[bin_id, offset : offset + n] = row
             index[row, :n] = bin_id * budget + offset + torch.arange(n, device=tokens.device)
             offset += n
     return {"packed_tokens": packed, "packed_positions": positions, "packed_segments": segments, "unpack_index": index}
-
-
-def bins_needed(lengths: torch.Tensor, budget: int, multiple: int = 1) -> int:
-    budget = -(-budget // multiple) * multiple
-    return len(first_fit_decreasing([int(n) for n in lengths.tolist()], budget))
 
 
 def unpack(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
@@ -144,24 +142,13 @@ def unpack(packed: torch.Tensor, unpack_index: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, unpack_index.reshape(-1)).reshape(b, width, *packed.shape[2:])
 
 
-def packed_token_count(micro: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """(real tokens, positions the model computes) of a micro-batch, packed or not."""
-    if "packed_segments" in micro:
-        segments = micro["packed_segments"]
-        return int((segments != PAD_SEGMENT).sum()), segments.numel()
-    tokens = micro["tokens"]
-    return int(row_lengths(micro).sum()), tokens.numel()
-
-
 __all__ = [
-    "PACKED_KEYS",
     "PackingConfig",
     "PAD_SEGMENT",
-    "bins_needed",
     "check_budget",
     "first_fit_decreasing",
     "pack",
-    "packed_token_count",
+    "plan",
     "row_lengths",
     "unpack",
 ]

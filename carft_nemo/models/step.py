@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from carft_nemo import compat
 from carft_nemo.data.batch import Batch
-from carft_nemo.data.packing import bins_needed, pack, row_lengths, unpack
+from carft_nemo.data.packing import pack, plan, row_lengths, unpack
 from carft_nemo.distributed import axes
 from carft_nemo.models.cp_attention import split_for_context_parallel
 from carft_nemo.models.forward import capture_final_hidden, causal_inputs, packed_inputs, per_token_rotary_positions
@@ -111,12 +111,11 @@ def pack_microbatches(
     if same_shape:
         budgets = [max(budgets)] * len(budgets)
     lengths = [row_lengths(m) for m in micro_batches]
-    min_bins = 0
-    if same_shape:
-        min_bins = max(bins_needed(n, b, multiple) for n, b in zip(lengths, budgets))
+    plans = [plan(n, b, multiple) for n, b in zip(lengths, budgets)]
+    min_bins = max(len(bins) for _, bins in plans) if same_shape else 0
     return [
-        {**m, **pack(m["tokens"], n, b, multiple=multiple, min_bins=min_bins)}
-        for m, n, b in zip(micro_batches, lengths, budgets)
+        {**m, **pack(m["tokens"], n, budget, bins, min_bins=min_bins)}
+        for m, n, (budget, bins) in zip(micro_batches, lengths, plans)
     ]
 
 

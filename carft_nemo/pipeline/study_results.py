@@ -36,23 +36,24 @@ START = "start"  # the pseudo-arm of the start checkpoint in curves and tables
 COLLAPSE_POINTS = 0.10  # a run collapsed when held-out accuracy fell this far below its running best
 
 
-def eval_curve(run_dir: Path, start_accuracy: float | None = None) -> list[tuple[int, float]]:
-    """Held-out accuracy by step (step 0 = the start, when given), last value per step."""
-    by_step: dict[int, float] = {} if start_accuracy is None else {0: start_accuracy}
-    for row in read_metrics(run_dir / "metrics.jsonl"):
-        if isinstance(row.get("eval_accuracy"), (int, float)):
-            by_step[int(row["step"])] = float(row["eval_accuracy"])
-    return sorted(by_step.items())
-
-
 def eval_points(run_dir: Path, start_accuracy: float | None = None) -> list[tuple[int, float]]:
-    """Every held-out evaluation in the order it ran: a collapse-guard rollback evaluates a step
-    again, and the fall it caught stays here (:func:`eval_curve` keeps the last value per step)."""
+    """Every held-out evaluation in the order it ran (step 0 = the start, when given): a
+    collapse-guard rollback evaluates a step again, and the fall it caught stays here."""
     points = [] if start_accuracy is None else [(0, start_accuracy)]
     for row in read_metrics(run_dir / "metrics.jsonl"):
         if isinstance(row.get("eval_accuracy"), (int, float)):
             points.append((int(row["step"]), float(row["eval_accuracy"])))
     return points
+
+
+def last_per_step(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The curve drawn and averaged over seeds: the last evaluation of each step."""
+    return sorted(dict(points).items())
+
+
+def eval_curve(run_dir: Path, start_accuracy: float | None = None) -> list[tuple[int, float]]:
+    """Held-out accuracy by step (step 0 = the start, when given), last value per step."""
+    return last_per_step(eval_points(run_dir, start_accuracy))
 
 
 def largest_drop(curve: list[tuple[int, float]]) -> float:
@@ -81,13 +82,13 @@ def _flips(before: dict[str, bool], after: dict[str, bool]) -> dict[str, Any]:
 def _run_record(run_dir: Path, start: dict[str, bool], start_accuracy: float) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     final = read_correctness(run_dir / "eval" / "final_predictions.jsonl")
-    curve = eval_curve(run_dir, start_accuracy)
+    points = eval_points(run_dir, start_accuracy)
     return {
         "accuracy": summary["accuracy_after"],
         "vs_start": _flips(start, final),
-        "largest_drop": largest_drop(eval_points(run_dir, start_accuracy)),  # falls the guard rolled back count
+        "largest_drop": largest_drop(points),  # falls the guard rolled back count
         "reward_last_steps": summary["reward_last_steps"],
-        "curve": curve,
+        "curve": last_per_step(points),
         "diagnostics": diagnostic_means(run_dir),
         "wall_time_s": summary["wall_time_s"],
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carft_nemo.data.packing import PAD_SEGMENT, first_fit_decreasing, pack, row_lengths, unpack
+from carft_nemo.data.packing import PAD_SEGMENT, first_fit_decreasing, pack, plan, row_lengths, unpack
 from tests.multiprocess import run_ranks
 
 VOCAB = 64
@@ -28,7 +28,9 @@ def test_first_fit_decreasing_places_every_row_once_within_the_budget():
 def test_pack_and_unpack_round_trip():
     tokens = torch.arange(1, 8 * 20 + 1).view(8, 20)
     lengths = torch.tensor(LENGTHS)
-    packed = pack(tokens, lengths, 24, multiple=8)
+    budget, bins = plan(lengths, 20, multiple=8)
+    assert budget == 24
+    packed = pack(tokens, lengths, budget, bins)
     assert packed["packed_tokens"].shape[1] == 24
     real = packed["packed_segments"] != PAD_SEGMENT
     assert int(real.sum()) == sum(LENGTHS)
@@ -39,7 +41,7 @@ def test_pack_and_unpack_round_trip():
     for row, n in enumerate(LENGTHS):  # each row restarts its positions
         where = packed["packed_segments"] == row
         assert packed["packed_positions"][where].tolist() == list(range(n))
-    assert pack(tokens, lengths, 24, min_bins=7)["packed_tokens"].shape[0] == 7  # pipeline: fixed shape
+    assert pack(tokens, lengths, budget, bins, min_bins=7)["packed_tokens"].shape[0] == 7  # pipeline: fixed shape
 
 
 def test_row_lengths_from_the_action_mask():

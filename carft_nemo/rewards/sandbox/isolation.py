@@ -50,7 +50,6 @@ class IsolationUnavailable(RuntimeError):
 class Launch:
     """How to start one sandbox: the command, and the scratch folder on the host (weak mode only)."""
 
-    mode: str  # bwrap | namespaces | process
     command: list[str]
     host_scratch: str | None = None
 
@@ -136,20 +135,11 @@ def choose(config: SandboxConfig) -> str:
 def launch(config: SandboxConfig, mode: str) -> Launch:
     """The command that starts one sandbox's supervisor in ``mode``."""
     spec = {"mode": mode, "limits": config.limits(), "scratch": "/tmp"}
+    supervisor = [interpreter(), "-I", "-S", "-B"]
+    if mode == "process":
+        spec["scratch"] = tempfile.mkdtemp(prefix="carft-sbx-")
+        return Launch([*supervisor, str(INSIDE / "supervisor.py"), json.dumps(spec)], spec["scratch"])
     binds, links = _read_only_binds()
-    if mode == "bwrap":
-        command = [shutil.which(config.bwrap) or config.bwrap, "--unshare-all", "--die-with-parent", "--as-pid-1"]
-        command += ["--new-session", "--clearenv", "--hostname", "sandbox"]
-        for src, dst in binds:
-            command += ["--ro-bind", src, dst]
-        for link, target in links:
-            command += ["--symlink", target, link]
-        for device in ("null", "zero", "urandom", "random"):
-            command += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
-        command += ["--proc", "/proc", "--size", str(config.scratch_mb << 20), "--tmpfs", "/tmp"]
-        command += ["--remount-ro", "/", "--chdir", "/tmp"]
-        command += [interpreter(), "-I", "-S", "-B", f"{MOUNTED_AT}/supervisor.py", json.dumps(spec)]
-        return Launch(mode, command)
     if mode == "namespaces":
         root = os.geteuid() == 0
         spec.update(
@@ -159,7 +149,15 @@ def launch(config: SandboxConfig, mode: str) -> Launch:
             outside_uid=NOBODY if root else os.geteuid(),
             outside_gid=NOBODY if root else os.getegid(),
         )
-        return Launch(mode, [interpreter(), "-I", "-S", "-B", str(INSIDE / "supervisor.py"), json.dumps(spec)])
-    scratch = tempfile.mkdtemp(prefix="carft-sbx-")
-    spec["scratch"] = scratch
-    return Launch(mode, [interpreter(), "-I", "-S", "-B", str(INSIDE / "supervisor.py"), json.dumps(spec)], scratch)
+        return Launch([*supervisor, str(INSIDE / "supervisor.py"), json.dumps(spec)])
+    command = [shutil.which(config.bwrap) or config.bwrap, "--unshare-all", "--die-with-parent", "--as-pid-1"]
+    command += ["--new-session", "--clearenv", "--hostname", "sandbox"]
+    for src, dst in binds:
+        command += ["--ro-bind", src, dst]
+    for link, target in links:
+        command += ["--symlink", target, link]
+    for device in ("null", "zero", "urandom", "random"):
+        command += ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]
+    command += ["--proc", "/proc", "--size", str(config.scratch_mb << 20), "--tmpfs", "/tmp"]
+    command += ["--remount-ro", "/", "--chdir", "/tmp"]
+    return Launch([*command, *supervisor, f"{MOUNTED_AT}/supervisor.py", json.dumps(spec)])

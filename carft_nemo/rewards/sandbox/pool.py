@@ -42,7 +42,6 @@ class _Slot:
         self.config, self.mode = config, mode
         self.proc: subprocess.Popen | None = None
         self.launch: isolation.Launch | None = None
-        self.info: dict = {}
 
     def start(self) -> None:
         self.launch = isolation.launch(self.config, self.mode)
@@ -61,7 +60,6 @@ class _Slot:
             err = self._stderr()
             self.stop()
             raise SandboxStartError(f"the {self.mode} sandbox did not start: {err or reply!r}")
-        self.info = reply
 
     def _stderr(self) -> str:
         if self.proc is None or self.proc.poll() is None:
