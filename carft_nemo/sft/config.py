@@ -71,6 +71,11 @@ class SFTConfig:
         require(self.train_data.split == "train", "train_data.split", "must be 'train'")
         with key_prefix("train"):
             check_budget(self.train.packing, self.encoding.max_total_tokens, "encoding.max_total_tokens")
+        require(
+            not (self.train.packing.enabled and self.parallel.context_parallel > 1),
+            "train.packing.enabled",
+            "packing together with parallel.context_parallel > 1 is not wired yet: turn one of them off",
+        )
 
 
 def check_world_layout(cfg: SFTConfig, world_size: int) -> int:

@@ -183,6 +183,10 @@ def test_a_budget_below_the_longest_row_is_refused_at_start_up_by_its_full_key()
         RLConfig(critic=CriticConfig(packing=PackingConfig(enabled=True, max_tokens=200)))
     with pytest.raises(ConfigError, match=r"train\.packing\.max_tokens: 64 is below .*256 tokens"):
         SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True, max_tokens=64)))
+    from carft_nemo.distributed.layout import ParallelConfig
+
+    with pytest.raises(ConfigError, match=r"train\.packing\.enabled: packing together with parallel\.context_parallel"):
+        SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True)), parallel=ParallelConfig(context_parallel=2))
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True, max_tokens=512)))  # room for any row
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True)))  # 0: each micro-batch's width
 
