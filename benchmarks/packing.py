@@ -58,7 +58,7 @@ def worker(spec: dict) -> None:
     from carft_nemo.models.gpt import build_gpt_model
     from carft_nemo.training.optim import OptimConfig, make_trainable
     from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss
-    from carft_nemo.workers.model_worker import ModelWorker
+    from carft_nemo.workers.model_worker import ModelWorker, on_token_positions
 
     try:
         rows, micro = spec["rows"], spec["micro_batch_size"]
@@ -93,7 +93,7 @@ def worker(spec: dict) -> None:
                 return actor_loss(gpt, settings, 512, None, mean_term_weight=0.0), float(mini["action_mask"].sum())
 
             start = time.perf_counter()
-            w.train_epochs(batch, epochs=1, mini_batch_rows=rows, micro_batch_size=micro, seed=seed,
+            w.train_epochs(on_token_positions(batch), epochs=1, mini_batch_rows=rows, micro_batch_size=micro, seed=seed,
                            make_loss=make_loss, hidden_to_loss=True)  # fmt: skip
             return time.perf_counter() - start
 

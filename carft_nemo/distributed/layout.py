@@ -99,6 +99,17 @@ class ProcessInfo:
         return cls(0, 1, 0, env.get("MASTER_ADDR") or "127.0.0.1", _int(env, "MASTER_PORT", 0) or free_port())
 
 
+def check_sequence_room(parallel: ParallelConfig, longest: int, where: str) -> None:
+    """At start-up: context parallelism cuts every sequence into 2 x CP chunks, so the longest
+    sequence of the run (``where`` names the keys that set it) must give each at least one token."""
+    cp = parallel.context_parallel
+    require(
+        cp == 1 or longest >= 2 * cp,
+        "parallel.context_parallel",
+        f"{cp} needs sequences of at least {2 * cp} tokens (2 chunks a rank); the longest is {longest} ({where})",
+    )
+
+
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
     """An integer environment variable; a clear error naming it when malformed."""
     raw = env.get(name)
@@ -199,6 +210,14 @@ class ParallelLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp_rank: int = 0
+    # the rank along data x context parallel: generation's replica (context-parallel ranks hold
+    # full weights, so each generates its own prompts; carft_nemo.distributed.replicas)
+    generation_replica: int = -1
+
+    def __post_init__(self) -> None:
+        if self.generation_replica < 0:  # without context parallelism the data-parallel replica
+            object.__setattr__(self, "generation_replica", self.dp_rank * self.context_parallel + self.cp_rank)
 
     @property
     def is_last_stage(self) -> bool:
@@ -265,6 +284,8 @@ def initialize(
         tp_rank=axes.rank("tp"),
         pp_rank=axes.rank("pp"),
         dp_rank=axes.rank("dp"),
+        cp_rank=axes.rank("cp"),
+        generation_replica=axes.rank("dp_cp"),
     )
 
 

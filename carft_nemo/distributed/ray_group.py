@@ -198,6 +198,12 @@ class WorkerGroup:
             for actor, parts in zip(self.actors, self.replicas.per_rank(per_replica))
         ]
 
+    def generating(self) -> WorkerGroup:
+        """This group's actors with generation's replicas (:meth:`ReplicaMap.for_generation`)."""
+        view = WorkerGroup(self.worker_cls, self.actors, getattr(self, "generation_replicas", self.replicas))
+        view.even_rows = self.even_rows
+        return view
+
     def answers(self, results: list[Any]) -> list[Any]:
         """Each replica's answer (its answering rank's result), in replica order."""
         return self.replicas.answers(results)
@@ -264,6 +270,7 @@ class RayWorkerGroup(WorkerGroup):
         super().__init__(worker_cls, actors, ReplicaMap.independent(world_size))
         self.layouts = self._form_process_group(parallel, seed, model_dims)
         self.replicas = ReplicaMap.from_layouts(self.layouts)
+        self.generation_replicas = ReplicaMap.for_generation(self.layouts)
 
     def _form_process_group(
         self, parallel: ParallelConfig, seed: int, model_dims: dict[str, int] | None

@@ -80,6 +80,21 @@ class ReplicaMap:
         return cls(dp, tuple(lay.dp_rank for lay in layouts), tuple(answering))
 
     @classmethod
+    def for_generation(cls, layouts: Sequence[ParallelLayout]) -> ReplicaMap:
+        """A model group as generation sees it: each data x context-parallel position is a replica.
+
+        Context-parallel ranks hold full weights and generate whole sequences (the K/V cache
+        path), so they serve prompts of their own (NeMo-RL generates with CP 1 too); without
+        context parallelism this is :meth:`from_layouts`.
+        """
+        replicas = layouts[0].data_parallel * layouts[0].context_parallel
+        answering = [-1] * replicas
+        for lay in layouts:
+            if lay.is_last_stage and lay.tp_rank == 0:
+                answering[lay.generation_replica] = lay.rank
+        return cls(replicas, tuple(lay.generation_replica for lay in layouts), tuple(answering))
+
+    @classmethod
     def independent(cls, num_workers: int) -> ReplicaMap:
         """Workers without a process group (the reward pool): each is its own replica."""
         ranks = tuple(range(num_workers))

@@ -52,8 +52,9 @@ class EvalResult:
 
 
 def _dp() -> tuple[int, int, Any]:
+    """Generation's replicas: data x context parallel (context-parallel ranks hold full weights)."""
     if axes.initialized():
-        return axes.rank("dp"), axes.size("dp"), axes.group("dp")
+        return axes.rank("dp_cp"), axes.size("dp_cp"), axes.group("dp_cp")
     return 0, 1, None
 
 

@@ -29,8 +29,10 @@ Parallelism: each step the first pipeline stage embeds the new column, stages pa
 states ``[s, b, h]`` with point-to-point send/recv, and the last stage gathers only the last
 position's logits over tensor parallel (``[b, V]``, inside megatron's output layer), samples,
 then broadcasts ``(token, log-prob)`` to its tensor-parallel group and to every pipeline
-stage, so all ranks of a replica hold the same tokens. Data-parallel replicas generate their
-own prompts; each samples from ``derive_seed(cfg.seed, "replica_sampling", dp_rank)``.
+stage, so all ranks of a replica hold the same tokens. Data-parallel replicas, and the
+context-parallel ranks of each (full weights, whole sequences in the cache), generate their own
+prompts; each samples from ``derive_seed(cfg.seed, "replica_sampling", r)`` with ``r`` its rank
+along data x context parallel (the same as the data-parallel rank without CP).
 """
 
 from __future__ import annotations
@@ -55,13 +57,13 @@ class _Replica:
 
     tp_size: int
     pp_size: int
-    dp_rank: int
+    index: int  # generation's replica: data x context parallel (ParallelLayout.generation_replica)
     first_stage: bool
     last_stage: bool
 
     @classmethod
     def current(cls) -> _Replica:
-        return cls(axes.size("tp"), axes.size("pp"), axes.rank("dp"), axes.is_first_stage(), axes.is_last_stage())
+        return cls(axes.size("tp"), axes.size("pp"), axes.rank("dp_cp"), axes.is_first_stage(), axes.is_last_stage())
 
 
 class MegatronGenerator:
@@ -93,9 +95,7 @@ class MegatronGenerator:
         """
         self._check_prompts(prompts)
         replica = self._replica = _Replica.current()
-        rng = torch.Generator(device=self._device).manual_seed(
-            derive_seed(cfg.seed, "replica_sampling", replica.dp_rank)
-        )
+        rng = torch.Generator(device=self._device).manual_seed(derive_seed(cfg.seed, "replica_sampling", replica.index))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         size = cfg.micro_batch_size or len(prompts)
         out: dict[int, tuple[list[int], list[float], bool]] = {}

@@ -11,7 +11,9 @@ the tokens' *global* positions:
 
     hidden(q, k) = pos(k) > pos(q)
 
-so each query sees exactly the keys it sees without context parallelism. Memory per rank is
+so each query sees exactly the keys it sees without context parallelism. Packed rows
+(:mod:`carft_nemo.data.packing`) bring their whole-bin mask, which it reads at the same
+positions. Memory per rank is
 the full K/V of its micro-batch (what ring attention avoids on GPUs; fine for CPU tests and
 moderate lengths), compute is the rank's queries against all keys.
 """
@@ -44,6 +46,21 @@ def split_for_context_parallel(t: torch.Tensor, cp_size: int, cp_rank: int, dim:
     return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=dim)
 
 
+def gather_from_context_parallel(t: torch.Tensor, cp_size: int, group, dim: int = 1) -> torch.Tensor:
+    """Inverse of :func:`split_for_context_parallel` over the group: the whole sequence, in order.
+
+    For per-token outputs without gradient (log-probs, values, CARFT projections of a forward
+    call); the loss path never gathers (each rank scores its own tokens).
+    """
+    if cp_size == 1:
+        return t
+    shares = [torch.empty_like(t) for _ in range(cp_size)]
+    torch.distributed.all_gather(shares, t.contiguous(), group=group)
+    halves = [share.chunk(2, dim=dim) for share in shares]
+    ordered = [halves[r][0] for r in range(cp_size)] + [halves[r][1] for r in reversed(range(cp_size))]
+    return torch.cat(ordered, dim=dim)
+
+
 class ContextParallelAttention(DotProductAttention):
     """megatron's local core attention, with the keys and values of the whole context-parallel group."""
 
@@ -65,5 +82,10 @@ class ContextParallelAttention(DotProductAttention):
         # [s, b, g, d] -> gathered along the sequence in rank order (the positions above follow it)
         key = all_gather_with_grad(key.contiguous(), group)
         value = all_gather_with_grad(value.contiguous(), group)
-        hidden = (k_pos[None, :] > q_pos[:, None]).view(1, 1, local, -1)
+        if attention_mask is not None and attention_mask.shape[-1] == cp_size * local:
+            # a whole-sequence mask (packed rows: causal within each row of a bin), at this rank's
+            # queries and the gathered keys
+            hidden = attention_mask[:, :, q_pos][..., k_pos]
+        else:
+            hidden = (k_pos[None, :] > q_pos[:, None]).view(1, 1, local, -1)
         return super().forward(query, key, value, hidden, attn_mask_type, attention_bias, packed_seq_params)

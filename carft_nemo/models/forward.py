@@ -55,7 +55,9 @@ def per_token_rotary_positions(model: torch.nn.Module, positions: torch.Tensor) 
     original = rotary.forward
 
     def at_positions(*args, **kwargs):
-        table = original(int(positions.max()) + 1)  # [max_pos + 1, 1, 1, d]
+        # the whole table (its forward would keep a context-parallel rank's chunks of it): the
+        # positions are the rank's own tokens' already
+        table = rotary.get_emb(int(positions.max()) + 1)  # [max_pos + 1, 1, 1, d]
         return table[positions.t()].squeeze(2)  # [s, b, 1, d]
 
     rotary.forward = at_positions

@@ -23,7 +23,7 @@ from carft_nemo import compat
 from carft_nemo.data.batch import Batch
 from carft_nemo.data.packing import pack, plan, row_lengths, unpack
 from carft_nemo.distributed import axes
-from carft_nemo.models.cp_attention import split_for_context_parallel
+from carft_nemo.models.cp_attention import chunk_positions, split_for_context_parallel
 from carft_nemo.models.forward import capture_final_hidden, causal_inputs, packed_inputs, per_token_rotary_positions
 from carft_nemo.models.logprobs import token_logprobs
 
@@ -38,9 +38,8 @@ def _forward_step(
     packed = "packed_tokens" in batch
     cp_size = axes.size("cp")
     if cp_size > 1:
-        if packed:
-            raise RuntimeError("packing with context parallelism is not wired yet: turn one of them off")
-        batch = context_parallel_share(batch, cp_size, axes.rank("cp"))
+        share = packed_context_parallel_share if packed else context_parallel_share
+        batch = share(batch, cp_size, axes.rank("cp"))
     if packed:  # the model runs on the bins; the loss sees rows again (carft_nemo.data.packing)
         tokens, positions = batch["packed_tokens"], batch["packed_positions"]
         mask = packed_inputs(batch["packed_segments"])
@@ -72,24 +71,71 @@ def _forward_step(
     return output, score
 
 
+ANNOTATED_PREFIX = "ann_"  # per-token tensors of CARFT's annotated sequences: their own width Sa
+
+
 def context_parallel_share(batch: Batch, cp_size: int, cp_rank: int) -> dict[str, torch.Tensor]:
     """This context-parallel rank's chunks (r and 2C-1-r) of every per-token ``[b, S, ...]`` tensor.
 
-    Tensors whose dim 1 is not the tokens' width (per-row ``[b]`` values) stay whole; the others
-    are zero-padded on the right to a multiple of 2C first (masks are then 0 there). The
-    model then runs on the rank's tokens (RoPE and attention place them by their global
-    positions) and the loss sees only them: per-token targets must be aligned with their
-    token before the split (SFT's ``labels`` are), never shifted inside the loss.
+    Per-token tensors are those whose dim 1 is the tokens' width, and the annotated sequences'
+    (keys starting with ``ann_``, split along their own width). Per-row ``[b]`` values stay
+    whole. Each is zero-padded on the right to a multiple of 2C first (masks are then 0 there).
+    The model then runs on the rank's tokens (RoPE and attention place them by their global
+    positions) and the loss sees only them: per-token targets must be aligned with the position
+    that predicts them before the split (SFT's ``labels``, the RL batches of
+    :func:`carft_nemo.workers.model_worker.on_token_positions`), never shifted inside the loss.
     """
     width = batch["tokens"].shape[1]
-    padded = -(-width // (2 * cp_size)) * (2 * cp_size)  # zeros on the right: masks, hence losses, ignore them
 
-    def share(v: torch.Tensor) -> torch.Tensor:
-        if padded != width:
-            v = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, padded - width))
-        return split_for_context_parallel(v, cp_size, cp_rank)
+    def per_token(key: str, v: torch.Tensor) -> bool:
+        return v.dim() >= 2 and (key.startswith(ANNOTATED_PREFIX) or v.shape[1] == width)
 
-    return {k: share(v) if v.dim() >= 2 and v.shape[1] == width else v for k, v in batch.items()}
+    return {k: _padded_share(v, cp_size, cp_rank) if per_token(k, v) else v for k, v in batch.items()}
+
+
+def _padded_share(v: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Chunks r and 2C-1-r along dim 1, after zero padding to a multiple of 2C (masks are 0 there)."""
+    length = v.shape[1]
+    padded = -(-length // (2 * cp_size)) * (2 * cp_size)
+    if padded != length:
+        v = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, padded - length))
+    return split_for_context_parallel(v, cp_size, cp_rank)
+
+
+def packed_context_parallel_share(batch: Batch, cp_size: int, cp_rank: int) -> dict[str, torch.Tensor]:
+    """A packed micro-batch's share for this context-parallel rank: chunks r and 2C-1-r of every bin.
+
+    The model runs on the rank's chunks of the bins (their tokens and positions); the bins'
+    segments stay whole (the attention core indexes the whole-bin mask at the rank's queries
+    and the gathered keys). Outputs unpack to full-width rows holding this rank's positions
+    (``unpack_index`` remapped; zeros elsewhere), and every row-aligned per-token tensor of the
+    batch (masks, targets, advantages, ...) is zeroed where another rank holds the position, so
+    each loss is this rank's share of its token sums and of CARFT's pooled partial sums. The
+    price: per-token outputs (the logits) take full-width rows' memory, as unpacked rows do.
+    Annotated (``ann_``) tensors split along their own width as in :func:`context_parallel_share`.
+    """
+    n_bins, budget = batch["packed_tokens"].shape
+    local = budget // cp_size
+    owned_positions = chunk_positions(local, cp_size, cp_rank, batch["packed_tokens"].device)  # in each bin
+    # flat whole-bin index -> flat local index (the sentinel n_bins * budget -> n_bins * local)
+    local_of = torch.full((n_bins * budget + 1,), n_bins * local, dtype=torch.long, device=owned_positions.device)
+    bins = torch.arange(n_bins, device=owned_positions.device)[:, None]
+    local_of[(bins * budget + owned_positions[None, :]).reshape(-1)] = torch.arange(n_bins * local)
+    unpack_index = local_of[batch["unpack_index"]]
+    owned = unpack_index < n_bins * local  # [b, S]
+    width = batch["tokens"].shape[1]
+    out = {}
+    for key, v in batch.items():
+        if key in ("packed_tokens", "packed_positions") or key.startswith(ANNOTATED_PREFIX):
+            out[key] = _padded_share(v, cp_size, cp_rank) if v.dim() >= 2 else v
+        elif key == "unpack_index":
+            out[key] = unpack_index
+        elif key != "packed_segments" and v.dim() >= 2 and v.shape[1] == width:
+            mask = owned.view(*owned.shape, *([1] * (v.dim() - 2)))
+            out[key] = torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        else:
+            out[key] = v
+    return out
 
 
 def pack_microbatches(

@@ -14,7 +14,7 @@ from carft_nemo.config import key_prefix, require
 from carft_nemo.data.datasets import DatasetConfig, held_out_split
 from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig
-from carft_nemo.distributed.layout import ParallelConfig
+from carft_nemo.distributed.layout import ParallelConfig, check_sequence_room
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.rewards.sandbox import SandboxConfig
@@ -217,12 +217,8 @@ class RLConfig:
             with key_prefix(role):
                 check_budget(getattr(self, role).packing, longest, where)
         for role in ("actor", "critic", "reference"):
-            require(
-                getattr(self, role).parallel.context_parallel == 1,
-                f"{role}.parallel.context_parallel",
-                "context parallelism runs SFT today; the RL losses and scores still shift tokens inside the "
-                "loss, which a context-parallel rank's share of a sequence cannot do (issue: long context)",
-            )
+            with key_prefix(role):
+                check_sequence_room(getattr(self, role).parallel, longest, where)
         if self.rl.algorithm == "grpo":
             require(
                 not self.contrastive.enabled,

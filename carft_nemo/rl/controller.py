@@ -117,6 +117,14 @@ def check_layouts(cfg: RLConfig, model: ModelConfig) -> dict[str, int]:
             f"{role}.micro_batch_size",
             f"the rollout of {rollout} samples must split into {dp} data-parallel replicas x micro-batches of {micro}",
         )
+        if role == "actor":  # generation's replicas: data x context parallel (WorkerGroup.generating)
+            cp = section.parallel.context_parallel
+            require(
+                rollout % (dp * cp) == 0,
+                "actor.parallel.context_parallel",
+                f"the rollout of {rollout} samples must split over {dp} x {cp} generation replicas "
+                "(context-parallel ranks generate prompts of their own)",
+            )
         if role != "reference":
             require(
                 mini % (dp * micro) == 0,
@@ -314,8 +322,11 @@ class RLRun:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         prompts = [self.train_prompts[q] for q in sample_q]
-        calls = {"actor": self.groups["actor"].submit_rows(PolicyWorker.generate, (prompts,), gen_cfg)}
-        return sample_q, join_rollouts(self._wait(calls)["actor"])
+        # context-parallel ranks generate prompts of their own (WorkerGroup.generating)
+        actor = self.groups["actor"].generating()
+        calls = {"actor": actor.submit_rows(PolicyWorker.generate, (prompts,), gen_cfg)}
+        results = wait_all(calls, self.cfg.rl.call_timeout_s, roles={"actor": "actor"})
+        return sample_q, join_rollouts(actor.answers(results["actor"]))
 
     def infer(
         self, sample_q: list[int], rollout: Rollout, annotated: AnnotatedBatch | None, timer: PhaseTimer

@@ -8,7 +8,7 @@ from carft_nemo.config import key_prefix, require
 from carft_nemo.data.datasets import DatasetConfig, held_out_split
 from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig
-from carft_nemo.distributed.layout import ParallelConfig, check_model_layout
+from carft_nemo.distributed.layout import ParallelConfig, check_model_layout, check_sequence_room
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.telemetry.run_log import LoggingConfig
@@ -71,11 +71,7 @@ class SFTConfig:
         require(self.train_data.split == "train", "train_data.split", "must be 'train'")
         with key_prefix("train"):
             check_budget(self.train.packing, self.encoding.max_total_tokens, "encoding.max_total_tokens")
-        require(
-            not (self.train.packing.enabled and self.parallel.context_parallel > 1),
-            "train.packing.enabled",
-            "packing together with parallel.context_parallel > 1 is not wired yet: turn one of them off",
-        )
+        check_sequence_room(self.parallel, self.encoding.max_total_tokens, "encoding.max_total_tokens")
 
 
 def check_world_layout(cfg: SFTConfig, world_size: int) -> int:

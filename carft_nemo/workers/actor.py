@@ -36,7 +36,7 @@ from carft_nemo.training.optim import OptimConfig, make_trainable
 from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss, policy_outputs
 from carft_nemo.workers.contracts import POLICY_WEIGHTS
 from carft_nemo.workers.gradient_probe import contrastive_gradient_probe
-from carft_nemo.workers.model_worker import ModelWorker
+from carft_nemo.workers.model_worker import ModelWorker, on_token_positions
 
 
 @dataclass
@@ -98,18 +98,25 @@ class ActorWorker(ModelWorker):
         """Per-token outputs of this replica's rows; see :meth:`PolicyWorker.forward`."""
         if weights not in POLICY_WEIGHTS:
             raise ValueError(f"weights must be one of {POLICY_WEIGHTS}, got {weights!r}")
-        fn = policy_outputs(unwrap(self.model), outputs, self.spec.temperature, self.vocab_size)
-        if weights == "policy":
-            return self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
-        if self.reference_state is None:
+        if weights == "reference" and self.reference_state is None:
             raise RuntimeError("reference log-probs asked of an actor built without keep_reference")
-        gpt = unwrap(self.model)
-        current = {k: v.detach().to("cpu", copy=True) for k, v in gpt.state_dict().items() if k in self.reference_state}
-        gpt.load_state_dict(self.reference_state, strict=False)
-        try:
-            return self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
-        finally:
-            gpt.load_state_dict(current, strict=False)
+        fn = policy_outputs(unwrap(self.model), outputs, self.spec.temperature, self.vocab_size)
+        batch = {**batch, "targets": on_token_positions(batch)["targets"]}
+        if weights == "policy":
+            result = self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
+        else:
+            gpt = unwrap(self.model)
+            current = {
+                k: v.detach().to("cpu", copy=True) for k, v in gpt.state_dict().items() if k in self.reference_state
+            }
+            gpt.load_state_dict(self.reference_state, strict=False)
+            try:
+                result = self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
+            finally:
+                gpt.load_state_dict(current, strict=False)
+        if result is not None and "logprobs" in result:
+            result["logprobs"] = result["logprobs"][:, :-1]  # [B, T]: the last position chooses nothing
+        return result
 
     # ------------------------------------------------------------------ training
 
@@ -117,16 +124,24 @@ class ActorWorker(ModelWorker):
         """PPO / Dr.GRPO (+ shared value, + contrastive) epochs; see :meth:`PolicyWorker.train`."""
         gpt = unwrap(self.model)
         dp_group = self.layout.group("dp") if self.layout is not None else None
+        cp_group = self.layout.group("cp") if self.layout is not None else None
 
         def make_loss(mini: dict[str, torch.Tensor], num_micro: int):
             normalizer = (
                 settings.constant_normalizer if settings.constant_normalizer else self.global_count(mini["action_mask"])
             )
             dp = self.layout.data_parallel if self.layout is not None else 1
-            return actor_loss(
-                gpt, settings, self.vocab_size, dp_group, mean_term_weight=normalizer / (dp * num_micro)
-            ), normalizer
+            loss_fn = actor_loss(
+                gpt,
+                settings,
+                self.vocab_size,
+                dp_group,
+                mean_term_weight=normalizer / (dp * num_micro),
+                cp_group=cp_group,
+            )
+            return loss_fn, normalizer
 
+        batch = on_token_positions(batch)
         probe = self._probe_gradients(batch, settings) if settings.probe_gradients else {}
         totals = self.train_epochs(
             batch,
@@ -144,9 +159,12 @@ class ActorWorker(ModelWorker):
         """The contrastive / policy gradient figures on this replica's first micro-batch (gradient_probe)."""
         if settings.contrastive is None:
             return {}
-        if self.layout is not None and self.layout.pipeline_parallel > 1:
+        if self.layout is not None and (self.layout.pipeline_parallel > 1 or self.layout.context_parallel > 1):
             if not getattr(self, "_probe_warned", False):
-                LOG.warning("contrastive.diagnostics_every: the gradient probe needs pipeline_parallel 1; skipped")
+                LOG.warning(
+                    "contrastive.diagnostics_every: the gradient probe needs pipeline_parallel and "
+                    "context_parallel 1; skipped"
+                )
                 self._probe_warned = True
             return {}
         dev = device.local_device()

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 POLICY_OUTPUTS = ("logprobs", "values", "embeddings")
 POLICY_WEIGHTS = ("policy", "reference")
+# the [B, T] tensors of the training batches (one column per action; the workers move them onto
+# the [B, S] positions that choose them: carft_nemo.workers.model_worker.on_token_positions)
+ACTION_COLUMNS = ("action_mask", "old_logprobs", "advantages", "old_values", "returns")
 
 
 class PolicyWorker(Protocol):
@@ -110,4 +113,4 @@ class RewardScorer(Protocol):
         run in the sandbox), in order."""
 
 
-__all__ = ["POLICY_OUTPUTS", "POLICY_WEIGHTS", "PolicyWorker", "RewardScorer", "ValueWorker"]
+__all__ = ["ACTION_COLUMNS", "POLICY_OUTPUTS", "POLICY_WEIGHTS", "PolicyWorker", "RewardScorer", "ValueWorker"]

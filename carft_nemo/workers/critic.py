@@ -20,7 +20,7 @@ from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.models.gpt import build_gpt_model
 from carft_nemo.training.optim import OptimConfig, make_trainable
-from carft_nemo.workers.model_worker import ModelWorker
+from carft_nemo.workers.model_worker import ModelWorker, on_token_positions
 
 CRITIC_GROUP = "critic"
 
@@ -76,7 +76,7 @@ class CriticWorker(ModelWorker):
 
         def make_loss(mini: dict[str, torch.Tensor], num_micro: int):
             def loss_fn(output: torch.Tensor, micro: dict[str, torch.Tensor]):
-                values = output.squeeze(-1).float()[:, :-1]
+                values = output.squeeze(-1).float()  # V at position j: the state of action column j
                 return clipped_value_loss(
                     values, micro["old_values"], micro["returns"], micro["action_mask"].bool(), settings.value_clip
                 )
@@ -84,7 +84,7 @@ class CriticWorker(ModelWorker):
             return loss_fn, self.global_count(mini["action_mask"])
 
         return self.train_epochs(
-            batch,
+            on_token_positions(batch),
             epochs=settings.epochs,
             mini_batch_rows=settings.mini_batch_rows,
             micro_batch_size=self.spec.micro_batch_size,

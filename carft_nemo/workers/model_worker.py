@@ -17,12 +17,32 @@ import torch
 
 from carft_nemo.data.batch import Batch
 from carft_nemo.data.packing import PackingConfig
+from carft_nemo.distributed import axes
+from carft_nemo.distributed.collectives import all_reduce_sum_no_grad
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.distributed.ray_group import ParallelWorker
+from carft_nemo.models.cp_attention import gather_from_context_parallel
 from carft_nemo.models.step import forward_backward, pack_microbatches
 from carft_nemo.seeding import derive_seed
 from carft_nemo.training.forward_backward import data_parallel_sum, run_forward_backward, split_microbatches
 from carft_nemo.training.optim import TrainableModel
+from carft_nemo.workers.contracts import ACTION_COLUMNS
+
+
+def on_token_positions(batch: Batch) -> dict[str, torch.Tensor]:
+    """The batch with every action column on the position that chooses it, and the targets.
+
+    Action column j (``[B, T]``, :data:`~carft_nemo.workers.contracts.ACTION_COLUMNS`) is token
+    j + 1, chosen at position j: one zero column on the right makes it ``[B, S]``, aligned with
+    the logits and values of position j; ``targets [B, S]`` is the next token (0 at the last
+    position, whose mask is 0). The losses then never shift inside, so a context-parallel
+    rank's share of the positions holds everything its tokens need
+    (:func:`carft_nemo.models.step.context_parallel_share`).
+    """
+    tokens = batch["tokens"]
+    out = {k: torch.nn.functional.pad(v, (0, 1)) if k in ACTION_COLUMNS else v for k, v in batch.items()}
+    out["targets"] = torch.nn.functional.pad(tokens[:, 1:], (0, 1))
+    return out
 
 
 def trim_microbatches(
@@ -42,11 +62,25 @@ def trim_microbatches(
     ]
 
 
-def _pad_columns(t: torch.Tensor, cut: int) -> torch.Tensor:
-    """Zero-pad dim 1 of a per-token output ``[b, s, ...]`` by the ``cut`` columns its micro-batch lost."""
-    if cut == 0 or t.dim() < 2:
+def _fit_columns(t: torch.Tensor, width: int) -> torch.Tensor:
+    """A per-token output ``[b, s, ...]`` zero-padded (trimmed micro-batch) or cut (context-parallel
+    padding) to ``width`` columns."""
+    if t.dim() < 2 or t.shape[1] == width:
         return t
-    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, cut))
+    if t.shape[1] > width:
+        return t[:, :width]
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
+
+
+def _whole_rows(share: torch.Tensor, micro: dict[str, torch.Tensor], cp_size: int) -> torch.Tensor:
+    """A per-token output of this context-parallel rank's positions as whole rows: unpacked ones
+    arrive as the rank's chunks (a gather), packed ones full width (a sum of each rank's own
+    positions; ``models.step.packed_context_parallel_share``)."""
+    if "packed_tokens" not in micro:
+        return gather_from_context_parallel(share, cp_size, axes.group("cp"))
+    owned = micro["unpack_index"] < micro["packed_tokens"].numel()
+    owned = owned.view(*owned.shape, *([1] * (share.dim() - 2)))
+    return all_reduce_sum_no_grad(torch.where(owned, share, torch.zeros((), dtype=share.dtype)), axes.group("cp"))
 
 
 class ModelWorker(ParallelWorker):
@@ -82,12 +116,16 @@ class ModelWorker(ParallelWorker):
         layout's sequence multiple; with pipeline parallelism every micro-batch must have one
         width, so rows keep their order and all stop at the call's longest row): causal
         attention makes the cut columns invisible to the kept ones. Outputs come back in the
-        caller's row order, zero-padded to the batch width; they are defined up to each row's
-        length. Returns CPU tensors on the last pipeline stage, ``None`` elsewhere.
+        caller's row order at the batch width, zero past each row's length. Returns CPU tensors
+        on the last pipeline stage, ``None`` elsewhere.
         """
+
+        cp_size = axes.size("cp")
 
         def loss_fn(output, micro, *hidden):
             produced = outputs_fn(output, micro, *hidden)
+            if cp_size > 1:  # each rank scored its share of the positions; the caller gets whole rows
+                produced = {k: _whole_rows(v, micro, cp_size) for k, v in produced.items()}
             return torch.zeros((), device=output.device), {k: v.float() for k, v in produced.items()}
 
         width = batch["tokens"].shape[1]
@@ -95,6 +133,7 @@ class ModelWorker(ParallelWorker):
         parallel = self.spec.parallel if self.spec is not None else ParallelConfig()
         packing = self.packing
         order = None
+        lengths = batch.get("lengths")
         if "lengths" in batch and not same_width and not packing.enabled:  # similar lengths share micro-batches
             order = torch.argsort(batch["lengths"], descending=True, stable=True)
             batch = {k: v[order] for k, v in batch.items()}
@@ -105,7 +144,6 @@ class ModelWorker(ParallelWorker):
             )
         elif "lengths" in batch:
             micro_batches = trim_microbatches(micro_batches, parallel.sequence_multiple, same_width=same_width)
-        cut_columns = [width - micro["tokens"].shape[1] for micro in micro_batches]
         model = self.model
         was_training = model.training
         model.eval()
@@ -118,12 +156,15 @@ class ModelWorker(ParallelWorker):
             model.train(was_training)
         if not per_micro:
             return None
-        joined = {
-            k: torch.cat([_pad_columns(m[k], cut) for m, cut in zip(per_micro, cut_columns)], dim=0).cpu()
-            for k in per_micro[0]
-        }
+        joined = {k: torch.cat([_fit_columns(m[k], width) for m in per_micro], dim=0).cpu() for k in per_micro[0]}
         if order is not None:
             joined = {k: torch.empty_like(v).index_copy_(0, order, v) for k, v in joined.items()}
+        if lengths is not None:  # zeros past each row (whatever width its micro-batch ran at)
+            real = torch.arange(width)[None, :] < lengths[:, None]
+            joined = {
+                k: torch.where(real.view(*real.shape, *([1] * (v.dim() - 2))), v, torch.zeros((), dtype=v.dtype))
+                for k, v in joined.items()
+            }
         return joined
 
     def train_epochs(
@@ -194,4 +235,4 @@ class ModelWorker(ParallelWorker):
         return data_parallel_sum(mask.sum())
 
 
-__all__ = ["ModelWorker", "trim_microbatches"]
+__all__ = ["ModelWorker", "on_token_positions", "trim_microbatches"]

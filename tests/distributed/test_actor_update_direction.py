@@ -22,7 +22,7 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
     from carft_nemo.models.gpt import build_gpt_model
     from carft_nemo.training.optim import OptimConfig, make_trainable
     from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss, policy_outputs
-    from carft_nemo.workers.model_worker import ModelWorker
+    from carft_nemo.workers.model_worker import ModelWorker, on_token_positions
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     parallel = ParallelConfig()
@@ -44,7 +44,8 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
         mask = torch.zeros(B, S - 1, dtype=torch.bool)
         mask[:, PROMPT - 1 :] = True  # response = tokens[PROMPT:]
         fn = policy_outputs(unwrap(trainable.model), ("logprobs",), 1.0, VOCAB)
-        before = worker.collect_forward({"tokens": tokens}, fn, B, hidden_to_loss=True)["logprobs"]
+        rows = on_token_positions({"tokens": tokens})
+        before = worker.collect_forward(rows, fn, B, hidden_to_loss=True)["logprobs"][:, :-1]
         advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])[:, None].expand(B, S - 1) * mask
         batch = {"tokens": tokens, "action_mask": mask, "old_logprobs": before * mask, "advantages": advantages}
         settings = ActorTrainSettings(epochs=1, mini_batch_rows=B, seed=0, constant_normalizer=constant_normalizer)
@@ -54,9 +55,15 @@ def _logps_before_after(rank: int, world: int, constant_normalizer: float) -> tu
             return actor_loss(unwrap(trainable.model), settings, VOCAB, None, mean_term_weight=0.0), normalizer
 
         worker.train_epochs(
-            batch, epochs=1, mini_batch_rows=B, micro_batch_size=2, seed=0, make_loss=make_loss, hidden_to_loss=True
+            on_token_positions(batch),
+            epochs=1,
+            mini_batch_rows=B,
+            micro_batch_size=2,
+            seed=0,
+            make_loss=make_loss,
+            hidden_to_loss=True,
         )
-        after = worker.collect_forward({"tokens": tokens}, fn, B, hidden_to_loss=True)["logprobs"]
+        after = worker.collect_forward(rows, fn, B, hidden_to_loss=True)["logprobs"][:, :-1]
         return (before * mask).sum(1).tolist(), (after * mask).sum(1).tolist()
     finally:
         shutdown()

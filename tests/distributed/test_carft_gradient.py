@@ -72,6 +72,7 @@ def _grad_norms(tp: int, layout: str, contrastive_on: bool) -> dict[str, float]:
     from carft_nemo.training.forward_backward import run_forward_backward
     from carft_nemo.training.optim import OptimConfig, make_trainable
     from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss
+    from carft_nemo.workers.model_worker import on_token_positions
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     parallel = ParallelConfig(tensor_parallel=tp)
@@ -101,7 +102,7 @@ def _grad_norms(tp: int, layout: str, contrastive_on: bool) -> dict[str, float]:
     normalizer = float(_batch(layout)["action_mask"].sum())
     run_forward_backward(
         trainable.model,
-        mine,
+        on_token_positions(mine),
         loss_fn=actor_loss(unwrap(trainable.model), settings, VOCAB, dp_group, mean_term_weight=normalizer / (dp * 1)),
         normalizer=normalizer,
         micro_batch_size=rows,

@@ -1,6 +1,6 @@
 """Context parallelism on CPU (our attention core over all-gathered keys and values, gloo on
-loopback): an SFT step at CP=2 and at TP=2 x CP=2 equals the same step at CP=1 on the same
-weights, in loss and in the weights after one optimizer step."""
+loopback): an SFT step at CP=2, at TP=2 x CP=2 and at CP=2 with packed rows equals the same
+step at CP=1 on the same weights, in loss and in the weights after one optimizer step."""
 
 from __future__ import annotations
 
@@ -40,14 +40,18 @@ def _model(parallel, initial: dict | None):
     return model_cfg, model
 
 
-def _sft_step(rank: int, world: int, tp: int, cp: int, initial: dict | None, reference: dict | None):
-    """One SFT step (the recipe's masked NLL sum) at TP=tp, CP=cp from the ``initial`` full weights.
+def _sft_step(
+    rank: int, world: int, tp: int, cp: int, initial: dict | None, reference: dict | None, packed: bool = False
+):
+    """One SFT step (the recipe's masked NLL sum) at TP=tp, CP=cp from the ``initial`` full weights
+    (rows packed into bins if ``packed``).
 
     Without ``reference``: returns (loss, grad norm, initial full weights, full weights after).
     With it: returns (loss, grad norm, the largest difference of this rank's shard from the
     reference weights sharded for this layout).
     """
     from carft_nemo.algorithms.sft import masked_token_nll_sum, shift_for_next_token
+    from carft_nemo.data.packing import PackingConfig
     from carft_nemo.distributed.layout import ParallelConfig, shutdown
     from carft_nemo.models.logprobs import token_logprobs
     from carft_nemo.models.sharding import full_state_dict, shard_state_dict_for_tp
@@ -61,7 +65,8 @@ def _sft_step(rank: int, world: int, tp: int, cp: int, initial: dict | None, ref
         trainable = make_trainable(model, model_cfg, parallel, OptimConfig(lr=1e-4, schedule="constant"), 10)
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, VOCAB, (B, S + 1), generator=g)
-        loss_mask = (torch.rand(B, S + 1, generator=g) > 0.3).float()
+        lengths = torch.tensor([S, S - 9, S - 4, S - 13])  # rows end early: packing has room
+        loss_mask = (torch.rand(B, S + 1, generator=g) > 0.3).float() * (torch.arange(S + 1) < lengths[:, None])
         inputs, labels, mask = shift_for_next_token(tokens, loss_mask)
 
         def loss_fn(logits, micro):
@@ -71,10 +76,12 @@ def _sft_step(rank: int, world: int, tp: int, cp: int, initial: dict | None, ref
         trainable.zero_grad()
         metrics = run_forward_backward(
             trainable.model,
-            {"tokens": inputs, "labels": labels, "loss_mask": mask},
+            {"tokens": inputs, "labels": labels, "loss_mask": mask, "lengths": lengths},
             loss_fn=loss_fn,
             normalizer=float(mask.sum()),
             micro_batch_size=2,
+            packing=PackingConfig(enabled=packed, max_tokens=24),
+            sequence_multiple=parallel.sequence_multiple,
         )
         ok, grad_norm = trainable.step()
         assert ok
@@ -89,10 +96,12 @@ def _sft_step(rank: int, world: int, tp: int, cp: int, initial: dict | None, ref
         shutdown()
 
 
-@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2)], ids=["cp2", "tp2_cp2"])
-def test_an_sft_step_with_context_parallelism_equals_cp1(tp, cp):
+@pytest.mark.parametrize(
+    "tp,cp,packed", [(1, 2, False), (2, 2, False), (1, 2, True)], ids=["cp2", "tp2_cp2", "cp2_packed"]
+)
+def test_an_sft_step_with_context_parallelism_equals_cp1(tp, cp, packed):
     ((loss, tokens, grad_norm, initial, after),) = run_ranks(_sft_step, 1, 1, 1, None, None)
-    results = run_ranks(_sft_step, tp * cp, tp, cp, initial, after)
+    results = run_ranks(_sft_step, tp * cp, tp, cp, initial, after, packed)
     for cp_loss, cp_tokens, cp_grad_norm, worst in results:
         assert cp_tokens == tokens  # every loss token counted once over the context-parallel ranks
         assert cp_loss == pytest.approx(loss, rel=1e-5)

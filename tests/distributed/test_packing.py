@@ -78,13 +78,13 @@ def _scoring(rank: int, world: int, max_tokens: int):
     from carft_nemo.distributed.layout import shutdown
     from carft_nemo.models.forward import unwrap
     from carft_nemo.workers.actor_loss import policy_outputs
-    from carft_nemo.workers.model_worker import ModelWorker
+    from carft_nemo.workers.model_worker import ModelWorker, on_token_positions
 
     try:
         model, parallel = _build()
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, VOCAB, (len(LENGTHS), 20), generator=g)
-        batch = {"tokens": tokens, "lengths": torch.tensor(LENGTHS)}
+        batch = on_token_positions({"tokens": tokens, "lengths": torch.tensor(LENGTHS)})
         fn = policy_outputs(unwrap(model), ("logprobs", "values", "embeddings"), 1.0, VOCAB)
         results = []
         for packing in (PackingConfig(), PackingConfig(enabled=True, max_tokens=max_tokens)):
@@ -174,6 +174,7 @@ def test_packed_training_equals_unpacked(pp):
 def test_a_budget_below_the_longest_row_is_refused_at_start_up_by_its_full_key():
     from carft_nemo.config import ConfigError
     from carft_nemo.data.packing import PackingConfig
+    from carft_nemo.data.tokenization import EncodingConfig
     from carft_nemo.rl.config import ActorConfig, CriticConfig, RLConfig
     from carft_nemo.sft.config import SFTConfig, SFTLoopConfig
 
@@ -185,8 +186,9 @@ def test_a_budget_below_the_longest_row_is_refused_at_start_up_by_its_full_key()
         SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True, max_tokens=64)))
     from carft_nemo.distributed.layout import ParallelConfig
 
-    with pytest.raises(ConfigError, match=r"train\.packing\.enabled: packing together with parallel\.context_parallel"):
-        SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True)), parallel=ParallelConfig(context_parallel=2))
+    SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True)), parallel=ParallelConfig(context_parallel=2))
+    with pytest.raises(ConfigError, match=r"parallel\.context_parallel: 4 needs sequences of at least 8 tokens"):
+        SFTConfig(parallel=ParallelConfig(context_parallel=4), encoding=EncodingConfig(max_total_tokens=6))
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True, max_tokens=512)))  # room for any row
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True)))  # 0: each micro-batch's width
 
@@ -202,7 +204,7 @@ def _ppo_update(rank: int, world: int, contrastive: bool):
     from carft_nemo.models.heads import attach_policy_heads
     from carft_nemo.training.optim import OptimConfig, make_trainable
     from carft_nemo.workers.actor_loss import ActorTrainSettings, actor_loss
-    from carft_nemo.workers.model_worker import ModelWorker
+    from carft_nemo.workers.model_worker import ModelWorker, on_token_positions
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     parallel = ParallelConfig()
@@ -254,8 +256,9 @@ def _ppo_update(rank: int, world: int, contrastive: bool):
                     mask.sum()
                 )
 
-            metrics = worker.train_epochs(batch, epochs=1, mini_batch_rows=b, micro_batch_size=4, seed=0,
-                                          make_loss=make_loss, hidden_to_loss=True)  # fmt: skip
+            metrics = worker.train_epochs(on_token_positions(batch), epochs=1, mini_batch_rows=b,
+                                          micro_batch_size=4, seed=0, make_loss=make_loss,
+                                          hidden_to_loss=True)  # fmt: skip
             state = {k: v.detach().clone().numpy() for k, v in gpt.state_dict().items() if torch.is_tensor(v)}
             weights.append((metrics, state))
         return weights

@@ -64,9 +64,9 @@ def sft_command(out: Path) -> list[str]:
     return [sys.executable, str(ROOT / "recipes" / "sft.py"), "--config", str(config), f"output_dir={out}", *SFT_ARGS]
 
 
-def rl_command(sft: Path, out: Path, *overrides: str) -> list[str]:
-    """The ReFT tiny recipe at test size; later ``overrides`` win over :data:`TINY_RL_ARGS`."""
-    config = ROOT / "configs" / "reft-tiny-synthetic.yaml"
+def rl_command(sft: Path, out: Path, *overrides: str, config_name: str = "reft-tiny-synthetic.yaml") -> list[str]:
+    """A tiny RL recipe (ReFT's by default) at test size; later ``overrides`` win over :data:`TINY_RL_ARGS`."""
+    config = ROOT / "configs" / config_name
     return [
         sys.executable,
         str(ROOT / "recipes" / "rl.py"),

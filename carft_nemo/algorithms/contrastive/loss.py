@@ -12,9 +12,10 @@ reach :mod:`carft_nemo.distributed.collectives`.
 
 Cross-rank convention (see :mod:`.infonce`): the returned loss is this rank's share, such
 that its mean over data-parallel ranks is the global-batch loss and averaged gradients
-are exact. It is identical on every rank of ``seq_group``; as with megatron's own losses
-under context parallelism, scale it by the context-parallel size when gradients are also
-averaged over that group.
+are exact. It is identical on every rank of ``seq_group``, and a rank's backward reaches its
+own tokens only (through their partial sums of the pooled embedding), so the ranks' gradients
+add up to the unsharded one; when losses are summed over that group, count its value once
+(:mod:`carft_nemo.workers.actor_loss`).
 """
 
 from __future__ import annotations

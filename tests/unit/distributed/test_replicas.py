@@ -62,3 +62,21 @@ def test_independent_workers_each_answer_for_themselves():
     rmap = ReplicaMap.independent(3)
     assert rmap.per_rank(["a", "b", "c"]) == ["a", "b", "c"]
     assert rmap.answers([10, 11, 12]) == [10, 11, 12]
+
+
+def test_context_parallel_ranks_are_generation_replicas_of_their_own():
+    # 8 ranks: TP=2, CP=2, DP=2 in megatron's order tp fastest, then cp, then dp
+    layouts = []
+    for rank in range(8):
+        tp_rank, cp_rank, dp_rank = rank % 2, (rank // 2) % 2, rank // 4
+        layout = _layout(rank, 2, 1, 2, tp_rank, 0, dp_rank)
+        layouts.append(
+            ParallelLayout(**{**vars(layout), "context_parallel": 2, "cp_rank": cp_rank, "generation_replica": -1})
+        )
+    training = ReplicaMap.from_layouts(layouts)
+    generation = ReplicaMap.for_generation(layouts)
+    assert training.data_parallel == 2 and training.per_rank("xy") == list("xxxxyyyy")
+    assert generation.data_parallel == 4 and generation.answering == (0, 2, 4, 6)
+    assert generation.per_rank("abcd") == list("aabbccdd")
+    without_cp = [_layout(r, 1, 1, 2, 0, 0, r) for r in range(2)]
+    assert ReplicaMap.for_generation(without_cp) == ReplicaMap.from_layouts(without_cp)
