@@ -21,7 +21,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, backend: str = "gloo") -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -35,7 +35,11 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":  # tests/gpu: one GPU a rank
+            import torch
+
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         queue.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:  # noqa: BLE001 - forwarded to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
@@ -44,15 +48,18 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600) -> list[Any]:
-    """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)`` in a gloo group."""
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600, backend: str = "gloo"
+) -> list[Any]:
+    """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)`` in a gloo group
+    (``backend="nccl"``: one GPU a rank, for tests/gpu)."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
     # Not daemonic: megatron's torch_dist checkpoint writer starts worker processes of its
     # own, which Python forbids in daemons. Ranks are joined, or killed, below.
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue), daemon=False) for r in range(world_size)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, backend), daemon=False) for r in range(world_size)
     ]
     for p in procs:
         p.start()

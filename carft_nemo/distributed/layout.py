@@ -24,6 +24,9 @@ from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import axes, cpu_compat, device, slurm
 
 
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel sizes; data parallel is whatever the world size leaves."""
@@ -31,6 +34,9 @@ class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     context_parallel: int = 1  # TE's attention on GPUs, ours (models/cp_attention.py) without TE
+    # how TE's attention exchanges keys and values over the context-parallel group (megatron's
+    # cp_comm_type): a ring of point-to-point sends overlapped with compute, or all_gather, a2a, a2a+p2p
+    cp_comm_type: str = "p2p"
     sequence_parallel: bool = False  # needs TE/apex norms (GPU)
     use_distributed_optimizer: bool = False
     timeout_minutes: int = 30
@@ -39,6 +45,11 @@ class ParallelConfig:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "timeout_minutes"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        require(
+            self.cp_comm_type in CP_COMM_TYPES,
+            "cp_comm_type",
+            f"must be one of {CP_COMM_TYPES}, got {self.cp_comm_type!r}",
+        )
 
     @property
     def model_parallel_size(self) -> int:

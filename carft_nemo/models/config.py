@@ -130,6 +130,20 @@ class ModelConfig:
         return L * per_layer + emb + h
 
 
+def check_context_window(model: ModelConfig, longest: int, where: str) -> None:
+    """At start-up: the run's longest sequence (``where`` names the keys that set it) must fit the
+    model's RoPE tables and trained window, ``model.max_sequence_length``. A model taken from the
+    checkpoint (no ``model`` section) is checked when it is built."""
+    if model.is_unset or model.max_sequence_length is None:
+        return
+    require(
+        longest <= model.max_sequence_length,
+        "model.max_sequence_length",
+        f"{model.max_sequence_length} is below the longest sequence of this run ({longest} tokens: {where}); "
+        "past the model's trained window its RoPE needs scaling (e.g. Qwen2.5's YaRN), which is not supported",
+    )
+
+
 def _preset(**kw) -> ModelConfig:
     return ModelConfig(**kw)
 

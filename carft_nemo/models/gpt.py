@@ -50,6 +50,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
+        cp_comm_type=parallel.cp_comm_type if parallel.context_parallel > 1 else None,  # TE's attention only
         sequence_parallel=parallel.sequence_parallel,
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,

@@ -16,12 +16,14 @@ from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_sequence_room
 from carft_nemo.generation.config import GenerationConfig
-from carft_nemo.models.config import ModelConfig
+from carft_nemo.models.config import ModelConfig, check_context_window
 from carft_nemo.rewards.sandbox import SandboxConfig
 from carft_nemo.rl.collapse_guard import CollapseGuardConfig
 from carft_nemo.telemetry.run_log import LoggingConfig
 from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
+
+LONGEST_SEQUENCE_KEYS = "encoding.max_total_tokens, or encoding.max_prompt_tokens + generation.max_new_tokens"
 
 CRITIC_LAYOUTS = ("separate", "shared")
 REFERENCE_MODES = ("swap", "group")
@@ -207,18 +209,23 @@ class RLConfig:
     ray_address: str | None = None  # an existing Ray cluster; default: start one on this host
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # W&B besides TensorBoard (telemetry/)
 
+    @property
+    def longest_sequence(self) -> int:
+        """The longest prompt + response this run can produce (:data:`LONGEST_SEQUENCE_KEYS`)."""
+        return max(self.encoding.max_total_tokens, self.encoding.max_prompt_tokens + self.generation.max_new_tokens)
+
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")
         require(self.train_data.split == "train", "train_data.split", "must be 'train'")
         require(not self.generation.greedy, "generation.greedy", "rollouts must sample (set greedy: false)")
-        longest = max(self.encoding.max_total_tokens, self.encoding.max_prompt_tokens + self.generation.max_new_tokens)
-        where = "encoding.max_total_tokens, or encoding.max_prompt_tokens + generation.max_new_tokens"
+        longest, where = self.longest_sequence, LONGEST_SEQUENCE_KEYS
         for role in ("actor", "critic"):
             with key_prefix(role):
                 check_budget(getattr(self, role).packing, longest, where)
         for role in ("actor", "critic", "reference"):
             with key_prefix(role):
                 check_sequence_room(getattr(self, role).parallel, longest, where)
+        check_context_window(self.model, longest, where)
         if self.rl.algorithm == "grpo":
             require(
                 not self.contrastive.enabled,

@@ -49,9 +49,9 @@ from carft_nemo.distributed.replicas import concat_rows
 from carft_nemo.evaluation.metrics import PairedChange
 from carft_nemo.evaluation.runner import EvalResult, held_out_summary, record_eval
 from carft_nemo.generation.rollout import Rollout
-from carft_nemo.models.config import ModelConfig
+from carft_nemo.models.config import ModelConfig, check_context_window
 from carft_nemo.rl.collapse_guard import CollapseGuard, Trigger
-from carft_nemo.rl.config import RLConfig
+from carft_nemo.rl.config import LONGEST_SEQUENCE_KEYS, RLConfig
 from carft_nemo.rl.experience import (
     AnnotatedBatch,
     Experience,
@@ -94,6 +94,7 @@ def resolve_sft(cfg: RLConfig) -> tuple[Path, Path, ModelConfig]:
         saved = read_metadata(step_dir).get("metadata", {}).get("model")
         require(saved is not None, "model.preset", f"{step_dir} records no model; set model.preset")
         model = ModelConfig(**saved)
+        check_context_window(model, cfg.longest_sequence, f"{LONGEST_SEQUENCE_KEYS}; the model of {step_dir}")
     return step_dir, tokenizer, model
 
 

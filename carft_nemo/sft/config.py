@@ -10,7 +10,7 @@ from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_model_layout, check_sequence_room
 from carft_nemo.generation.config import GenerationConfig
-from carft_nemo.models.config import ModelConfig
+from carft_nemo.models.config import ModelConfig, check_context_window
 from carft_nemo.telemetry.run_log import LoggingConfig
 from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
@@ -72,6 +72,7 @@ class SFTConfig:
         with key_prefix("train"):
             check_budget(self.train.packing, self.encoding.max_total_tokens, "encoding.max_total_tokens")
         check_sequence_room(self.parallel, self.encoding.max_total_tokens, "encoding.max_total_tokens")
+        check_context_window(self.model, self.encoding.max_total_tokens, "encoding.max_total_tokens")
 
 
 def check_world_layout(cfg: SFTConfig, world_size: int) -> int:

@@ -157,3 +157,13 @@ def test_valid_layout_returns_data_parallel_size() -> None:
         num_query_groups=model.num_query_groups,
     )
     assert dp == 2
+
+
+def test_cp_comm_type_is_one_of_te_s_and_reaches_the_transformer_config():
+    from carft_nemo.models.gpt import transformer_config
+
+    with pytest.raises(ConfigError, match=r"cp_comm_type: must be one of .*'p2p'.*got 'ring'"):
+        ParallelConfig(context_parallel=2, cp_comm_type="ring")
+    model = ModelConfig(preset="micro", vocab_size=64)
+    assert transformer_config(model, ParallelConfig(context_parallel=2, cp_comm_type="a2a")).cp_comm_type == "a2a"
+    assert transformer_config(model, ParallelConfig(context_parallel=2)).cp_comm_type == "p2p"
