@@ -182,6 +182,14 @@ def validate_layout(
             f"{key}.tensor_parallel",
             f"{tp} does not divide model.num_query_groups={num_query_groups} (key/value heads)",
         )
+    if cp > 1 and parallel.cp_comm_type == "a2a":  # TE's all-to-all trades sequence chunks for heads
+        for name, heads in (("num_attention_heads", num_attention_heads), ("num_query_groups", num_query_groups)):
+            require(
+                heads is None or (heads // tp) % cp == 0,
+                f"{key}.cp_comm_type",
+                f"a2a splits each tensor-parallel rank's heads over context_parallel={cp}, but model.{name}="
+                f"{heads} / tensor_parallel={tp} does not divide by it: use p2p or all_gather",
+            )
     if num_layers is not None:
         require(
             pp <= num_layers,

@@ -167,3 +167,12 @@ def test_cp_comm_type_is_one_of_te_s_and_reaches_the_transformer_config():
     model = ModelConfig(preset="micro", vocab_size=64)
     assert transformer_config(model, ParallelConfig(context_parallel=2, cp_comm_type="a2a")).cp_comm_type == "a2a"
     assert transformer_config(model, ParallelConfig(context_parallel=2)).cp_comm_type == "p2p"
+
+
+def test_a2a_context_parallelism_needs_heads_that_divide_by_cp():
+    # micro: 4 heads, 2 key/value groups; TP 1 x CP 4 over all-to-all cannot split 2 groups 4 ways
+    dims = {"num_attention_heads": 4, "num_query_groups": 2}
+    with pytest.raises(ConfigError, match=r"parallel\.cp_comm_type: a2a .*num_query_groups=2 .*p2p"):
+        validate_layout(ParallelConfig(context_parallel=4, cp_comm_type="a2a"), 4, **dims)
+    assert validate_layout(ParallelConfig(context_parallel=2, cp_comm_type="a2a"), 4, **dims) == 2
+    assert validate_layout(ParallelConfig(context_parallel=4), 4, **dims) == 1  # p2p: any heads
