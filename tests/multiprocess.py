@@ -59,7 +59,8 @@ def run_ranks(
     # Not daemonic: megatron's torch_dist checkpoint writer starts worker processes of its
     # own, which Python forbids in daemons. Ranks are joined, or killed, below.
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, backend), daemon=False) for r in range(world_size)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, backend), daemon=False)
+        for r in range(world_size)
     ]
     for p in procs:
         p.start()

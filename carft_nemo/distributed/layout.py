@@ -23,7 +23,6 @@ import torch.distributed as dist
 from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import axes, cpu_compat, device, slurm
 
-
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
 
 
