@@ -24,6 +24,7 @@ from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import axes, cpu_compat, device, slurm
 
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclass
@@ -36,6 +37,9 @@ class ParallelConfig:
     # how TE's attention exchanges keys and values over the context-parallel group (megatron's
     # cp_comm_type): a ring of point-to-point sends overlapped with compute, or all_gather, a2a, a2a+p2p
     cp_comm_type: str = "p2p"
+    # activation recompute (megatron's): selective recomputes core attention in the backward,
+    # full every layer from its input (one layer's activations live at a time)
+    recompute: str = "none"
     sequence_parallel: bool = False  # needs TE/apex norms (GPU)
     use_distributed_optimizer: bool = False
     timeout_minutes: int = 30
@@ -44,6 +48,7 @@ class ParallelConfig:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "timeout_minutes"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        require(self.recompute in RECOMPUTE, "recompute", f"must be one of {RECOMPUTE}, got {self.recompute!r}")
         require(
             self.cp_comm_type in CP_COMM_TYPES,
             "cp_comm_type",

@@ -51,6 +51,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel > 1 else None,  # TE's attention only
+        **_recompute(parallel.recompute),
         sequence_parallel=parallel.sequence_parallel,
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
@@ -62,6 +63,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig) -> Transfor
     )
     fields = compat.transformer_config_fields()
     return TransformerConfig(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def _recompute(setting: str) -> dict:
+    """megatron's recompute fields for ``parallel.recompute``: full recomputes every layer from its input."""
+    if setting == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if setting == "selective":
+        return {"recompute_granularity": "selective"}
+    return {}
 
 
 def build_gpt_model(

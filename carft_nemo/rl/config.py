@@ -17,6 +17,7 @@ from carft_nemo.data.tokenization import EncodingConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_sequence_room
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig, check_context_window
+from carft_nemo.planning.plan import ClusterConfig
 from carft_nemo.rewards.sandbox import SandboxConfig
 from carft_nemo.rl.collapse_guard import CollapseGuardConfig
 from carft_nemo.telemetry.run_log import LoggingConfig
@@ -208,6 +209,7 @@ class RLConfig:
     rl: RLLoopConfig = field(default_factory=RLLoopConfig)
     ray_address: str | None = None  # an existing Ray cluster; default: start one on this host
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # W&B besides TensorBoard (telemetry/)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # GPU memory for the start-up plan (planning/)
 
     @property
     def longest_sequence(self) -> int:

@@ -11,6 +11,7 @@ from carft_nemo.data.tokenization import EncodingConfig, TokenizerConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_model_layout, check_sequence_room
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig, check_context_window
+from carft_nemo.planning.plan import ClusterConfig
 from carft_nemo.telemetry.run_log import LoggingConfig
 from carft_nemo.training.loop import LoopSchedule
 from carft_nemo.training.optim import OptimConfig
@@ -65,6 +66,7 @@ class SFTConfig:
     generation: GenerationConfig = field(default_factory=_greedy_eval)
     train: SFTLoopConfig = field(default_factory=SFTLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # W&B besides TensorBoard (telemetry/)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # GPU memory for the start-up plan (planning/)
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be set")

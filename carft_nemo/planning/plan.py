@@ -1,0 +1,145 @@
+"""A run's memory plan: every role of an RL or SFT config on its GPUs, and the start-up check.
+
+:func:`plan_rl` / :func:`plan_sft` turn a validated config into one :class:`RoleMemory` a role
+(:mod:`carft_nemo.planning.memory` has the terms); :func:`render` prints them as a table in GiB;
+:func:`check_fits` refuses a plan whose role cannot fit, with one message naming the role, the
+estimate, the limit and what to change. The recipes call :func:`check_fits` before any worker
+starts (``recipes/plan.py`` prints the same table without launching anything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from carft_nemo.config import ConfigError, require
+from carft_nemo.distributed.layout import ParallelConfig
+from carft_nemo.models.config import ModelConfig
+from carft_nemo.planning.memory import GIB, Precision, RoleMemory, Workload, training_memory
+
+
+@dataclass
+class ClusterConfig:
+    """``cluster``: the machines a run is planned for (:mod:`carft_nemo.planning`).
+
+    Attributes:
+        gpu_memory_gb: memory of one GPU in GB (2^30 bytes); 0 = what CUDA reports at start-up
+            (no check on a machine without a GPU).
+        gpus_per_node: GPUs of one node (host memory per node holds that many ranks' state).
+        host_memory_gb: CPU memory of one node for the plan's host part; 0 = unchecked.
+    """
+
+    gpu_memory_gb: float = 0.0
+    gpus_per_node: int = 8
+    host_memory_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.gpu_memory_gb >= 0, "gpu_memory_gb", f"must be >= 0, got {self.gpu_memory_gb}")
+        require(self.gpus_per_node >= 1, "gpus_per_node", f"must be >= 1, got {self.gpus_per_node}")
+        require(self.host_memory_gb >= 0, "host_memory_gb", f"must be >= 0, got {self.host_memory_gb}")
+
+
+def _data_parallel(parallel: ParallelConfig, ranks: int) -> int:
+    return max(ranks // parallel.model_parallel_size, 1)
+
+
+def plan_rl(cfg, model: ModelConfig, precision: Precision) -> list[RoleMemory]:
+    """Every GPU role of an :class:`~carft_nemo.rl.config.RLConfig` for ``model`` (its tokenizer's vocab)."""
+    longest = min(cfg.longest_sequence, model.max_sequence_length)
+    actor = cfg.actor
+    dp = _data_parallel(actor.parallel, actor.num_workers)
+    replicas = dp * actor.parallel.context_parallel  # generation replicas
+    share = -(-cfg.rl.rollout_size // replicas)
+    gen_rows = max(cfg.generation.micro_batch_size or share, cfg.eval_generation.micro_batch_size or share)
+    heads = (1 if cfg.critic.layout == "shared" else 0) + (cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0)
+    micro = max(cfg.rl.mini_batch_size // (dp * actor.micro_batch_size), 1)
+    work = Workload(rows=actor.micro_batch_size, sequence=longest, micro_batches=micro,
+                    generation_rows=gen_rows, generation_sequence=longest, recompute=actor.parallel.recompute)  # fmt: skip
+    roles = [training_memory("actor", model, actor.parallel, precision, work, ranks=actor.num_workers,
+                             head_dims=heads, data_parallel=dp)]  # fmt: skip
+    if cfg.reference.mode == "swap":  # the SFT weights of every rank on the node, in CPU memory
+        ranks_on_node = min(actor.num_workers, cfg.cluster.gpus_per_node)
+        roles[0].host = roles[0].weights * ranks_on_node
+        roles[0].notes.append(f"host: the reference weights of {ranks_on_node} ranks (reference.mode: swap)")
+    if cfg.uses_critic_group:
+        critic = cfg.critic
+        cdp = _data_parallel(critic.parallel, critic.num_workers)
+        cwork = Workload(rows=critic.micro_batch_size, sequence=longest, logits=False,
+                         micro_batches=max(cfg.rl.mini_batch_size // (cdp * critic.micro_batch_size), 1),
+                         recompute=critic.parallel.recompute)  # fmt: skip
+        roles.append(training_memory("critic", model, critic.parallel, precision, cwork, ranks=critic.num_workers,
+                                     value_head=True, data_parallel=cdp))  # fmt: skip
+    if cfg.uses_reference_group:
+        ref = cfg.reference
+        rwork = Workload(rows=actor.micro_batch_size, sequence=longest, trains=False)
+        rdp = _data_parallel(ref.parallel, ref.num_workers)
+        roles.append(training_memory("reference", model, ref.parallel, precision, rwork, ranks=ref.num_workers,
+                                     data_parallel=rdp))  # fmt: skip
+    return roles
+
+
+def plan_sft(cfg, model: ModelConfig, precision: Precision, world_size: int) -> list[RoleMemory]:
+    """The one role of an :class:`~carft_nemo.sft.config.SFTConfig` on ``world_size`` ranks."""
+    parallel = cfg.parallel
+    dp = _data_parallel(parallel, world_size)
+    train = cfg.train
+    longest = min(cfg.encoding.max_total_tokens, model.max_sequence_length)
+    generation = min(cfg.encoding.max_prompt_tokens + cfg.generation.max_new_tokens, model.max_sequence_length)
+    work = Workload(rows=train.micro_batch_size, sequence=longest,
+                    micro_batches=max(train.global_batch_size // (dp * train.micro_batch_size), 1),
+                    generation_rows=cfg.generation.micro_batch_size or train.micro_batch_size,
+                    generation_sequence=generation, recompute=parallel.recompute)  # fmt: skip
+    return [training_memory("sft", model, parallel, precision, work, ranks=world_size, data_parallel=dp)]
+
+
+def render(roles: list[RoleMemory], limit_gb: float | None) -> str:
+    """A table in GiB: one row a role, its components, peak and headroom against ``limit_gb``."""
+    head = ["role", "GPUs", "layout", *RoleMemory.COLUMNS, "peak", "headroom", "host/node"]
+    rows = []
+    for r in roles:
+        cells = [r.role, str(r.ranks), r.layout, *(f"{getattr(r, c) / GIB:.2f}" for c in RoleMemory.COLUMNS)]
+        headroom = f"{limit_gb - r.peak / GIB:+.2f}" if limit_gb else "-"
+        rows.append([*cells, f"{r.peak / GIB:.2f}", headroom, f"{r.host / GIB:.1f}" if r.host else "-"])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    for r in roles:
+        lines += [f"  {r.role}: {note}" for note in r.notes]
+    return "\n".join(lines)
+
+
+def _advice(role: RoleMemory, key: str) -> str:
+    """What to change, largest component first."""
+    parts = {
+        "weights": f"more tensor / pipeline parallelism ({key}.parallel.tensor_parallel, pipeline_parallel)",
+        "gradients": f"more tensor / pipeline parallelism ({key}.parallel.tensor_parallel, pipeline_parallel)",
+        "optimizer": f"the distributed optimizer ({key}.parallel.use_distributed_optimizer: true) or more "
+        "data parallel ranks",
+        "activations": f"activation recompute ({key}.parallel.recompute: selective or full), a smaller "
+        "micro-batch, or context parallelism",
+        "logits": "a smaller micro-batch or more tensor parallelism (the logits are vocab-parallel)",
+        "kv_cache": "a smaller generation.micro_batch_size (and eval_generation.micro_batch_size)",
+    }
+    ranked = sorted(RoleMemory.COLUMNS, key=lambda c: -getattr(role, c))
+    return "; ".join(dict.fromkeys(parts[c] for c in ranked[:2]))
+
+
+def check_fits(roles: list[RoleMemory], limit_gb: float, *, host_limit_gb: float = 0.0, keys: dict | None = None) -> None:
+    """Refuse a plan with a role over ``limit_gb`` per GPU (or over ``host_limit_gb`` per node)."""
+    keys = keys or {}
+    for r in roles:
+        key = keys.get(r.role, r.role)
+        if r.peak / GIB > limit_gb:
+            parts = ", ".join(f"{c} {getattr(r, c) / GIB:.1f}" for c in RoleMemory.COLUMNS if getattr(r, c))
+            raise ConfigError(
+                f"{key}.parallel: the {r.role} needs about {r.peak / GIB:.1f} GiB per GPU ({parts}; {r.layout}) "
+                f"but a GPU has {limit_gb:.1f} GiB (cluster.gpu_memory_gb or what CUDA reports). "
+                f"Try {_advice(r, key)}. recipes/plan.py prints the whole plan."
+            )
+        if host_limit_gb and r.host / GIB > host_limit_gb:
+            raise ConfigError(
+                f"reference.mode: the {r.role}'s host part needs about {r.host / GIB:.1f} GiB per node "
+                f"but a node has {host_limit_gb:.1f} GiB (cluster.host_memory_gb); use reference.mode: group"
+            )
+
+
+__all__ = ["ClusterConfig", "check_fits", "plan_rl", "plan_sft", "render"]
