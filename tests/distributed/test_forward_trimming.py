@@ -42,7 +42,7 @@ def _outputs(rank: int, world: int) -> tuple[dict, dict, list[int]]:
     from carft_nemo.models.gpt import build_gpt_model
     from carft_nemo.models.heads import attach_policy_heads
     from carft_nemo.workers.actor_loss import policy_outputs
-    from carft_nemo.workers.model_worker import ModelWorker
+    from carft_nemo.workers.model_worker import ModelWorker, on_token_positions
 
     model_cfg = ModelConfig(preset="micro", vocab_size=VOCAB)
     initialize(
@@ -60,8 +60,9 @@ def _outputs(rank: int, world: int) -> tuple[dict, dict, list[int]]:
         tokens = torch.randint(0, VOCAB, (B, S), generator=g)
         lengths = torch.tensor([4, 7, 20, 11, 3, 5])
         fn = policy_outputs(unwrap(worker.model), ("logprobs", "values", "embeddings"), 1.0, VOCAB)
-        full = worker.collect_forward({"tokens": tokens}, fn, 2, hidden_to_loss=True)
-        trimmed = worker.collect_forward({"tokens": tokens, "lengths": lengths}, fn, 2, hidden_to_loss=True)
+        rows = on_token_positions({"tokens": tokens})  # the next-token targets the log-probs score
+        full = worker.collect_forward(rows, fn, 2, hidden_to_loss=True)
+        trimmed = worker.collect_forward({**rows, "lengths": lengths}, fn, 2, hidden_to_loss=True)
         as_numpy = lambda out: {k: v.numpy() for k, v in out.items()}  # noqa: E731 (tensors would not outlive the rank)
         return as_numpy(full), as_numpy(trimmed), lengths.tolist()
     finally:
