@@ -17,7 +17,8 @@ tensor parallel, ``L_stage`` the layers of the stage, ``k`` = min(PP, micro-batc
 (the first stage holds that many), ``g_kv`` the key/value heads, ``d`` the head size.
 
 ``A_layer`` counts what autograd keeps of one transformer layer of this codebase (RMSNorm,
-GQA self-attention with RoPE, SwiGLU MLP), per token of the rank, without sequence parallelism:
+GQA self-attention with RoPE, SwiGLU MLP), per token of the rank (sequence parallelism divides
+the norms' share by t too):
 
     4h (two norms' inputs and outputs, replicated over TP) + (h + 2 g_kv d)/t (Q, K, V)
     + h/t (the attention output) + 3f/t (gate, up, their product)         times w bytes
@@ -90,13 +91,18 @@ class ParameterCounts:
 
 
 def parameter_counts(
-    model: ModelConfig, tensor_parallel: int, *, value_head: bool = False, head_dims: int = 0
+    model: ModelConfig,
+    tensor_parallel: int,
+    *,
+    value_head: bool = False,
+    shared_value_head: bool = False,
+    projection_dim: int = 0,
 ) -> ParameterCounts:
     """One tensor-parallel rank's parameters (norms and the RL heads replicated over TP).
 
-    ``value_head``: a critic (a scalar head instead of the LM output layer). ``head_dims``:
-    extra replicated ``hidden x head_dims`` heads on the last stage (shared value head: 1,
-    CARFT projection: its size).
+    ``value_head``: a critic (a scalar head instead of the LM output layer). On a policy,
+    ``shared_value_head`` adds ReFT's value head and ``projection_dim`` CARFT's projection
+    (``h x d``, no bias) on the last stage.
     """
     t = tensor_parallel
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
@@ -108,7 +114,7 @@ def parameter_counts(
     per_layer = attention + mlp + 2 * h  # two RMSNorm weights, replicated
     embedding = vocab * h // t
     output = (h + 1) if value_head else (0 if model.tie_word_embeddings else vocab * h // t)
-    heads = sum(h * k + k for k in ([head_dims] if head_dims else []))
+    heads = (h + 1) * int(shared_value_head) + h * projection_dim
     return ParameterCounts(embedding, output, per_layer, h, heads)
 
 
@@ -172,13 +178,14 @@ def layer_activation_bytes(
     tokens = rows * local_tokens
     if recompute == "full":
         return tokens * h * w
+    norms = h / t if parallel.sequence_parallel else h  # sequence parallelism splits the norms' tokens over TP
     if precision.fused_attention:
-        dense = tokens * w * (4 * h + heads * d + 2 * groups * d + 3 * f / t)
+        dense = tokens * w * (4 * norms + heads * d + 2 * groups * d + 3 * f / t)
         attention = tokens * (heads * 4 + 2 * heads * d * w)  # softmax statistics; the output, kept twice
         if recompute == "selective":  # megatron recomputes core attention: its inputs are kept
             attention = 0.0
     else:
-        dense = tokens * w * (6 * h + heads * d + 5 * f / t)
+        dense = tokens * w * (6 * norms + heads * d + 5 * f / t)
         # query and the keys / values repeated to every query head (our CP core gathers them whole),
         # and the probabilities [rows, heads, s_q, s_k]
         attention = tokens * w * heads * d + 2 * rows * sequence * heads * d * w
@@ -197,13 +204,16 @@ def training_memory(
     *,
     ranks: int,
     value_head: bool = False,
-    head_dims: int = 0,
+    shared_value_head: bool = False,
+    projection_dim: int = 0,
     data_parallel: int = 1,
 ) -> RoleMemory:
     """One rank's :class:`RoleMemory` for a model role (module docstring for each term)."""
     t, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
     w = precision.weight_bytes
-    counts = parameter_counts(model, t, value_head=value_head, head_dims=head_dims)
+    counts = parameter_counts(
+        model, t, value_head=value_head, shared_value_head=shared_value_head, projection_dim=projection_dim
+    )
     layout = f"TP{t} PP{pp} CP{cp} DP{data_parallel}"
     out = RoleMemory(role, ranks, layout)
     # the most loaded stage: with PP > 1 the first keeps the most micro-batches in flight, the
@@ -229,7 +239,8 @@ def training_memory(
                 extra = 0.0
             ends = tokens * 8 if stage == 0 else 0.0  # the token ids
             if stage == pp - 1:  # the final norm's input, normalised value and output (2 with TE)
-                ends += tokens * model.hidden_size * w * (2 if precision.fused_attention else 3)
+                norm_width = model.hidden_size / (t if parallel.sequence_parallel else 1)
+                ends += tokens * norm_width * w * (2 if precision.fused_attention else 3)
             candidate.activations = in_flight * (layers * per_layer + ends) + extra
         if stage == pp - 1 and work.logits:
             # the output layer's logits, the loss's fp32 copy (its softmax, kept for the backward)

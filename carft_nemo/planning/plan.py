@@ -50,12 +50,12 @@ def plan_rl(cfg, model: ModelConfig, precision: Precision) -> list[RoleMemory]:
     replicas = dp * actor.parallel.context_parallel  # generation replicas
     share = -(-cfg.rl.rollout_size // replicas)
     gen_rows = max(cfg.generation.micro_batch_size or share, cfg.eval_generation.micro_batch_size or share)
-    heads = (1 if cfg.critic.layout == "shared" else 0) + (cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0)
     micro = max(cfg.rl.mini_batch_size // (dp * actor.micro_batch_size), 1)
     work = Workload(rows=actor.micro_batch_size, sequence=longest, micro_batches=micro,
                     generation_rows=gen_rows, generation_sequence=longest, recompute=actor.parallel.recompute)  # fmt: skip
     roles = [training_memory("actor", model, actor.parallel, precision, work, ranks=actor.num_workers,
-                             head_dims=heads, data_parallel=dp)]  # fmt: skip
+                             shared_value_head=cfg.critic.layout == "shared", data_parallel=dp,
+                             projection_dim=cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0)]  # fmt: skip
     if cfg.reference.mode == "swap":  # the SFT weights of every rank on the node, in CPU memory
         ranks_on_node = min(actor.num_workers, cfg.cluster.gpus_per_node)
         roles[0].host = roles[0].weights * ranks_on_node
@@ -107,39 +107,88 @@ def render(roles: list[RoleMemory], limit_gb: float | None) -> str:
     return "\n".join(lines)
 
 
-def _advice(role: RoleMemory, key: str) -> str:
-    """What to change, largest component first."""
+# role -> (where its layout sits in the config, its micro-batch key)
+ROLE_KEYS = {
+    "actor": ("actor.parallel", "actor.micro_batch_size"),
+    "critic": ("critic.parallel", "critic.micro_batch_size"),
+    "reference": ("reference.parallel", "actor.micro_batch_size"),
+    "sft": ("parallel", "train.micro_batch_size"),
+}
+
+
+def _advice(role: RoleMemory) -> str:
+    """What to change, for the two largest components."""
+    layout, micro = ROLE_KEYS.get(role.role, (f"{role.role}.parallel", f"{role.role}.micro_batch_size"))
+    more_parallel = f"more tensor or pipeline parallelism ({layout}.tensor_parallel, {layout}.pipeline_parallel)"
     parts = {
-        "weights": f"more tensor / pipeline parallelism ({key}.parallel.tensor_parallel, pipeline_parallel)",
-        "gradients": f"more tensor / pipeline parallelism ({key}.parallel.tensor_parallel, pipeline_parallel)",
-        "optimizer": f"the distributed optimizer ({key}.parallel.use_distributed_optimizer: true) or more "
-        "data parallel ranks",
-        "activations": f"activation recompute ({key}.parallel.recompute: selective or full), a smaller "
-        "micro-batch, or context parallelism",
-        "logits": "a smaller micro-batch or more tensor parallelism (the logits are vocab-parallel)",
+        "weights": more_parallel,
+        "gradients": more_parallel,
+        "optimizer": f"the distributed optimizer ({layout}.use_distributed_optimizer: true) or more data parallel ranks",
+        "activations": f"activation recompute ({layout}.recompute: selective or full), a smaller {micro}, "
+        f"or context parallelism ({layout}.context_parallel)",
+        "logits": f"a smaller {micro} or more tensor parallelism (the logits are vocab-parallel)",
         "kv_cache": "a smaller generation.micro_batch_size (and eval_generation.micro_batch_size)",
     }
     ranked = sorted(RoleMemory.COLUMNS, key=lambda c: -getattr(role, c))
     return "; ".join(dict.fromkeys(parts[c] for c in ranked[:2]))
 
 
-def check_fits(roles: list[RoleMemory], limit_gb: float, *, host_limit_gb: float = 0.0, keys: dict | None = None) -> None:
+def check_fits(roles: list[RoleMemory], limit_gb: float, *, host_limit_gb: float = 0.0) -> None:
     """Refuse a plan with a role over ``limit_gb`` per GPU (or over ``host_limit_gb`` per node)."""
-    keys = keys or {}
     for r in roles:
-        key = keys.get(r.role, r.role)
+        layout = ROLE_KEYS.get(r.role, (f"{r.role}.parallel",))[0]
         if r.peak / GIB > limit_gb:
             parts = ", ".join(f"{c} {getattr(r, c) / GIB:.1f}" for c in RoleMemory.COLUMNS if getattr(r, c))
             raise ConfigError(
-                f"{key}.parallel: the {r.role} needs about {r.peak / GIB:.1f} GiB per GPU ({parts}; {r.layout}) "
-                f"but a GPU has {limit_gb:.1f} GiB (cluster.gpu_memory_gb or what CUDA reports). "
-                f"Try {_advice(r, key)}. recipes/plan.py prints the whole plan."
+                f"{layout}: the {r.role} needs about {r.peak / GIB:.1f} GiB per GPU ({parts}; {r.layout}) "
+                f"but a GPU has {limit_gb:.4g} GiB (cluster.gpu_memory_gb, or what CUDA reports). "
+                f"Try {_advice(r)}. recipes/plan.py prints the whole plan."
             )
         if host_limit_gb and r.host / GIB > host_limit_gb:
             raise ConfigError(
                 f"reference.mode: the {r.role}'s host part needs about {r.host / GIB:.1f} GiB per node "
-                f"but a node has {host_limit_gb:.1f} GiB (cluster.host_memory_gb); use reference.mode: group"
+                f"but a node has {host_limit_gb:.4g} GiB (cluster.host_memory_gb); use reference.mode: group"
             )
 
 
-__all__ = ["ClusterConfig", "check_fits", "plan_rl", "plan_sft", "render"]
+def gpu_limit_gb(cluster: ClusterConfig) -> float | None:
+    """The GPU memory to plan against: the config's, else what CUDA reports, else ``None`` (no GPU)."""
+    if cluster.gpu_memory_gb:
+        return cluster.gpu_memory_gb
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    return None
+
+
+def running_precision(model: ModelConfig) -> Precision:
+    """The precision this machine runs ``model`` in: bf16 and TE's fused attention on GPUs (when
+    installed), fp32 with unfused attention on CPU."""
+    import torch
+
+    from carft_nemo import compat
+
+    if torch.cuda.is_available():
+        return Precision.gpu(model, compat.transformer_engine_available())
+    return Precision.cpu()
+
+
+def check_at_start(roles: list[RoleMemory], cluster: ClusterConfig) -> None:
+    """The recipes' start-up check: refuse a plan that cannot fit (no limit known: nothing to check)."""
+    limit = gpu_limit_gb(cluster)
+    if limit is not None:
+        check_fits(roles, limit, host_limit_gb=cluster.host_memory_gb)
+
+
+__all__ = [
+    "ROLE_KEYS",
+    "ClusterConfig",
+    "check_at_start",
+    "check_fits",
+    "gpu_limit_gb",
+    "plan_rl",
+    "plan_sft",
+    "render",
+    "running_precision",
+]

@@ -50,6 +50,7 @@ from carft_nemo.evaluation.metrics import PairedChange
 from carft_nemo.evaluation.runner import EvalResult, held_out_summary, record_eval
 from carft_nemo.generation.rollout import Rollout
 from carft_nemo.models.config import ModelConfig, check_context_window
+from carft_nemo.planning.plan import check_at_start, plan_rl, running_precision
 from carft_nemo.rl.collapse_guard import CollapseGuard, Trigger
 from carft_nemo.rl.config import LONGEST_SEQUENCE_KEYS, RLConfig
 from carft_nemo.rl.experience import (
@@ -174,6 +175,8 @@ class RLRun:
             raise ConfigError(f"model.vocab_size {self.model_cfg.vocab_size} < tokenizer size {len(self.tokenizer)}")
         if not self.model_cfg.vocab_size:
             self.model_cfg = self.model_cfg.with_vocab(len(self.tokenizer))
+        # before any worker starts: a layout that cannot fit its GPUs ends here, naming the role
+        check_at_start(plan_rl(cfg, self.model_cfg, running_precision(self.model_cfg)), cfg.cluster)
         self._load_data()
         self.settings = experience_settings(cfg)
         self.schedule = BatchSchedule(len(self.train_examples), cfg.rl.questions_per_step, seed=cfg.rl.seed)

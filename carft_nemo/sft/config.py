@@ -77,6 +77,12 @@ class SFTConfig:
         check_context_window(self.model, self.encoding.max_total_tokens, "encoding.max_total_tokens")
 
 
+def planning_model(cfg: SFTConfig) -> ModelConfig:
+    """The model with a vocabulary to plan memory with (before the tokenizer exists): its own, else
+    the trained tokenizer's upper bound (``tokenizer.vocab_size``)."""
+    return cfg.model if cfg.model.vocab_size else cfg.model.with_vocab(cfg.tokenizer.vocab_size)
+
+
 def check_world_layout(cfg: SFTConfig, world_size: int) -> int:
     """Validate the layout against the world size before anything starts; returns DP size."""
     require(not cfg.model.is_unset, "model.preset", "set model.preset (e.g. tiny) or the architecture fields")

@@ -30,7 +30,8 @@ from carft_nemo.distributed import layout as parallel_layout
 from carft_nemo.evaluation.metrics import PairedChange
 from carft_nemo.evaluation.runner import EvalResult, evaluate, held_out_summary, record_eval
 from carft_nemo.models.logprobs import token_logprobs
-from carft_nemo.sft.config import SFTConfig, check_world_layout
+from carft_nemo.planning.plan import check_at_start, plan_sft, running_precision
+from carft_nemo.sft.config import SFTConfig, check_world_layout, planning_model
 from carft_nemo.sft.setup import build_policy, prepare_tokenizer
 from carft_nemo.telemetry.run_log import LOG, RunLogger, setup_logging
 from carft_nemo.telemetry.timing import PhaseTimer
@@ -155,7 +156,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train (or resume) SFT as configured; returns the final summary (same on every rank)."""
     out = Path(cfg.output_dir)
     timer = PhaseTimer()  # the whole run
-    check_world_layout(cfg, parallel_layout.current_world_size())  # before any process group starts
+    world = parallel_layout.current_world_size()
+    check_world_layout(cfg, world)  # before any process group starts
+    check_at_start(plan_sft(cfg, planning_model(cfg), running_precision(cfg.model), world), cfg.cluster)
     layout = parallel_layout.initialize(cfg.parallel, seed=cfg.train.seed, **cfg.model.layout_dims)
     setup_logging(layout.is_logging_rank)
     if layout.is_logging_rank:

@@ -12,25 +12,37 @@ from carft_nemo.models.config import ModelConfig
 SEQ, BATCH = 12, 2
 
 
-def make_tiny_hf(out_dir: Path, family: str, *, tied: bool, vocab: int = 100, seed: int = 0) -> Path:
+def make_tiny_hf(
+    out_dir: Path,
+    family: str,
+    *,
+    tied: bool,
+    vocab: int = 100,
+    seed: int = 0,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    rope_theta: float = 5000.0,
+) -> Path:
     """Save a randomly initialised tiny transformers Llama/Qwen2 (GQA) to ``out_dir``.
 
-    Every parameter (norms and biases too) is perturbed so that a swapped or misplaced
-    tensor changes the logits.
+    ``heads`` / ``kv_heads`` give the query-to-key/value ratio of a larger architecture (5 for
+    Qwen2.5-32B, 8 for Qwen2.5-72B and CodeLlama-34B). Every parameter (norms and biases too) is
+    perturbed so that a swapped or misplaced tensor changes the logits.
     """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     kw = dict(
         vocab_size=vocab,
-        hidden_size=64,
+        hidden_size=heads * head_dim,
         intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=64,
         rms_norm_eps=1e-5,
-        rope_theta=5000.0,
+        rope_theta=rope_theta,
         tie_word_embeddings=tied,
     )
     if family == "qwen2":

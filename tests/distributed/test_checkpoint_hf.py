@@ -20,12 +20,22 @@ from tests.multiprocess import run_ranks
 LAYOUTS = ((1, 1), (2, 1), (1, 2))  # (tp, pp) on 2 processes; TP=1 PP=1 runs data-parallel
 
 
-CASES = {"llama": False, "qwen2": True}  # family -> tied embeddings (qwen2 also has QKV bias)
+# name -> the tiny model's family (qwen2 has QKV bias), tied embeddings and head shape: the 7B
+# shapes (4 heads over 2 key/value heads), Qwen2.5-32B's (40 / 8: 5 to 1, untied, rope 1e6) and
+# Qwen2.5-72B's and CodeLlama-34B's (64 / 8: 8 to 1, untied, rope 1e6)
+CASES = {
+    "llama": {"family": "llama", "tied": False},
+    "qwen2": {"family": "qwen2", "tied": True},
+    "qwen2_32b_shape": {"family": "qwen2", "tied": False, "heads": 10, "kv_heads": 2, "head_dim": 8, "rope_theta": 1e6},
+    "qwen2_72b_shape": {"family": "qwen2", "tied": False, "heads": 16, "kv_heads": 2, "head_dim": 8, "rope_theta": 1e6},
+    "codellama_34b_shape": {"family": "llama", "tied": False, "heads": 16, "kv_heads": 2, "head_dim": 8,
+                            "rope_theta": 1e6},
+}  # fmt: skip
 
 
 def _import_and_export(rank: int, world: int, root: str, tokens: torch.Tensor):
-    """Both families, every layout, in one spawn (spawning and importing megatron dominate)."""
-    return {family: _one_family(Path(root) / family, tokens) for family in CASES}
+    """Every case, every layout, in one spawn (spawning and importing megatron dominate)."""
+    return {name: _one_family(Path(root) / name, tokens) for name in CASES}
 
 
 def _one_family(root: Path, tokens: torch.Tensor):
@@ -50,21 +60,21 @@ def _one_family(root: Path, tokens: torch.Tensor):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("hf_roundtrip")
-    for family, tied in CASES.items():
-        make_tiny_hf(root / family / "hf", family, tied=tied)
+    for name, case in CASES.items():
+        make_tiny_hf(root / name / "hf", **case)
     tokens = torch.randint(0, 100, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     return root, tokens, run_ranks(_import_and_export, 2, str(root), tokens)
 
 
-@pytest.mark.parametrize("family", list(CASES))
-def test_hf_roundtrip_any_layout(converted, family: str) -> None:
+@pytest.mark.parametrize("name", list(CASES))
+def test_hf_roundtrip_any_layout(converted, name: str) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     root, tokens, results = converted
-    tied, hf_dir = CASES[family], root / family / "hf"
+    family, tied, hf_dir = CASES[name]["family"], CASES[name]["tied"], root / name / "hf"
     reference = hf_logits(hf_dir, tokens)
-    per_rank = [r[family] for r in results]
+    per_rank = [r[name] for r in results]
 
     original = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).state_dict()
     for layout in LAYOUTS:
@@ -73,14 +83,14 @@ def test_hf_roundtrip_any_layout(converted, family: str) -> None:
         for logits in got:
             err = (logits - reference).abs().max().item()
             assert err < 1e-4, f"{family} {layout}: logits differ from transformers by {err:.2e}"
-        out = root / family / "out" / f"tp{layout[0]}pp{layout[1]}"
+        out = root / name / "out" / f"tp{layout[0]}pp{layout[1]}"
         written = load_file(str(out / "model.safetensors"))
         assert ("lm_head.weight" in written) == (not tied)
         exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
         assert type(exported).__name__ == ("Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM")
         state = exported.state_dict()
         assert state.keys() == original.keys()
-        for name, tensor in original.items():
-            assert torch.equal(state[name], tensor), f"{layout}: exported {name} differs from the original"
+        for key, tensor in original.items():
+            assert torch.equal(state[key], tensor), f"{layout}: exported {key} differs from the original"
         with torch.no_grad():
             assert torch.equal(exported(tokens).logits, reference)

@@ -189,7 +189,8 @@ def test_a_budget_below_the_longest_row_is_refused_at_start_up_by_its_full_key()
     SFTConfig(train=SFTLoopConfig(packing=PackingConfig(enabled=True)), parallel=ParallelConfig(context_parallel=2))
     with pytest.raises(ConfigError, match=r"parallel\.context_parallel: 4 needs sequences of at least 8 tokens"):
         SFTConfig(
-            parallel=ParallelConfig(context_parallel=4), encoding=EncodingConfig(max_prompt_tokens=2, max_total_tokens=6)
+            parallel=ParallelConfig(context_parallel=4),
+            encoding=EncodingConfig(max_prompt_tokens=2, max_total_tokens=6),
         )
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True, max_tokens=512)))  # room for any row
     RLConfig(actor=ActorConfig(packing=PackingConfig(enabled=True)))  # 0: each micro-batch's width

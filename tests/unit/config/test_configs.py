@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ def test_there_are_configs() -> None:
 def test_config_loads_and_validates(path: Path) -> None:
     cfg = load_config(schema_for(path), path)
     if isinstance(cfg, SFTConfig):
-        gpus = 8 if "1n8g" in path.name else 1
+        nodes_gpus = re.search(r"-(\d+)n(\d+)g-", path.name)
+        gpus = int(nodes_gpus[1]) * int(nodes_gpus[2]) if nodes_gpus else 1
         assert check_world_layout(cfg, gpus) >= 1
         assert not cfg.model.is_unset
 

@@ -22,6 +22,7 @@ from carft_nemo.schemas import SCHEMAS_BY_KIND
 ROOT = Path(__file__).resolve().parents[3]
 BAD: dict[str, tuple[str, str]] = {
     "ActorConfig": ("num_workers", "0"),
+    "ClusterConfig": ("gpus_per_node", "0"),
     "ContrastiveConfig": ("tau", "0.0"),
     "CollapseGuardConfig": ("lr_factor", "0"),
     "CriticConfig": ("value_clip", "0"),
