@@ -51,11 +51,12 @@ def plan_rl(cfg, model: ModelConfig, precision: Precision) -> list[RoleMemory]:
     share = -(-cfg.rl.rollout_size // replicas)
     gen_rows = max(cfg.generation.micro_batch_size or share, cfg.eval_generation.micro_batch_size or share)
     micro = max(cfg.rl.mini_batch_size // (dp * actor.micro_batch_size), 1)
-    work = Workload(rows=actor.micro_batch_size, sequence=longest, micro_batches=micro,
-                    generation_rows=gen_rows, generation_sequence=longest, recompute=actor.parallel.recompute)  # fmt: skip
+    work = Workload(rows=actor.micro_batch_size, sequence=longest, micro_batches=micro, generation_rows=gen_rows,
+                    generation_sequence=longest, recompute=actor.parallel.recompute)  # fmt: skip
+    projection = cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0
     roles = [training_memory("actor", model, actor.parallel, precision, work, ranks=actor.num_workers,
-                             shared_value_head=cfg.critic.layout == "shared", data_parallel=dp,
-                             projection_dim=cfg.contrastive.projection_dim if cfg.contrastive.enabled else 0)]  # fmt: skip
+                             shared_value_head=cfg.critic.layout == "shared", projection_dim=projection,
+                             data_parallel=dp)]  # fmt: skip
     if cfg.reference.mode == "swap":  # the SFT weights of every rank on the node, in CPU memory
         ranks_on_node = min(actor.num_workers, cfg.cluster.gpus_per_node)
         roles[0].host = roles[0].weights * ranks_on_node
@@ -123,7 +124,8 @@ def _advice(role: RoleMemory) -> str:
     parts = {
         "weights": more_parallel,
         "gradients": more_parallel,
-        "optimizer": f"the distributed optimizer ({layout}.use_distributed_optimizer: true) or more data parallel ranks",
+        "optimizer": f"the distributed optimizer ({layout}.use_distributed_optimizer: true) or more data "
+        "parallel ranks",
         "activations": f"activation recompute ({layout}.recompute: selective or full), a smaller {micro}, "
         f"or context parallelism ({layout}.context_parallel)",
         "logits": f"a smaller {micro} or more tensor parallelism (the logits are vocab-parallel)",

@@ -40,8 +40,8 @@ def test_a_layout_that_cannot_fit_is_refused_naming_the_role_and_what_to_change(
     cfg = load_config(RLConfig, ROOT / "configs" / "carft-qwen2.5-7b-instruct-gsm8k-ncot-1n8g-tp2.yaml")
     model = cfg.model.with_vocab(151665)
     roles = plan_rl(cfg, model, Precision.gpu(model))
-    with pytest.raises(ConfigError, match=r"^actor\.parallel: the actor needs about 4\d\.\d GiB per GPU .* but a GPU "
-                                          r"has 40 GiB .*Try .*actor\.parallel\.(tensor_parallel|recompute)"):  # fmt: skip
+    refused = r"^actor\.parallel: the actor needs about 4\d\.\d GiB per GPU .* but a GPU has 40 GiB "
+    with pytest.raises(ConfigError, match=refused + r".*Try .*actor\.parallel\.(tensor_parallel|recompute)"):
         check_at_start(roles, ClusterConfig(gpu_memory_gb=40))
     check_at_start(roles, ClusterConfig(gpu_memory_gb=80))  # fits
     with pytest.raises(ConfigError, match=r"reference\.mode: .*56\.\d GiB per node .*32 GiB"):
