@@ -64,6 +64,12 @@ def sft_command(out: Path) -> list[str]:
     return [sys.executable, str(ROOT / "recipes" / "sft.py"), "--config", str(config), f"output_dir={out}", *SFT_ARGS]
 
 
+def run_rl(sft: Path, out: Path, *overrides: str, config_name: str = "reft-tiny-synthetic.yaml"):
+    """:func:`rl_command` run to its end (``subprocess.CompletedProcess`` with its output)."""
+    return subprocess.run(rl_command(sft, out, *overrides, config_name=config_name), cwd=ROOT, env=env(),
+                          timeout=RUN_TIMEOUT_S, capture_output=True, text=True)  # fmt: skip
+
+
 def rl_command(sft: Path, out: Path, *overrides: str, config_name: str = "reft-tiny-synthetic.yaml") -> list[str]:
     """A tiny RL recipe (ReFT's by default) at test size; later ``overrides`` win over :data:`TINY_RL_ARGS`."""
     config = ROOT / "configs" / config_name

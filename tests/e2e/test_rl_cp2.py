@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e._rl_helpers import (
-    ROOT,
-    RUN_TIMEOUT_S,
     checkpoint_steps,
-    env,
     metrics,
     resumed_step,
-    rl_command,
+    run_rl,
     training_steps,
 )
 
@@ -35,14 +32,7 @@ CP2 = (
 
 
 def _run(config: str, sft_dir: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        rl_command(sft_dir, out, *CP2, *overrides, config_name=config),
-        cwd=ROOT,
-        env=env(),
-        timeout=RUN_TIMEOUT_S,
-        capture_output=True,
-        text=True,
-    )
+    return run_rl(sft_dir, out, *CP2, *overrides, config_name=config)
 
 
 @pytest.mark.slow

@@ -15,13 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e._rl_helpers import (
-    ROOT,
-    RUN_TIMEOUT_S,
     checkpoint_steps,
-    env,
     metrics,
     resumed_step,
-    rl_command,
+    run_rl,
     training_steps,
 )
 
@@ -29,14 +26,7 @@ TP2 = ("actor.num_workers=2", "actor.parallel.tensor_parallel=2")
 
 
 def _run(sft_dir: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        rl_command(sft_dir, out, *TP2, *overrides),
-        cwd=ROOT,
-        env=env(),
-        timeout=RUN_TIMEOUT_S,
-        capture_output=True,
-        text=True,
-    )
+    return run_rl(sft_dir, out, *TP2, *overrides)
 
 
 @pytest.mark.slow
