@@ -122,14 +122,21 @@ def hf_to_megatron(
     return {k: recipes[k](hf) for k in wanted}
 
 
-def megatron_to_hf(full: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateDict:
+def megatron_to_hf(full: Mapping[str, torch.Tensor], cfg: ModelConfig, *, partial: bool = False) -> StateDict:
     """HF state dict from a full megatron state dict; vocab padding rows are dropped.
 
     With tied embeddings no ``lm_head.weight`` is written (transformers ties it on load).
+    ``partial``: ``full`` holds only some pieces (the embedding, whole layers, the final norm,
+    the output layer) and only those are converted: the streamed export writes a layer at a time.
     """
     V = cfg.vocab_size
-    out: StateDict = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"][:V]}
-    for i in range(cfg.num_layers):
+    out: StateDict = {}
+    if not partial or "embedding.word_embeddings.weight" in full:
+        out["model.embed_tokens.weight"] = full["embedding.word_embeddings.weight"][:V]
+    layers = range(cfg.num_layers)
+    if partial:
+        layers = sorted({int(k.split(".")[2]) for k in full if k.startswith("decoder.layers.")})
+    for i in layers:
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = full[src + "input_layernorm.weight"]
         q, k, v = split_qkv(full[src + "self_attention.linear_qkv.weight"], cfg)
@@ -150,7 +157,8 @@ def megatron_to_hf(full: Mapping[str, torch.Tensor], cfg: ModelConfig) -> StateD
         gate, up = torch.chunk(full[src + "mlp.linear_fc1.weight"], 2, dim=0)
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
         out[dst + "mlp.down_proj.weight"] = full[src + "mlp.linear_fc2.weight"]
-    out["model.norm.weight"] = full["decoder.final_layernorm.weight"]
-    if not cfg.tie_word_embeddings:
+    if not partial or "decoder.final_layernorm.weight" in full:
+        out["model.norm.weight"] = full["decoder.final_layernorm.weight"]
+    if not cfg.tie_word_embeddings and (not partial or "output_layer.weight" in full):
         out["lm_head.weight"] = full["output_layer.weight"][:V]
     return {k: v.contiguous() for k, v in out.items()}

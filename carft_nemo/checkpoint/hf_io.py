@@ -2,9 +2,9 @@
 
 Import: every rank reads only the tensors its stage needs (safetensors are opened lazily),
 converts them to the full megatron layout and keeps its tensor-parallel slice.
-Export: each stage gathers its TP shards, the stages send their full tensors to the first
-stage, and global rank 0 writes ``config.json`` + ``model.safetensors`` (+ the tokenizer)
-that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+Export (streamed): each pipeline stage writes its own tensors a piece (at most a layer) at a
+time as safetensors files, and global rank 0 writes the index, ``config.json`` and the tokenizer,
+a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -148,38 +148,76 @@ def gather_full_state_dict(models: Models, model_cfg: ModelConfig) -> dict[str, 
     return payload if dist.get_rank() == 0 else None
 
 
-def write_hf_folder(
-    hf_state: Mapping[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path, tokenizer: Any = None
-) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) atomically (temp folder, then rename)."""
+def _pieces(gpt: torch.nn.Module, model_cfg: ModelConfig) -> list[list[tuple[str, str]]]:
+    """This chunk's (local key, full key) pairs in pieces of at most a layer: the embedding, each
+    layer, the final norm, the output layer (the tied copy of the embedding left out)."""
+    pieces: dict[str, list[tuple[str, str]]] = {}
+    for local, full in local_to_full_keys(gpt, model_cfg).items():
+        if local == "output_layer.weight" and model_cfg.tie_word_embeddings:
+            continue  # the last stage's copy of the tied embedding; the first stage exports it
+        name = ".".join(full.split(".")[:3]) if full.startswith("decoder.layers.") else full.rsplit(".", 1)[0]
+        pieces.setdefault(name, []).append((local, full))
+    return list(pieces.values())
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def export_hf(models: Models, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: Any = None) -> Path | None:
+    """Write an HF folder that ``transformers`` loads, streamed (collective over the job).
+
+    Each pipeline stage's writer (tensor-parallel rank 0 of the first data / context-parallel
+    replica) gathers one piece at a time over tensor parallelism (the embedding, a layer, the
+    final norm, the output layer), converts it and writes it as a safetensors file of its own, so
+    no rank ever holds more than a piece of the model. Global rank 0 then writes
+    ``model.safetensors.index.json``, ``config.json`` and the tokenizer, and renames the folder
+    into place (a half-written export never has the final name). Returns the folder on rank 0,
+    ``None`` elsewhere; all ranks return after it exists.
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dtype = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, dtype=dtype), indent=2, sort_keys=True))
-    save_file(
-        {k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
-    )
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def export_hf(models: Models, model_cfg: ModelConfig, out_dir: str | Path, tokenizer: Any = None) -> Path | None:
-    """Gather TP shards / PP stages and write an HF folder from global rank 0 (collective).
-
-    Returns the folder on rank 0 and ``None`` elsewhere; all ranks return after it exists.
-    """
-    full = gather_full_state_dict(models, model_cfg)
-    path = None
-    if full is not None:
-        path = write_hf_folder(megatron_to_hf(full, model_cfg), model_cfg, out_dir, tokenizer)
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    tp_rank, tp_size, tp_group = _tp()
+    writer = tp_rank == 0 and axes.rank("dp") == 0 and axes.rank("cp") == 0
+    stage = axes.rank("pp")
+    weight_map: dict[str, str] = {}
+    total, dtype = 0, None
+    for chunk, model in enumerate(_as_list(models)):
+        gpt = unwrap(model)
+        own = gpt.state_dict()
+        for index, piece in enumerate(_pieces(gpt, model_cfg)):
+            full = {full_key: gather(own[local], full_key, tp_group, tp_size).cpu() for local, full_key in piece}
+            if not writer:
+                continue
+            hf_piece = megatron_to_hf(full, model_cfg, partial=True)
+            name = f"model-stage{stage:03d}-chunk{chunk}-{index:05d}.safetensors"
+            save_file(hf_piece, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(hf_piece, name))
+            total += sum(t.numel() * t.element_size() for t in hf_piece.values())
+            dtype = dtype or str(next(iter(hf_piece.values())).dtype).replace("torch.", "")
+    parts = [(weight_map, total, dtype)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object((weight_map, total, dtype), parts, dst=0)
+    if rank == 0:
+        merged = {k: v for part in parts for k, v in part[0].items()}
+        index = {"metadata": {"total_size": sum(p[1] for p in parts)}, "weight_map": dict(sorted(merged.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        dtype = next(p[2] for p in parts if p[2])
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(model_cfg, dtype=dtype), indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    _barrier()
+    return out_dir if rank == 0 else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def _import_and_export(rank: int, world: int, root: str, tokens: torch.Tensor):
 
 
 def _one_family(root: Path, tokens: torch.Tensor):
-    from carft_nemo.checkpoint.hf_io import export_hf, import_hf
+    from carft_nemo.checkpoint.hf_conversion import megatron_to_hf
+    from carft_nemo.checkpoint.hf_io import LazySafetensors, export_hf, gather_full_state_dict, import_hf
     from carft_nemo.distributed.layout import ParallelConfig, initialize
     from carft_nemo.models.gpt import build_gpt_model
 
@@ -53,7 +55,13 @@ def _one_family(root: Path, tokens: torch.Tensor):
         import_hf(model, hf_dir, cfg)
         logits = megatron_logits(model, tokens)
         results[(tp, pp)] = None if logits is None else logits[..., : cfg.vocab_size].clone()
-        export_hf(model, cfg, Path(out_root) / f"tp{tp}pp{pp}")
+        out = export_hf(model, cfg, Path(out_root) / f"tp{tp}pp{pp}")
+        # the streamed export writes what gathering the whole model on rank 0 and converting it gives
+        gathered = gather_full_state_dict(model, cfg)
+        if gathered is not None:
+            expected, written = megatron_to_hf(gathered, cfg), LazySafetensors(out)
+            same = set(written) == set(expected) and all(torch.equal(written[k], v) for k, v in expected.items())
+            results[("streamed_equals_gathered", tp, pp)] = same
     return results
 
 
@@ -84,8 +92,14 @@ def test_hf_roundtrip_any_layout(converted, name: str) -> None:
             err = (logits - reference).abs().max().item()
             assert err < 1e-4, f"{family} {layout}: logits differ from transformers by {err:.2e}"
         out = root / name / "out" / f"tp{layout[0]}pp{layout[1]}"
-        written = load_file(str(out / "model.safetensors"))
-        assert ("lm_head.weight" in written) == (not tied)
+        assert [
+            r[("streamed_equals_gathered", *layout)] for r in per_rank if ("streamed_equals_gathered", *layout) in r
+        ] == [True]
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert ("lm_head.weight" in index) == (not tied)
+        files = sorted(set(index.values()))
+        assert len(files) == 2 + 2 + int(not tied)  # a file a piece: embedding, 2 layers, final norm, lm_head
+        assert max(len(load_file(str(out / f))) for f in files) <= 12  # at most a layer's tensors in a file
         exported = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
         assert type(exported).__name__ == ("Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM")
         state = exported.state_dict()
