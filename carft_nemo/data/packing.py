@@ -36,9 +36,11 @@ class PackingConfig:
         max_tokens: tokens per bin; 0 = each micro-batch's width (its longest row). A row longer
             than the budget is an error naming this key.
 
-    Runs with megatron's local attention (CPU, and GPUs without Transformer Engine). With
-    Transformer Engine the workers refuse it: TE's fused causal attention ignores the
-    block-diagonal mask, and its THD (cu_seqlens) path is not wired yet.
+    Without Transformer Engine (CPU, tests) the bins run as rows with a block-diagonal causal
+    mask and per-token RoPE positions; with it, as TE's THD stream (the bins back to back, each
+    sequence marked by ``cu_seqlens``: :func:`carft_nemo.models.forward.thd_sequences`), which
+    TE's fused attention and megatron's RoPE restart at every sequence. TE with context
+    parallelism is refused (its THD split of each sequence over the ranks is not wired).
     """
 
     enabled: bool = False

@@ -35,6 +35,26 @@ def packed_inputs(segments: torch.Tensor) -> torch.Tensor:
     return hidden.unsqueeze(1)
 
 
+def thd_sequences(segments: torch.Tensor):
+    """Transformer Engine's packed (THD) layout of bins ``[n, budget]``: megatron's ``PackedSeqParams``.
+
+    The bins run as one stream of ``n * budget`` tokens; every run of one segment is a sequence
+    (a bin's unused tail, segment -1, is one too), so ``cu_seqlens`` marks where each starts and
+    TE's attention and megatron's RoPE restart there (each sequence at position 0).
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    n, budget = segments.shape
+    flat = segments.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::budget] = True  # a bin boundary ends a sequence even when the next bin's segment is equal
+    cu = torch.cat([starts.nonzero().squeeze(1), torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)  # fmt: skip
+
+
 @contextlib.contextmanager
 def per_token_rotary_positions(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
     """Rotary embeddings at ``positions [b, s]`` instead of ``0 .. s-1`` for every row.

@@ -24,7 +24,13 @@ from carft_nemo.data.batch import Batch
 from carft_nemo.data.packing import pack, plan, row_lengths, unpack
 from carft_nemo.distributed import axes
 from carft_nemo.models.cp_attention import chunk_positions, split_for_context_parallel
-from carft_nemo.models.forward import capture_final_hidden, causal_inputs, packed_inputs, per_token_rotary_positions
+from carft_nemo.models.forward import (
+    capture_final_hidden,
+    causal_inputs,
+    packed_inputs,
+    per_token_rotary_positions,
+    thd_sequences,
+)
 from carft_nemo.models.logprobs import token_logprobs
 
 # loss_fn(model_output [b, s, V/tp] or [b, s, 1], micro_batch) -> (scalar loss, metrics)
@@ -40,7 +46,12 @@ def _forward_step(
     if cp_size > 1:
         share = packed_context_parallel_share if packed else context_parallel_share
         batch = share(batch, cp_size, axes.rank("cp"))
-    if packed:  # the model runs on the bins; the loss sees rows again (carft_nemo.data.packing)
+    extra = {}
+    if packed and compat.transformer_engine_available():  # TE's THD: one stream, sequences by cu_seqlens
+        tokens, positions = batch["packed_tokens"].reshape(1, -1), batch["packed_positions"].reshape(1, -1)
+        mask, rope = None, contextlib.nullcontext()
+        extra["packed_seq_params"] = thd_sequences(batch["packed_segments"])
+    elif packed:  # the model runs on the bins; the loss sees rows again (carft_nemo.data.packing)
         tokens, positions = batch["packed_tokens"], batch["packed_positions"]
         mask = packed_inputs(batch["packed_segments"])
         rope = per_token_rotary_positions(model, positions)
@@ -51,10 +62,10 @@ def _forward_step(
     with rope:
         if capture_hidden or hidden_to_loss:
             with capture_final_hidden(model) as cap:
-                output = model(tokens, positions, mask)
+                output = model(tokens, positions, mask, **extra)
             hidden = cap.get("hidden")
         else:
-            output, hidden = model(tokens, positions, mask), None
+            output, hidden = model(tokens, positions, mask, **extra), None
 
     def score(out: torch.Tensor):
         rows_hidden = hidden
@@ -146,12 +157,12 @@ def pack_microbatches(
     ``same_shape`` (pipeline parallelism: stages exchange fixed-shape activations): every
     micro-batch gets the same number of bins of the same budget.
     """
-    if compat.transformer_engine_available():
-        # TE's fused attention applies its own causal mask and ignores ours: packed rows would see
-        # each other. Its THD path (cu_seqlens) is the way there; until it is wired, refuse.
+    if compat.transformer_engine_available() and axes.size("cp") > 1:
+        # TE's THD path splits each sequence of the stream over the CP ranks (per-sequence chunks);
+        # our CP share splits each bin as one sequence, which TE's attention does not take
         raise RuntimeError(
-            "packing.enabled: packed rows with Transformer Engine's attention need its THD format "
-            "(cu_seqlens), which is not wired yet; turn packing off on machines with Transformer Engine"
+            "packing.enabled with context_parallel > 1 on Transformer Engine: TE's THD layout needs each "
+            "packed sequence split over the context-parallel ranks, which is not wired; turn one of them off"
         )
     budgets = [max_tokens or m["tokens"].shape[1] for m in micro_batches]
     if same_shape:
@@ -187,6 +198,8 @@ def forward_backward(
         raise ValueError("forward_backward needs at least one micro-batch")
     key = "packed_tokens" if "packed_tokens" in micro_batches[0] else "tokens"
     b, s = micro_batches[0][key].shape
+    if key == "packed_tokens" and compat.transformer_engine_available():
+        b, s = 1, b * s  # TE's THD stream: the bins back to back
     cp = axes.size("cp")
     s = -(-s // (2 * cp)) * 2 if cp > 1 else s  # what pipeline stages exchange per micro-batch: this rank's share
     return get_forward_backward_func()(

@@ -279,3 +279,13 @@ def test_packed_ppo_update_gives_the_same_weights(contrastive):
     for name in w_plain:
         torch.testing.assert_close(torch.from_numpy(w_packed[name]), torch.from_numpy(w_plain[name]),
                                    atol=1e-5, rtol=1e-5, msg=name)  # fmt: skip
+
+
+def test_thd_sequences_start_at_every_segment_and_bin_boundary():
+    from carft_nemo.models.forward import thd_sequences
+
+    segments = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 2, -1, -1], [-1, -1, -1, -1, -1, -1]])
+    params = thd_sequences(segments)  # the third bin is an empty one (pipeline parallelism's fixed shape)
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == torch.int32
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 2, 5, 6, 10, 12, 18]
+    assert params.max_seqlen_q == params.max_seqlen_kv == 6
