@@ -15,6 +15,13 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_memory_bytes() -> int | None:
+    """Total memory of this process's GPU; ``None`` without one (the memory planner's limit)."""
+    if not has_cuda():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
 def backend() -> str:
     """Collective backend for torch.distributed: NCCL on GPU, gloo on CPU."""
     return "nccl" if has_cuda() else "gloo"

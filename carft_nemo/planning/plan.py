@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from carft_nemo import compat
 from carft_nemo.config import ConfigError, require
+from carft_nemo.distributed import device
 from carft_nemo.distributed.layout import ParallelConfig
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.planning.memory import GIB, Precision, RoleMemory, Workload, training_memory
@@ -143,7 +145,7 @@ def check_fits(roles: list[RoleMemory], limit_gb: float, *, host_limit_gb: float
             parts = ", ".join(f"{c} {getattr(r, c) / GIB:.1f}" for c in RoleMemory.COLUMNS if getattr(r, c))
             raise ConfigError(
                 f"{layout}: the {r.role} needs about {r.peak / GIB:.1f} GiB per GPU ({parts}; {r.layout}) "
-                f"but a GPU has {limit_gb:.4g} GiB (cluster.gpu_memory_gb, or what CUDA reports). "
+                f"but a GPU has {limit_gb:.4g} GiB (cluster.gpu_memory_gb, or what the GPU reports). "
                 f"Try {_advice(r)}. recipes/plan.py prints the whole plan."
             )
         if host_limit_gb and r.host / GIB > host_limit_gb:
@@ -157,21 +159,14 @@ def gpu_limit_gb(cluster: ClusterConfig) -> float | None:
     """The GPU memory to plan against: the config's, else what CUDA reports, else ``None`` (no GPU)."""
     if cluster.gpu_memory_gb:
         return cluster.gpu_memory_gb
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
-    return None
+    total = device.gpu_memory_bytes()
+    return None if total is None else total / GIB
 
 
 def running_precision(model: ModelConfig) -> Precision:
     """The precision this machine runs ``model`` in: bf16 and TE's fused attention on GPUs (when
     installed), fp32 with unfused attention on CPU."""
-    import torch
-
-    from carft_nemo import compat
-
-    if torch.cuda.is_available():
+    if device.has_cuda():
         return Precision.gpu(model, compat.transformer_engine_available())
     return Precision.cpu()
 

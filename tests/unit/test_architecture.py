@@ -21,6 +21,7 @@ LAYERS = [
     "data",
     "rewards",
     "models",
+    "planning",  # memory estimates before launch
     "algorithms",  # pure tensor code
     "generation",
     "training",  # optimizer, forward/backward, the shared loop
