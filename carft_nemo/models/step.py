@@ -131,7 +131,7 @@ def packed_context_parallel_share(batch: Batch, cp_size: int, cp_rank: int) -> d
     # flat whole-bin index -> flat local index (the sentinel n_bins * budget -> n_bins * local)
     local_of = torch.full((n_bins * budget + 1,), n_bins * local, dtype=torch.long, device=owned_positions.device)
     bins = torch.arange(n_bins, device=owned_positions.device)[:, None]
-    local_of[(bins * budget + owned_positions[None, :]).reshape(-1)] = torch.arange(n_bins * local)
+    local_of[(bins * budget + owned_positions[None, :]).reshape(-1)] = torch.arange(n_bins * local, device=bins.device)
     unpack_index = local_of[batch["unpack_index"]]
     owned = unpack_index < n_bins * local  # [b, S]
     width = batch["tokens"].shape[1]
