@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = [
     "model.preset=micro",
+    "encoding.max_total_tokens=128",  # the micro preset's window
+    "encoding.max_prompt_tokens=64",
     "train.steps=10",
     "train.save_every=2",
     "train.eval_every=0",

@@ -168,6 +168,8 @@ def test_run_sbatch_sft_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm,
     overrides = [
         f"output_dir={out}",
         "model.preset=micro",
+        "encoding.max_total_tokens=128",  # the micro preset's window
+        "encoding.max_prompt_tokens=64",
         f"train.steps={steps}",
         "train.save_every=0",
         "train.eval_every=0",
