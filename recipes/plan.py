@@ -47,22 +47,21 @@ def _rl_model(cfg: RLConfig, fallback: ModelConfig | None) -> ModelConfig | None
 
 def _stages(cfg, world: int, fallback: ModelConfig | None, vocab: int) -> list[tuple[str, list | str]]:
     """(title, roles or a note) for each stage of a config."""
-    precision = lambda m: Precision.gpu(m)  # noqa: E731
     if isinstance(cfg, SFTConfig):
         model = planning_model(cfg)
-        return [("sft", plan_sft(cfg, model, precision(model), world))]
+        return [("sft", plan_sft(cfg, model, Precision.gpu(model), world))]
     if isinstance(cfg, RLConfig):
         model = _rl_model(cfg, fallback)
         if model is None:
             return [("rl", "the model comes from sft_checkpoint, which is not here: pass --model-preset")]
         model = model if model.vocab_size else model.with_vocab(vocab)
-        return [("rl", plan_rl(cfg, model, precision(model)))]
+        return [("rl", plan_rl(cfg, model, Precision.gpu(model)))]
     sft = planning_model(cfg.sft)
-    stages = [("sft", plan_sft(cfg.sft, sft, precision(sft), world))]
+    stages = [("sft", plan_sft(cfg.sft, sft, Precision.gpu(sft), world))]
     rl_stages = {m: getattr(cfg, m) for m in cfg.methods} if isinstance(cfg, MainConfig) else {"rl": cfg.rl}
     for name, rl in rl_stages.items():
         model = rl.model if not rl.model.is_unset else sft
-        stages.append((name, plan_rl(rl, model, precision(model))))
+        stages.append((name, plan_rl(rl, model, Precision.gpu(model))))
     return stages
 
 

@@ -119,6 +119,18 @@ def import_hf(models: Models, hf_dir: str | Path, model_cfg: ModelConfig) -> Non
     load_full_state_dict(chunks, full, model_cfg)
 
 
+def _pieces(gpt: torch.nn.Module, model_cfg: ModelConfig) -> list[list[tuple[str, str]]]:
+    """This chunk's (local key, full key) pairs in pieces of at most a layer: the embedding, each
+    layer, the final norm, the output layer (the tied copy of the embedding left out)."""
+    pieces: dict[str, list[tuple[str, str]]] = {}
+    for local, full in local_to_full_keys(gpt, model_cfg).items():
+        if local == "output_layer.weight" and model_cfg.tie_word_embeddings:
+            continue  # the last stage's copy of the tied embedding; the first stage exports it
+        name = ".".join(full.split(".")[:3]) if full.startswith("decoder.layers.") else full.rsplit(".", 1)[0]
+        pieces.setdefault(name, []).append((local, full))
+    return list(pieces.values())
+
+
 @torch.no_grad()
 def gather_full_state_dict(models: Models, model_cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
     """The full megatron state dict (CPU tensors) on global rank 0; ``None`` on other ranks.
@@ -130,11 +142,8 @@ def gather_full_state_dict(models: Models, model_cfg: ModelConfig) -> dict[str, 
     for model in _as_list(models):
         gpt = unwrap(model)
         own = gpt.state_dict()
-        for local_key, full_key in local_to_full_keys(gpt, model_cfg).items():
-            tensor = gather(own[local_key], full_key, tp_group, tp_size)
-            if local_key == "output_layer.weight" and model_cfg.tie_word_embeddings:
-                continue  # the last stage's copy of the tied embedding; the first stage exports it
-            local[full_key] = tensor.cpu()
+        for piece in _pieces(gpt, model_cfg):
+            local.update({full: gather(own[key], full, tp_group, tp_size).cpu() for key, full in piece})
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
     is_source = tp_rank == 0 and axes.rank("dp") == 0
@@ -146,18 +155,6 @@ def gather_full_state_dict(models: Models, model_cfg: ModelConfig) -> dict[str, 
         dist.gather_object(payload, gathered, dst=first, group=pp_group)
         payload = {k: v for part in (gathered or []) for k, v in part.items()}
     return payload if dist.get_rank() == 0 else None
-
-
-def _pieces(gpt: torch.nn.Module, model_cfg: ModelConfig) -> list[list[tuple[str, str]]]:
-    """This chunk's (local key, full key) pairs in pieces of at most a layer: the embedding, each
-    layer, the final norm, the output layer (the tied copy of the embedding left out)."""
-    pieces: dict[str, list[tuple[str, str]]] = {}
-    for local, full in local_to_full_keys(gpt, model_cfg).items():
-        if local == "output_layer.weight" and model_cfg.tie_word_embeddings:
-            continue  # the last stage's copy of the tied embedding; the first stage exports it
-        name = ".".join(full.split(".")[:3]) if full.startswith("decoder.layers.") else full.rsplit(".", 1)[0]
-        pieces.setdefault(name, []).append((local, full))
-    return list(pieces.values())
 
 
 def _barrier() -> None:

@@ -18,4 +18,11 @@ import torch
 
 Batch = Mapping[str, torch.Tensor]
 
-__all__ = ["Batch"]
+
+def zero_outside(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A per-token tensor ``[b, S, ...]`` with zeros where ``keep [b, S]`` (bool) is False."""
+    keep = keep.view(*keep.shape, *([1] * (t.dim() - 2)))
+    return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+__all__ = ["Batch", "zero_outside"]

@@ -21,6 +21,7 @@ On GPU nodes Ray sets ``CUDA_VISIBLE_DEVICES`` per actor, so each actor's local 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -162,6 +163,7 @@ class WorkerGroup:
         self.worker_cls = worker_cls
         self.actors = actors
         self.replicas = replicas
+        self.generation_replicas = replicas  # a model group's differ under context parallelism
 
     @classmethod
     def independent(
@@ -200,8 +202,8 @@ class WorkerGroup:
 
     def generating(self) -> WorkerGroup:
         """This group's actors with generation's replicas (:meth:`ReplicaMap.for_generation`)."""
-        view = WorkerGroup(self.worker_cls, self.actors, getattr(self, "generation_replicas", self.replicas))
-        view.even_rows = self.even_rows
+        view = copy.copy(self)
+        view.replicas = self.generation_replicas
         return view
 
     def answers(self, results: list[Any]) -> list[Any]:

@@ -20,7 +20,7 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from carft_nemo import compat
-from carft_nemo.data.batch import Batch
+from carft_nemo.data.batch import Batch, zero_outside
 from carft_nemo.data.packing import pack, plan, row_lengths, unpack
 from carft_nemo.distributed import axes
 from carft_nemo.models.cp_attention import chunk_positions, split_for_context_parallel
@@ -142,8 +142,7 @@ def packed_context_parallel_share(batch: Batch, cp_size: int, cp_rank: int) -> d
         elif key == "unpack_index":
             out[key] = unpack_index
         elif key != "packed_segments" and v.dim() >= 2 and v.shape[1] == width:
-            mask = owned.view(*owned.shape, *([1] * (v.dim() - 2)))
-            out[key] = torch.where(mask, v, torch.zeros((), dtype=v.dtype, device=v.device))
+            out[key] = zero_outside(v, owned)
         else:
             out[key] = v
     return out

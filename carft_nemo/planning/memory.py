@@ -215,12 +215,10 @@ def training_memory(
         model, t, value_head=value_head, shared_value_head=shared_value_head, projection_dim=projection_dim
     )
     layout = f"TP{t} PP{pp} CP{cp} DP{data_parallel}"
-    out = RoleMemory(role, ranks, layout)
     # the most loaded stage: with PP > 1 the first keeps the most micro-batches in flight, the
     # last has the output layer; take the larger sum
-    stages = range(pp)
     best = None
-    for stage in stages:
+    for stage in range(pp):
         params = counts.on_stage(model, parallel, stage)
         candidate = RoleMemory(role, ranks, layout)
         candidate.weights = params * w
@@ -253,9 +251,7 @@ def training_memory(
         if best is None or candidate.peak > best.peak:
             best = candidate
     assert best is not None
-    out.weights, out.gradients, out.optimizer = best.weights, best.gradients, best.optimizer
-    out.activations, out.logits, out.kv_cache = best.activations, best.logits, best.kv_cache
-    return out
+    return best
 
 
 def megatron_formula(

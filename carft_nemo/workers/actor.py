@@ -101,7 +101,7 @@ class ActorWorker(ModelWorker):
         if weights == "reference" and self.reference_state is None:
             raise RuntimeError("reference log-probs asked of an actor built without keep_reference")
         fn = policy_outputs(unwrap(self.model), outputs, self.spec.temperature, self.vocab_size)
-        batch = {**batch, "targets": on_token_positions(batch)["targets"]}
+        batch = on_token_positions(batch)  # the next-token targets the log-probs score
         if weights == "policy":
             result = self.collect_forward(batch, fn, self.spec.micro_batch_size, hidden_to_loss=True)
         else:

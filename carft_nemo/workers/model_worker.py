@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from carft_nemo.data.batch import Batch
+from carft_nemo.data.batch import Batch, zero_outside
 from carft_nemo.data.packing import PackingConfig
 from carft_nemo.distributed import axes
 from carft_nemo.distributed.collectives import all_reduce_sum_no_grad
@@ -79,8 +79,7 @@ def _whole_rows(share: torch.Tensor, micro: dict[str, torch.Tensor], cp_size: in
     if "packed_tokens" not in micro:
         return gather_from_context_parallel(share, cp_size, axes.group("cp"))
     owned = micro["unpack_index"] < micro["packed_tokens"].numel()
-    owned = owned.view(*owned.shape, *([1] * (share.dim() - 2)))
-    return all_reduce_sum_no_grad(torch.where(owned, share, torch.zeros((), dtype=share.dtype)), axes.group("cp"))
+    return all_reduce_sum_no_grad(zero_outside(share, owned), axes.group("cp"))
 
 
 class ModelWorker(ParallelWorker):
@@ -161,10 +160,7 @@ class ModelWorker(ParallelWorker):
             joined = {k: torch.empty_like(v).index_copy_(0, order, v) for k, v in joined.items()}
         if lengths is not None:  # zeros past each row (whatever width its micro-batch ran at)
             real = torch.arange(width)[None, :] < lengths[:, None]
-            joined = {
-                k: torch.where(real.view(*real.shape, *([1] * (v.dim() - 2))), v, torch.zeros((), dtype=v.dtype))
-                for k, v in joined.items()
-            }
+            joined = {k: zero_outside(v, real) for k, v in joined.items()}
         return joined
 
     def train_epochs(
