@@ -59,13 +59,39 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def configure_transport(master_addr: str) -> None:
-    """Keep a single-host CPU group on the loopback interface.
+    """Bind gloo to the interface that reaches the rendezvous: loopback on one host, else the route's.
 
     gloo otherwise binds the interface its host name resolves to, which on sandboxed or
-    multi-homed machines may not reach 127.0.0.1. Only set when the user has not chosen.
+    multi-homed machines (host name on 127.0.1.1 or on a management network) may not reach
+    the other ranks: their connections then fail or hang. Only set when the user has not chosen.
     """
-    if not has_cuda() and master_addr in LOOPBACK_HOSTS:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    if master_addr in LOOPBACK_HOSTS:
+        if not has_cuda():
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        return
+    interface = interface_towards(master_addr)
+    if interface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of the local interface the kernel routes ``address`` through (None if unknown)."""
+    import socket
+
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))  # UDP: picks the route, sends nothing
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == local for a in addresses):
+            return name
+    return None
 
 
 def synchronize() -> None:

@@ -30,6 +30,16 @@ from typing import Any
 from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import device
 from carft_nemo.distributed.layout import ParallelConfig, ParallelLayout, ProcessInfo, free_port, validate_layout
+from carft_nemo.distributed.placement import (
+    NODE_RESOURCE_TOTAL,
+    WorkerLocation,
+    actor_options,
+    node_address,
+    node_resource,
+    rank_nodes,
+    unreachable_nodes,
+    where_am_i,
+)
 from carft_nemo.distributed.replicas import ReplicaMap, Rows, split_rows
 
 
@@ -39,6 +49,7 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
     A local cluster is always a new one (never a head an earlier ``ray start`` recorded on the
     host), binds to loopback without the dashboard, and without writing an auth
     token (``RAY_AUTH_MODE=disabled`` unless set): tests and single-node runs stay local.
+    It is node 0 for ``<role>.nodes`` (:mod:`carft_nemo.distributed.placement`).
     Workers inherit this process's ``sys.path`` through ``PYTHONPATH`` so that worker
     classes defined in the driver's modules import in the actors. Returns True only when
     this call started a local instance: its caller then owns it and shuts it down; an
@@ -69,6 +80,7 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 _node_ip_address="127.0.0.1",
+                resources={node_resource(0): NODE_RESOURCE_TOTAL},
                 include_dashboard=False,
                 log_to_driver=True,
             )
@@ -109,9 +121,7 @@ class ParallelWorker:
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a port free on it (asked of rank 0 only)."""
-        import ray
-
-        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        host = node_address()
         return host, free_port(host if host != "localhost" else "127.0.0.1")
 
     def init_parallel(
@@ -155,26 +165,43 @@ class WorkerGroup:
     every rank of a replica gets its part); :meth:`answers` keeps each replica's answering
     rank's result. :meth:`independent` builds a group without a process group (the reward
     pool); :class:`RayWorkerGroup` one whose actors form a model-parallel layout.
+    ``locations`` holds each rank's node (:func:`~carft_nemo.distributed.placement.where_am_i`),
+    which failures name.
     """
 
     even_rows = False  # model replicas need equal shares (RayWorkerGroup)
 
     def __init__(self, worker_cls: type, actors: list[Any], replicas: ReplicaMap) -> None:
+        import ray
+
         self.worker_cls = worker_cls
         self.actors = actors
         self.replicas = replicas
         self.generation_replicas = replicas  # a model group's differ under context parallelism
+        try:
+            self.locations: list[WorkerLocation] = ray.get([actor.__ray_call__.remote(where_am_i) for actor in actors])
+        except ray.exceptions.RayError as err:
+            self.kill()
+            lines = str(err).strip().splitlines()
+            raise WorkerFailure(
+                f"{worker_cls.__name__} group did not start ({lines[-1] if lines else type(err).__name__})"
+            ) from err
 
     @classmethod
     def independent(
-        cls, worker_cls: type, num_workers: int, *worker_args: Any, num_cpus_per_worker: float = 1
+        cls,
+        worker_cls: type,
+        num_workers: int,
+        *worker_args: Any,
+        num_cpus_per_worker: float = 1,
+        nodes: Sequence[int] = (),
     ) -> WorkerGroup:
-        """``num_workers`` actors with no collective between them, each its own replica."""
+        """``num_workers`` actors with no collective between them, each its own replica, on ``nodes``."""
         import ray
 
         require(num_workers >= 1, "num_workers", f"must be >= 1, got {num_workers}")
         remote = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=0)(worker_cls)
-        actors = [remote.remote(*worker_args) for _ in range(num_workers)]
+        actors = [remote.options(**actor_options(node)).remote(*worker_args) for node in rank_nodes(num_workers, nodes)]
         return cls(worker_cls, actors, ReplicaMap.independent(num_workers))
 
     @property
@@ -235,7 +262,9 @@ class RayWorkerGroup(WorkerGroup):
     """``world_size`` actors of ``worker_cls`` sharing one TP/PP/DP layout.
 
     ``model_dims`` (``num_layers``, ``num_attention_heads``, ``num_query_groups``) are
-    validated against the layout on the driver, before any actor starts.
+    validated against the layout on the driver, before any actor starts. ``nodes``: the
+    cluster nodes the ranks fill in order (:func:`~carft_nemo.distributed.placement.rank_nodes`);
+    empty, Ray places them.
     """
 
     even_rows = True
@@ -252,6 +281,7 @@ class RayWorkerGroup(WorkerGroup):
         num_gpus_per_worker: float | None = None,
         worker_args: Sequence[Any] = (),
         worker_kwargs: dict[str, Any] | None = None,
+        nodes: Sequence[int] = (),
     ) -> None:
         import ray
 
@@ -268,7 +298,10 @@ class RayWorkerGroup(WorkerGroup):
         cluster_gpus = ray.cluster_resources().get("GPU", 0) > 0 or device.has_cuda()
         gpus = (1 if cluster_gpus else 0) if num_gpus_per_worker is None else num_gpus_per_worker
         remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=gpus)(worker_cls)
-        actors = [remote_cls.remote(*worker_args, **(worker_kwargs or {})) for _ in range(world_size)]
+        actors = [
+            remote_cls.options(**actor_options(node)).remote(*worker_args, **(worker_kwargs or {}))
+            for node in rank_nodes(world_size, nodes)
+        ]
         super().__init__(worker_cls, actors, ReplicaMap.independent(world_size))
         self.layouts = self._form_process_group(parallel, seed, model_dims)
         self.replicas = ReplicaMap.from_layouts(self.layouts)
@@ -316,6 +349,20 @@ class WorkerFailure(RuntimeError):
     """A worker of a named role died, raised, or did not answer in time."""
 
 
+def lost_node_message(locations: Mapping[str, Sequence[WorkerLocation]]) -> str:
+    """ "node N at A is lost (...): <role> rank R, ... ran there" for the first lost node of a run, or ""."""
+    by_node: dict[str, list[tuple[str, int, WorkerLocation]]] = {}
+    for role, ranks in locations.items():
+        for rank, location in enumerate(ranks):
+            by_node.setdefault(location.node_id, []).append((role, rank, location))
+    lost = [node for node in by_node if node in unreachable_nodes(by_node)]
+    if not lost:
+        return ""
+    workers = by_node[lost[0]]
+    ran = ", ".join(f"{role} rank {rank}" for role, rank, _ in workers)
+    return f"node {workers[0][2]} is lost (its Ray does not answer): {ran} ran there"
+
+
 def wait_all(
     calls: Mapping[str, Sequence[Any]],
     timeout_s: float,
@@ -323,6 +370,7 @@ def wait_all(
     poll_s: float = 0.1,
     finished_at: dict[str, float] | None = None,
     roles: Mapping[str, str] | None = None,
+    locations: Mapping[str, Sequence[WorkerLocation]] | None = None,
 ) -> dict[str, list[Any]]:
     """Results of several pending calls (``{name: [future per rank]}``), in rank order.
 
@@ -333,22 +381,33 @@ def wait_all(
     after ``timeout_s`` is a failure too. ``finished_at`` (optional) receives each call's
     completion time (``time.perf_counter()``, within ``poll_s``), for per-phase timings.
     ``roles`` names the role that answers each call in error messages (default: the call's
-    name), e.g. ``{"reference_logprobs": "actor"}`` when the actor computes them.
+    name), e.g. ``{"reference_logprobs": "actor"}`` when the actor computes them;
+    ``locations`` every role's node per rank (:attr:`WorkerGroup.locations`), named too.
+
+    A worker that raised while other calls are still pending may only be the first to notice
+    that a peer's node went away (gloo: "Connection closed by peer"): then the run's nodes are
+    probed (:func:`~carft_nemo.distributed.placement.unreachable_nodes`) and a lost node, with
+    the roles that ran there, is named as the cause.
     """
     import ray
-    from ray.exceptions import GetTimeoutError, RayError
+    from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
     where = {ref: (role, rank) for role, refs in calls.items() for rank, ref in enumerate(refs)}
     results: dict[str, list[Any]] = {role: [None] * len(refs) for role, refs in calls.items()}
     pending = list(where)
     left_per_role = {role: len(refs) for role, refs in calls.items()}
     deadline = time.monotonic() + timeout_s
+
+    def worker(call: str, rank: int) -> str:
+        role = (roles or {}).get(call, call)
+        nodes = (locations or {}).get(role, ())
+        return f"{role} worker (rank {rank}{f' on {nodes[rank]}' if rank < len(nodes) else ''})"
+
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
-            call, rank = where[pending[0]]
             raise WorkerFailure(
-                f"{(roles or {}).get(call, call)} worker (rank {rank}) did not answer within {timeout_s:.0f} s "
+                f"{worker(*where[pending[0]])} did not answer within {timeout_s:.0f} s "
                 f"(rl.call_timeout_s); stopping the run"
             )
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(poll_s, left))
@@ -359,8 +418,12 @@ def wait_all(
             except (RayError, GetTimeoutError) as err:
                 first = str(err).strip().splitlines()
                 reason = first[-1] if first else type(err).__name__
-                who = (roles or {}).get(role, role)
-                raise WorkerFailure(f"{who} worker (rank {rank}) failed: {type(err).__name__}: {reason}") from err
+                failure = f"{worker(role, rank)} failed: {type(err).__name__}: {reason}"
+                if pending and isinstance(err, RayTaskError) and locations:
+                    lost = lost_node_message(locations)
+                    if lost:
+                        raise WorkerFailure(f"{lost}; the first failure seen: {failure}") from err
+                raise WorkerFailure(failure) from err
             left_per_role[role] -= 1
             if finished_at is not None and left_per_role[role] == 0:
                 finished_at[role] = time.perf_counter()

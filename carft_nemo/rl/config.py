@@ -15,6 +15,7 @@ from carft_nemo.data.datasets import DatasetConfig, held_out_split
 from carft_nemo.data.packing import PackingConfig, check_budget
 from carft_nemo.data.tokenization import EncodingConfig
 from carft_nemo.distributed.layout import ParallelConfig, check_sequence_room
+from carft_nemo.distributed.placement import check_role_nodes
 from carft_nemo.generation.config import GenerationConfig
 from carft_nemo.models.config import ModelConfig, check_context_window
 from carft_nemo.planning.plan import ClusterConfig
@@ -44,11 +45,14 @@ class ActorConfig:
     micro_batch_size: int = 8  # sequences per forward/backward micro-batch
     packing: PackingConfig = field(default_factory=PackingConfig)  # rows packed into bins (carft_nemo.data.packing)
     cpu_threads: int = 1  # torch threads per worker process on CPU (several workers share the cores)
+    # Cluster nodes its ranks fill in order (0 = the job's first); [] = Ray's choice (distributed/placement.py).
+    nodes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.cpu_threads >= 1, "cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+        check_role_nodes(self.nodes, self.num_workers)
 
 
 @dataclass
@@ -70,6 +74,7 @@ class CriticConfig:
     value_loss_coef: float = 1.0  # weight of the value loss (shared layout; the separate critic trains on it alone)
     value_clip: float = 0.2
     cpu_threads: int = 1
+    nodes: list[int] = field(default_factory=list)  # separate layout only: as actor.nodes
 
     def __post_init__(self) -> None:
         require(self.layout in CRITIC_LAYOUTS, "layout", f"must be one of {CRITIC_LAYOUTS}, got {self.layout!r}")
@@ -78,6 +83,7 @@ class CriticConfig:
         require(self.value_loss_coef >= 0, "value_loss_coef", f"must be >= 0, got {self.value_loss_coef}")
         require(self.value_clip > 0, "value_clip", f"must be > 0, got {self.value_clip}")
         require(self.cpu_threads >= 1, "cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+        check_role_nodes(self.nodes, self.num_workers)
 
 
 @dataclass
@@ -92,10 +98,12 @@ class ReferenceConfig:
     mode: str = "swap"
     num_workers: int = 1  # group mode only
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # group mode only
+    nodes: list[int] = field(default_factory=list)  # group mode only: as actor.nodes
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         require(self.mode in REFERENCE_MODES, "mode", f"must be one of {REFERENCE_MODES}, got {self.mode!r}")
+        check_role_nodes(self.nodes, self.num_workers)
 
 
 @dataclass
@@ -105,10 +113,12 @@ class RewardServerConfig:
     num_workers: int = 1
     tolerance: float = 1e-2
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    nodes: list[int] = field(default_factory=list)  # as actor.nodes
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         require(self.tolerance >= 0, "tolerance", f"must be >= 0, got {self.tolerance}")
+        check_role_nodes(self.nodes, self.num_workers)
 
 
 # Each algorithm with the advantage estimator it uses (carft_nemo.algorithms.advantages).

@@ -44,6 +44,7 @@ from carft_nemo.config import ConfigError, require, save_resolved
 from carft_nemo.data.datasets import load_examples
 from carft_nemo.data.tokenization import encode_prompts, encode_sft, load_tokenizer
 from carft_nemo.distributed.layout import check_model_layout
+from carft_nemo.distributed.placement import WorkerLocation, check_cluster_has
 from carft_nemo.distributed.ray_group import RayWorkerGroup, WorkerFailure, WorkerGroup, start_local_ray, wait_all
 from carft_nemo.distributed.replicas import concat_rows
 from carft_nemo.evaluation.metrics import PairedChange
@@ -114,6 +115,15 @@ def check_layouts(cfg: RLConfig, model: ModelConfig) -> dict[str, int]:
     dps, rollout, mini = {}, cfg.rl.rollout_size, cfg.rl.mini_batch_size
     for role, (section, micro) in model_groups(cfg).items():
         dp = dps[role] = check_model_layout(section.parallel, section.num_workers, model, key=f"{role}.parallel")
+        if section.nodes:  # a tensor- or context-parallel group split over nodes would talk over the network
+            per_node, inner = section.num_workers // len(section.nodes), section.parallel.tensor_parallel
+            inner *= section.parallel.context_parallel
+            require(
+                per_node % inner == 0,
+                f"{role}.nodes",
+                f"{per_node} ranks per node must be a multiple of tensor x context parallel = {inner}, "
+                "so that those groups stay inside a node",
+            )
         require(
             rollout % (dp * micro) == 0,
             f"{role}.micro_batch_size",
@@ -222,6 +232,7 @@ class RLRun:
         """Start every role's group, build the models in parallel, and wait for all of them."""
         cfg, timer = self.cfg, PhaseTimer()
         self.owns_ray = start_local_ray(num_cpus=worker_cpus(cfg), address=cfg.ray_address)
+        self._check_placement()
         spec = self._actor_spec()
         calls = {"actor": self._start_group("actor", ActorWorker, cfg.actor, spec)}
         if cfg.uses_critic_group:
@@ -242,16 +253,34 @@ class RLRun:
             cfg.reward.tolerance,
             cfg.reward.sandbox,
             "pcot" in (cfg.train_data.cot_style, cfg.eval_data.cot_style),
+            nodes=cfg.reward.nodes,
         )
-        wait_all(calls, cfg.rl.call_timeout_s)
-        groups = ", ".join(f"{role} x{g.world_size}" for role, g in self.groups.items())
+        wait_all(calls, cfg.rl.call_timeout_s, locations=self.locations)
+        groups = ", ".join(
+            f"{role} x{g.world_size} on {', '.join(dict.fromkeys(map(str, g.locations)))}"
+            for role, g in self.groups.items()
+        )
         LOG.info("workers up in %.1f s: %s", timer.elapsed(), groups)
+
+    def _check_placement(self) -> None:
+        """Every ``<role>.nodes`` names nodes the Ray cluster has (ConfigError naming the key)."""
+        import ray
+
+        resources = ray.cluster_resources()
+        sections = {role: section for role, (section, _) in model_groups(self.cfg).items()}
+        for role, section in {**sections, "reward": self.cfg.reward}.items():
+            check_cluster_has(f"{role}.nodes", section.nodes, resources)
 
     def _start_group(self, role: str, worker_cls: type, section: Any, spec: Any) -> list:
         """Start ``role``'s model group (rendezvous included) and its ``setup(spec)`` calls."""
         seed = derive_seed(self.cfg.rl.seed, f"{role}_init")
         group = RayWorkerGroup(
-            worker_cls, section.num_workers, section.parallel, seed=seed, model_dims=self.model_cfg.layout_dims
+            worker_cls,
+            section.num_workers,
+            section.parallel,
+            seed=seed,
+            model_dims=self.model_cfg.layout_dims,
+            nodes=section.nodes,
         )
         self.groups[role] = group
         return group.submit(worker_cls.setup, spec)
@@ -300,10 +329,16 @@ class RLRun:
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
 
+    @property
+    def locations(self) -> dict[str, list[WorkerLocation]]:
+        """Each role's node per rank, for failures to name (:attr:`WorkerGroup.locations`)."""
+        return {role: group.locations for role, group in self.groups.items()}
+
     def _wait(self, calls: dict[str, list], finished_at: dict[str, float] | None = None) -> dict[str, list]:
         """Every role's results, each reduced to its replicas' answers (see ``WorkerGroup.answers``)."""
         roles = {name: self._group_of(name) for name in calls}
-        results = wait_all(calls, self.cfg.rl.call_timeout_s, finished_at=finished_at, roles=roles)
+        timeout_s = self.cfg.rl.call_timeout_s
+        results = wait_all(calls, timeout_s, locations=self.locations, finished_at=finished_at, roles=roles)
         return {name: self.groups[self._group_of(name)].answers(r) for name, r in results.items()}
 
     def _group_of(self, call: str) -> str:
@@ -329,7 +364,7 @@ class RLRun:
         # context-parallel ranks generate prompts of their own (WorkerGroup.generating)
         actor = self.groups["actor"].generating()
         calls = {"actor": actor.submit_rows(PolicyWorker.generate, (prompts,), gen_cfg)}
-        results = wait_all(calls, self.cfg.rl.call_timeout_s, roles={"actor": "actor"})
+        results = wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations, roles={"actor": "actor"})
         return sample_q, join_rollouts(actor.answers(results["actor"]))
 
     def infer(
@@ -472,7 +507,7 @@ class RLRun:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         call = self.groups["actor"].submit(PolicyWorker.evaluate, self.eval_examples, self.eval_prompts, gen_cfg)
-        got = wait_all({"actor": call}, self.cfg.rl.call_timeout_s)["actor"][0]
+        got = wait_all({"actor": call}, self.cfg.rl.call_timeout_s, locations=self.locations)["actor"][0]
         summary = got["summary"]
         result = EvalResult(
             summary["accuracy"], None, summary["num_examples"], summary["mean_response_tokens"], got["records"]
@@ -490,7 +525,7 @@ class RLRun:
         calls = {"actor": self.groups["actor"].submit(PolicyWorker.save, root, done, {"step": done}, metadata)}
         if "critic" in self.ckpt_roots:
             calls["critic"] = self.groups["critic"].submit(ValueWorker.save, str(self.ckpt_roots["critic"]), done)
-        wait_all(calls, self.cfg.rl.call_timeout_s)
+        wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations)
         best = self.guard.state.best_step if self.guard is not None else None
         prune_checkpoints(list(self.ckpt_roots.values()), self.cfg.rl.keep_checkpoints, protect=[best] if best else [])
         LOG.info("checkpoint step %d saved in %.1f s", done, timer.elapsed())
@@ -557,7 +592,7 @@ class RLRun:
             calls = {"actor": self.groups["actor"].submit(ActorWorker.setup, self._actor_spec())}
             if self.cfg.uses_critic_group:
                 calls["critic"] = self.groups["critic"].submit(CriticWorker.setup, self._critic_spec())
-            wait_all(calls, self.cfg.rl.call_timeout_s)
+            wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations)
             return
         calls = {
             "actor": self.groups["actor"].submit(PolicyWorker.load, str(self.ckpt_roots["actor"] / f"step_{step}"))
@@ -565,7 +600,7 @@ class RLRun:
         if "critic" in self.ckpt_roots:
             path = str(self.ckpt_roots["critic"] / f"step_{step}")
             calls["critic"] = self.groups["critic"].submit(ValueWorker.load, path)
-        wait_all(calls, self.cfg.rl.call_timeout_s)
+        wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations)
 
     # ------------------------------------------------------------------ the loop
 

@@ -48,9 +48,28 @@ def test_sbatch_header_signals_the_batch_shell_only() -> None:
 
 
 def test_sourcing_defines_functions_without_running() -> None:
-    result = _bash("type -t main run_forwarding should_requeue wait_for_gpus gpus_per_node ray_port")
+    result = _bash("type -t main run_forwarding should_requeue wait_for_cluster start_ray_node gpus_per_node ray_port")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["function"] * 6
+    assert result.stdout.split() == ["function"] * 7
+
+
+@pytest.mark.parametrize(("node", "index"), [("n1", 0), ("n3", 2), ("n2", 1)])
+def test_start_ray_node_names_the_node_by_its_place_in_the_job(node: str, index: int, tmp_path: Path) -> None:
+    """`ray start` gets carft_node_<i>, i the node's place in the job's node list (``<role>.nodes``)."""
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    fake_ray.chmod(0o755)
+    env = {"CARFT_RAY_CLI": str(fake_ray), "CARFT_NODE_LIST": "n1 n2 n3 ", "SLURMD_NODENAME": node}
+    result = subprocess.run(
+        ["bash", "-c", f'source "{SCRIPT}"\nstart_ray_node --block --num-cpus=2'],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    resources = f'--resources={{"carft_node_{index}": 10000}}'
+    assert result.stdout.splitlines() == ["start", "--block", "--num-cpus=2", resources]
 
 
 def test_main_needs_a_config_and_an_allocation() -> None:
@@ -163,7 +182,7 @@ def test_should_requeue_reads_summary_json(tmp_path: Path, summary: dict | None,
     assert result.returncode == (0 if requeue else 1), result.stderr
 
 
-def test_wait_for_gpus_gives_up_without_a_head() -> None:
+def test_wait_for_cluster_gives_up_without_a_head() -> None:
     """Nothing listens on the port: not even a request for 0 GPUs passes, and the wait is bounded."""
     import socket
 
@@ -171,14 +190,14 @@ def test_wait_for_gpus_gives_up_without_a_head() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
         t0 = time.monotonic()
-        result = _bash(f"wait_for_gpus 127.0.0.1:{port} 0 2", timeout=120)
+        result = _bash(f"wait_for_cluster 127.0.0.1:{port} 1 0 2", timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "not reachable yet: ConnectionRefusedError" in result.stdout
-    assert "0 of 0 GPUs" in result.stdout and time.monotonic() - t0 < 60
+    assert "0 of 1 nodes, 0 of 0 GPUs" in result.stdout and time.monotonic() - t0 < 60
 
 
 @pytest.mark.slow
-def test_wait_for_gpus_against_a_real_ray_head() -> None:
+def test_wait_for_cluster_against_a_real_ray_head() -> None:
     """A one-node Ray head declaring 2 GPUs, token auth as the script sets it up."""
     ray_cli = Path(PYTHON).parent / "ray"
     if not ray_cli.exists():
@@ -211,19 +230,21 @@ def test_wait_for_gpus_against_a_real_ray_head() -> None:
     )
     try:
 
-        def wait(count: int, timeout_s: int) -> subprocess.CompletedProcess:
+        def wait(nodes: int, count: int, timeout_s: int) -> subprocess.CompletedProcess:
             return subprocess.run(
-                ["bash", "-c", f'source "{SCRIPT}"\nwait_for_gpus {ip}:{port} {count} {timeout_s}'],
+                ["bash", "-c", f'source "{SCRIPT}"\nwait_for_cluster {ip}:{port} {nodes} {count} {timeout_s}'],
                 env=env,
                 capture_output=True,
                 text=True,
                 timeout=300,
             )
 
-        ok = wait(2, 180)
-        assert ok.returncode == 0 and "2 of 2 GPUs" in ok.stdout, ok.stdout + ok.stderr
-        short = wait(4, 3)  # a worker node that never joins
+        ok = wait(1, 2, 180)
+        assert ok.returncode == 0 and "1 of 1 nodes, 2 of 2 GPUs" in ok.stdout, ok.stdout + ok.stderr
+        short = wait(1, 4, 3)  # a worker node that never joins
         assert short.returncode == 1 and "2 of 4 GPUs" in short.stdout, short.stdout + short.stderr
+        no_node = wait(2, 0, 3)  # CPU nodes: the node count decides
+        assert no_node.returncode == 1 and "1 of 2 nodes" in no_node.stdout, no_node.stdout + no_node.stderr
     finally:
         head.terminate()  # `ray start --block` stops the processes it started
         try:
