@@ -6,8 +6,9 @@
 Which method runs is the config's: ``rl.algorithm: ppo`` (ReFT), plus ``contrastive.enabled:
 true`` (CARFT), or ``rl.algorithm: grpo`` (Dr.GRPO). Rerunning the same command resumes from
 the newest checkpoint complete for every role. A worker that dies stops the run with
-``error: <role> worker (rank r) failed: ...`` and exit code 1. See recipes/carft.py's
-header for where this implementation departs from the papers' code.
+``error: <role> worker (rank r on <node>) failed: ...`` and exit code 1; a node lost under a
+multi-node run with ``error: node <node> is lost (...): <role> rank r, ... ran there``. See
+recipes/carft.py's header for where this implementation departs from the papers' code.
 """
 
 import json

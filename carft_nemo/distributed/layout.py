@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from carft_nemo import compat
 from carft_nemo.config import ConfigError, require
 from carft_nemo.distributed import axes, cpu_compat, device, slurm
 
@@ -42,6 +43,10 @@ class ParallelConfig:
     recompute: str = "none"
     sequence_parallel: bool = False  # needs TE/apex norms (GPU)
     use_distributed_optimizer: bool = False
+    # share of each rank's optimizer shard (fp32 master weights, Adam moments and the Adam step)
+    # kept and run in host memory: megatron-core's hybrid CPU/GPU optimizer, which it builds on
+    # Transformer Engine's precision-aware Adam; needs the distributed optimizer and a GPU
+    optimizer_offload_fraction: float = 0.0
     timeout_minutes: int = 30
 
     def __post_init__(self) -> None:
@@ -49,6 +54,13 @@ class ParallelConfig:
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
         require(self.recompute in RECOMPUTE, "recompute", f"must be one of {RECOMPUTE}, got {self.recompute!r}")
+        offload = self.optimizer_offload_fraction
+        require(0 <= offload <= 1, "optimizer_offload_fraction", f"must be in [0, 1], got {offload}")
+        require(
+            not offload or self.use_distributed_optimizer,
+            "optimizer_offload_fraction",
+            "offloads the distributed optimizer's shard: set use_distributed_optimizer: true",
+        )
         require(
             self.cp_comm_type in CP_COMM_TYPES,
             "cp_comm_type",
@@ -212,6 +224,13 @@ def validate_layout(
             "sequence parallel needs Transformer Engine or apex norms (GPU only)",
         )
         require(tp > 1, f"{key}.sequence_parallel", "only meaningful with tensor_parallel > 1")
+    if parallel.optimizer_offload_fraction:
+        require(
+            device.has_cuda() and compat.transformer_engine_available(),
+            f"{key}.optimizer_offload_fraction",
+            "megatron-core offloads optimizer states through Transformer Engine's precision-aware Adam "
+            "(GPU with Transformer Engine only); set it to 0 here",
+        )
     return world_size // parallel.model_parallel_size
 
 

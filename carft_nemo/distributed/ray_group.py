@@ -55,8 +55,6 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
     this call started a local instance: its caller then owns it and shuts it down; an
     instance already up (see :func:`shared_ray`) or a given cluster is left alone.
     """
-    import sys
-
     import ray
 
     if ray.is_initialized():
@@ -66,10 +64,7 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
         ray.init(address=address)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        dict.fromkeys(paths + os.environ.get("PYTHONPATH", "").split(os.pathsep))
-    )
+    share_sys_path()
     attempts_left = 3  # a loaded host can miss Ray's fixed 30 s node start-up deadline
     while True:
         try:
@@ -90,6 +85,16 @@ def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int 
             if not attempts_left or "timed out" not in str(err).lower():
                 raise
             ray.shutdown()
+
+
+def share_sys_path() -> None:
+    """Put this process's ``sys.path`` on ``PYTHONPATH``, which the Ray processes it starts inherit."""
+    import sys
+
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        dict.fromkeys(paths + os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    )
 
 
 @contextlib.contextmanager

@@ -11,7 +11,10 @@ For one rank of a role (the most loaded pipeline stage), with ``P`` its paramete
 ``w`` bytes per weight (2 in bf16 on GPUs, 4 in fp32 on CPU), ``g`` = 4 (megatron's DDP reduces
 gradients in fp32 here: ``grad_reduce_in_fp32``), ``o`` = 12 in bf16 (fp32 master weights and
 two Adam moments) or 8 in fp32 (the moments; the weights are the master copy), divided by the
-distributed optimizer's shard count ``S`` = data x context parallel (1 without it). ``n`` is a
+distributed optimizer's shard count ``S`` = data x context parallel (1 without it). With
+``optimizer_offload_fraction`` ``f``, the GPU keeps ``(1 - f) P o / S`` and the host
+``f P (o + 4) / S`` a rank (the offloaded master weights, moments and an fp32 copy of their
+gradients; in bf16 ``o`` already holds the master weights). ``n`` is a
 micro-batch's tokens on this rank (rows x sequence / CP), ``V`` the padded vocabulary, ``t``
 tensor parallel, ``L_stage`` the layers of the stage, ``k`` = min(PP, micro-batches) under 1F1B
 (the first stage holds that many), ``g_kv`` the key/value heads, ``d`` the head size.
@@ -145,7 +148,8 @@ class RoleMemory:
     activations: float = 0.0
     logits: float = 0.0
     kv_cache: float = 0.0
-    host: float = 0.0  # per node, outside the GPU (the reference kept in CPU memory)
+    host: float = 0.0  # per node, outside the GPU (the reference kept in CPU memory, offloaded optimizer)
+    host_per_rank: float = 0.0  # of ``host``, what each rank on the node adds (the offloaded optimizer)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -225,7 +229,9 @@ def training_memory(
         if work.trains:
             candidate.gradients = params * 4
             shards = data_parallel * cp if parallel.use_distributed_optimizer else 1
-            candidate.optimizer = params * precision.optimizer_bytes / shards
+            offload = parallel.optimizer_offload_fraction
+            candidate.optimizer = params * precision.optimizer_bytes / shards * (1 - offload)
+            candidate.host_per_rank = params * (precision.optimizer_bytes + 4) / shards * offload
         in_flight = min(pp - stage, work.micro_batches) if pp > 1 else 1
         layers = model.num_layers // pp
         tokens = work.rows * math.ceil(work.sequence / cp)

@@ -77,7 +77,7 @@ def plan_rl(cfg, model: ModelConfig, precision: Precision) -> list[RoleMemory]:
         rdp = _data_parallel(ref.parallel, ref.num_workers)
         roles.append(training_memory("reference", model, ref.parallel, precision, rwork, ranks=ref.num_workers,
                                      data_parallel=rdp))  # fmt: skip
-    return roles
+    return _with_offloaded_optimizer(roles, cfg.cluster.gpus_per_node)
 
 
 def plan_sft(cfg, model: ModelConfig, precision: Precision, world_size: int) -> list[RoleMemory]:
@@ -91,7 +91,18 @@ def plan_sft(cfg, model: ModelConfig, precision: Precision, world_size: int) -> 
                     micro_batches=max(train.global_batch_size // (dp * train.micro_batch_size), 1),
                     generation_rows=cfg.generation.micro_batch_size or train.micro_batch_size,
                     generation_sequence=generation, recompute=parallel.recompute)  # fmt: skip
-    return [training_memory("sft", model, parallel, precision, work, ranks=world_size, data_parallel=dp)]
+    roles = [training_memory("sft", model, parallel, precision, work, ranks=world_size, data_parallel=dp)]
+    return _with_offloaded_optimizer(roles, cfg.cluster.gpus_per_node)
+
+
+def _with_offloaded_optimizer(roles: list[RoleMemory], gpus_per_node: int) -> list[RoleMemory]:
+    """Add each role's offloaded optimizer state (``optimizer_offload_fraction``) to its host part per node."""
+    for role in roles:
+        if role.host_per_rank:
+            ranks_on_node = min(role.ranks, gpus_per_node)
+            role.host += role.host_per_rank * ranks_on_node
+            role.notes.append(f"host: the offloaded optimizer state of {ranks_on_node} ranks")
+    return roles
 
 
 def render(roles: list[RoleMemory], limit_gb: float | None) -> str:
@@ -126,8 +137,8 @@ def _advice(role: RoleMemory) -> str:
     parts = {
         "weights": more_parallel,
         "gradients": more_parallel,
-        "optimizer": f"the distributed optimizer ({layout}.use_distributed_optimizer: true) or more data "
-        "parallel ranks",
+        "optimizer": f"the distributed optimizer ({layout}.use_distributed_optimizer: true), more data "
+        f"parallel ranks, or optimizer offload on GPUs with Transformer Engine ({layout}.optimizer_offload_fraction)",
         "activations": f"activation recompute ({layout}.recompute: selective or full), a smaller {micro}, "
         f"or context parallelism ({layout}.context_parallel)",
         "logits": f"a smaller {micro} or more tensor parallelism (the logits are vocab-parallel)",
@@ -149,9 +160,11 @@ def check_fits(roles: list[RoleMemory], limit_gb: float, *, host_limit_gb: float
                 f"Try {_advice(r)}. recipes/plan.py prints the whole plan."
             )
         if host_limit_gb and r.host / GIB > host_limit_gb:
+            held = "; ".join(note.removeprefix("host: ") for note in r.notes if note.startswith("host: "))
             raise ConfigError(
-                f"reference.mode: the {r.role}'s host part needs about {r.host / GIB:.1f} GiB per node "
-                f"but a node has {host_limit_gb:.4g} GiB (cluster.host_memory_gb); use reference.mode: group"
+                f"cluster.host_memory_gb: the {r.role}'s host part ({held}) needs about {r.host / GIB:.1f} GiB "
+                f"per node but a node has {host_limit_gb:.4g} GiB; use reference.mode: group or a smaller "
+                f"{layout}.optimizer_offload_fraction"
             )
 
 

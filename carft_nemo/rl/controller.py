@@ -255,7 +255,7 @@ class RLRun:
             "pcot" in (cfg.train_data.cot_style, cfg.eval_data.cot_style),
             nodes=cfg.reward.nodes,
         )
-        wait_all(calls, cfg.rl.call_timeout_s, locations=self.locations)
+        self._await(calls)
         groups = ", ".join(
             f"{role} x{g.world_size} on {', '.join(dict.fromkeys(map(str, g.locations)))}"
             for role, g in self.groups.items()
@@ -334,11 +334,14 @@ class RLRun:
         """Each role's node per rank, for failures to name (:attr:`WorkerGroup.locations`)."""
         return {role: group.locations for role, group in self.groups.items()}
 
+    def _await(self, calls: dict[str, list], **kwargs: Any) -> dict[str, list]:
+        """:func:`wait_all` with the run's timeout and its workers' nodes (for failures to name)."""
+        return wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations, **kwargs)
+
     def _wait(self, calls: dict[str, list], finished_at: dict[str, float] | None = None) -> dict[str, list]:
         """Every role's results, each reduced to its replicas' answers (see ``WorkerGroup.answers``)."""
         roles = {name: self._group_of(name) for name in calls}
-        timeout_s = self.cfg.rl.call_timeout_s
-        results = wait_all(calls, timeout_s, locations=self.locations, finished_at=finished_at, roles=roles)
+        results = self._await(calls, finished_at=finished_at, roles=roles)
         return {name: self.groups[self._group_of(name)].answers(r) for name, r in results.items()}
 
     def _group_of(self, call: str) -> str:
@@ -364,7 +367,7 @@ class RLRun:
         # context-parallel ranks generate prompts of their own (WorkerGroup.generating)
         actor = self.groups["actor"].generating()
         calls = {"actor": actor.submit_rows(PolicyWorker.generate, (prompts,), gen_cfg)}
-        results = wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations, roles={"actor": "actor"})
+        results = self._await(calls, roles={"actor": "actor"})
         return sample_q, join_rollouts(actor.answers(results["actor"]))
 
     def infer(
@@ -507,7 +510,7 @@ class RLRun:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         call = self.groups["actor"].submit(PolicyWorker.evaluate, self.eval_examples, self.eval_prompts, gen_cfg)
-        got = wait_all({"actor": call}, self.cfg.rl.call_timeout_s, locations=self.locations)["actor"][0]
+        got = self._await({"actor": call})["actor"][0]
         summary = got["summary"]
         result = EvalResult(
             summary["accuracy"], None, summary["num_examples"], summary["mean_response_tokens"], got["records"]
@@ -525,7 +528,7 @@ class RLRun:
         calls = {"actor": self.groups["actor"].submit(PolicyWorker.save, root, done, {"step": done}, metadata)}
         if "critic" in self.ckpt_roots:
             calls["critic"] = self.groups["critic"].submit(ValueWorker.save, str(self.ckpt_roots["critic"]), done)
-        wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations)
+        self._await(calls)
         best = self.guard.state.best_step if self.guard is not None else None
         prune_checkpoints(list(self.ckpt_roots.values()), self.cfg.rl.keep_checkpoints, protect=[best] if best else [])
         LOG.info("checkpoint step %d saved in %.1f s", done, timer.elapsed())
@@ -592,7 +595,7 @@ class RLRun:
             calls = {"actor": self.groups["actor"].submit(ActorWorker.setup, self._actor_spec())}
             if self.cfg.uses_critic_group:
                 calls["critic"] = self.groups["critic"].submit(CriticWorker.setup, self._critic_spec())
-            wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations)
+            self._await(calls)
             return
         calls = {
             "actor": self.groups["actor"].submit(PolicyWorker.load, str(self.ckpt_roots["actor"] / f"step_{step}"))
@@ -600,7 +603,7 @@ class RLRun:
         if "critic" in self.ckpt_roots:
             path = str(self.ckpt_roots["critic"] / f"step_{step}")
             calls["critic"] = self.groups["critic"].submit(ValueWorker.load, path)
-        wait_all(calls, self.cfg.rl.call_timeout_s, locations=self.locations)
+        self._await(calls)
 
     # ------------------------------------------------------------------ the loop
 

@@ -82,6 +82,23 @@ class TrainableModel:
         return self.optimizer.param_groups[0]["lr"]
 
 
+def _offload_settings(fraction: float) -> dict[str, Any]:
+    """megatron-core's optimizer offload: ``fraction`` of the shard's Adam state and step on the host.
+
+    Its hybrid optimizer keeps the fp32 master weights of the offloaded parameters in host
+    memory and overlaps the gradients' copy out and the weights' copy back with the Adam step;
+    it runs only on Transformer Engine's precision-aware Adam (validate_layout checks that).
+    """
+    if not fraction:
+        return {}
+    return {
+        "optimizer_cpu_offload": True,
+        "optimizer_offload_fraction": fraction,
+        "use_precision_aware_optimizer": True,
+        "overlap_cpu_optimizer_d2h_h2d": True,
+    }
+
+
 def make_trainable(
     gpt: torch.nn.Module, model_cfg: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, total_steps: int
 ) -> TrainableModel:
@@ -112,6 +129,7 @@ def make_trainable(
                 fp16=False,
                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
                 use_distributed_optimizer=parallel.use_distributed_optimizer,
+                **_offload_settings(parallel.optimizer_offload_fraction),
             ),
             [ddp],
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -10,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ray._common.utils import get_ray_address_file
 
-from tests.e2e._rl_helpers import RESUMED, ROOT
+from tests.e2e._rl_helpers import RESUMED, ROOT, metrics, training_steps
 from tests.e2e._slurm_cluster import LoopbackSlurm
 
 JOB_TIMEOUT_S = 600.0
@@ -121,3 +123,36 @@ def stopped_and_resumed_at(text: str, steps: int) -> int:
     resumed = [int(s) for s in RESUMED.findall(text)]
     assert len(stopped) == 1 and resumed == stopped and 1 <= stopped[0] < steps, (stopped, resumed, text[-4000:])
     return stopped[0]
+
+
+def micro_sft_overrides(out: Path, steps: int) -> list[str]:
+    """A tiny SFT of the two-layer micro preset that runs in seconds a step on one CPU a rank."""
+    return [
+        f"output_dir={out}",
+        "model.preset=micro",
+        "encoding.max_total_tokens=128",  # the micro preset's window
+        "encoding.max_prompt_tokens=64",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "train.eval_before=false",
+        "train.eval_examples=8",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train_data.synthetic.n_train=200",
+        "generation.max_new_tokens=16",
+    ]
+
+
+def assert_rl_resumed_to_the_end(text: str, out: Path, steps: int) -> list[str]:
+    """A requeued RL job resumed where the signal stopped it, trained every step once and finished;
+    its Ray head's record in Ray's temp dir went with it. Returns the heads' addresses, a run each."""
+    stopped_and_resumed_at(text, steps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps and not summary["stopped_early"], summary
+    trained = training_steps(metrics(out))
+    assert trained == list(range(1, steps + 1)), trained  # each step trained once, none lost to the requeue
+    # A later bare ray.init() on the node must not join a head that is gone.
+    heads = re.findall(r"ray head \S+ at (\S+)", text)
+    address_file = Path(get_ray_address_file(None))
+    assert not (address_file.is_file() and address_file.read_text().strip() in heads), address_file.read_text()
+    return heads

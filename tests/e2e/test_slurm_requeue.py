@@ -14,16 +14,19 @@ and nothing of the job may outlive it.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray._common.utils import get_ray_address_file
 
-from tests.e2e._rl_helpers import ROOT, TINY_RL_ARGS, checkpoint_complete, metrics, training_steps
+from tests.e2e._rl_helpers import ROOT, TINY_RL_ARGS, checkpoint_complete, metrics
 from tests.e2e._slurm_cluster import LoopbackSlurm, require_slurm
-from tests.e2e._slurm_jobs import preempt_and_requeue, stopped_and_resumed_at
+from tests.e2e._slurm_jobs import (
+    assert_rl_resumed_to_the_end,
+    micro_sft_overrides,
+    preempt_and_requeue,
+    stopped_and_resumed_at,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,37 +58,15 @@ def test_rl_sbatch_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm, sft_
         log,
     )
 
-    stopped_and_resumed_at(text, steps)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == steps and not summary["stopped_early"], summary
-    trained = training_steps(metrics(out))
-    assert trained == list(range(1, steps + 1)), trained  # each step trained once, none lost to the requeue
-    # The head's record in Ray's temp dir is gone with it: a later bare ray.init() must not join it.
-    head = re.findall(r"ray head \S+ at (\S+)", text)
-    assert len(head) == 2, text[-4000:]  # one line per run of the job
-    address_file = Path(get_ray_address_file(None))
-    assert not (address_file.is_file() and address_file.read_text().strip() in head), address_file.read_text()
+    heads = assert_rl_resumed_to_the_end(text, out, steps)
+    assert len(heads) == 2, text[-4000:]  # one line per run of the job
 
 
 @pytest.mark.slow
 def test_run_sbatch_sft_signal_checkpoint_requeue_resume(cluster: LoopbackSlurm, tmp_path: Path) -> None:
     steps, out, log = 30, tmp_path / "sft", tmp_path / "job.out"
     # save_every=0: the only checkpoint before the end is the one the signal asks for.
-    overrides = [
-        f"output_dir={out}",
-        "model.preset=micro",
-        "encoding.max_total_tokens=128",  # the micro preset's window
-        "encoding.max_prompt_tokens=64",
-        f"train.steps={steps}",
-        "train.save_every=0",
-        "train.eval_every=0",
-        "train.eval_before=false",
-        "train.eval_examples=8",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train_data.synthetic.n_train=200",
-        "generation.max_new_tokens=16",
-    ]
+    overrides = [*micro_sft_overrides(out, steps), "train.save_every=0"]
 
     def trained_two_steps() -> bool:
         return sum(1 for r in metrics(out) if "loss" in r) >= 2

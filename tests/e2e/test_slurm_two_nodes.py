@@ -23,18 +23,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray._common.utils import get_ray_address_file
 
-from tests.e2e._rl_helpers import RESUMED, ROOT, TINY_RL_ARGS, checkpoint_steps, metrics, training_steps
+from tests.e2e._rl_helpers import RESUMED, ROOT, TINY_RL_ARGS, checkpoint_steps, metrics
 from tests.e2e._slurm_cluster import CLUSTER_DAEMONS, LINK_LOCAL_PREFIX, LoopbackSlurm, require_slurm
 from tests.e2e._slurm_jobs import (
     FINAL_STATES,
     JOB_TIMEOUT_S,
     assert_no_leftovers,
+    assert_rl_resumed_to_the_end,
     finished_job,
     job_fields,
+    micro_sft_overrides,
     preempt_and_requeue,
-    stopped_and_resumed_at,
     submit,
     wait_for,
 )
@@ -94,35 +94,13 @@ def test_rl_sbatch_two_nodes_pipeline_across_nodes_requeue_resume(
     assert "2 of 2 nodes" in text, text[-4000:]  # the controller waited for node2's Ray
     assert len(WORKERS_UP.findall(text)) == 2, text[-4000:]  # one line per run of the job
     _assert_placed(text)
-    stopped_and_resumed_at(text, steps)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == steps and not summary["stopped_early"], summary
-    trained = training_steps(metrics(out))
-    assert trained == list(range(1, steps + 1)), trained  # each step trained once, none lost to the requeue
-    # The head's record in Ray's temp dir is gone with it: a later bare ray.init() must not join it.
-    heads = re.findall(r"ray head \S+ at (\S+)", text)
-    address_file = Path(get_ray_address_file(None))
-    assert not (address_file.is_file() and address_file.read_text().strip() in heads), address_file.read_text()
+    assert_rl_resumed_to_the_end(text, out, steps)
 
 
 @pytest.mark.slow
 def test_run_sbatch_sft_pipeline_stages_on_two_nodes(cluster: LoopbackSlurm, tmp_path: Path) -> None:
     steps, out, log = 4, tmp_path / "sft", tmp_path / "job.out"
-    overrides = [
-        f"output_dir={out}",
-        "model.preset=micro",  # two layers: one a stage
-        "parallel.pipeline_parallel=2",
-        "encoding.max_total_tokens=128",  # the micro preset's window
-        "encoding.max_prompt_tokens=64",
-        f"train.steps={steps}",
-        "train.eval_every=0",
-        "train.eval_before=false",
-        "train.eval_examples=8",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train_data.synthetic.n_train=200",
-        "generation.max_new_tokens=16",
-    ]
+    overrides = [*micro_sft_overrides(out, steps), "parallel.pipeline_parallel=2"]  # two layers: one a stage
     job = [
         "--ntasks-per-node=1",  # rank 0 (stage 0) on node1, rank 1 (stage 1) on node2
         "--cpus-per-task=1",

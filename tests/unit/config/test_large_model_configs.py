@@ -50,6 +50,7 @@ def test_a_large_recipe_fits_its_nodes_and_80_gb(path: Path):
         assert cfg.method == method and cfg.model.num_layers == layers
         parallel = cfg.actor.parallel
         assert cfg.actor.num_workers == world
+        assert cfg.actor.nodes == list(range(int(nodes)))  # ranks in node order: TP groups never straddle nodes
         assert check_layouts(cfg, model)["actor"] == world // (tp * pp)
         roles = plan_rl(cfg, model, Precision.gpu(model))
         assert cfg.actor.optim.lr == pytest.approx(3e-7)  # the paper code's RL learning rate

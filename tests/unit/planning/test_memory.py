@@ -55,6 +55,17 @@ def test_static_bytes_per_parameter():
     assert frozen.gradients == frozen.optimizer == frozen.activations == 0 and frozen.logits == 8 * 32 * 6
 
 
+def test_an_offloaded_optimizer_share_moves_to_the_host():
+    work = Workload(rows=1, sequence=8)
+    params = 2 * 592 + 256 + 256 + 8
+    parallel = ParallelConfig(use_distributed_optimizer=True, optimizer_offload_fraction=0.25)
+    offloaded = training_memory("sft", SMALL, parallel, Precision(2, True), work, ranks=4, data_parallel=4)
+    assert offloaded.optimizer == pytest.approx(12 * params / 4 * 0.75)
+    # master weights and moments (12 bytes) and an fp32 gradient copy (4) of a quarter of the shard
+    assert offloaded.host_per_rank == pytest.approx(16 * params / 4 * 0.25)
+    assert offloaded.weights == 2 * params and offloaded.gradients == 4 * params  # unchanged on the GPU
+
+
 def test_layer_activations_by_hand():
     # 2 rows x 8 tokens, bf16, fused attention: 16 x 2 x (4 x 8 + 8 + 2 x 4 + 48) = 3,072; softmax
     # statistics 16 x 2 heads x 4 = 128; the attention output twice: 16 x 2 x 2 x 4 x 2 = 512

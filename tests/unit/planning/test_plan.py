@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from carft_nemo.config import ConfigError, load_config
+from carft_nemo.distributed import device
 from carft_nemo.models.config import ModelConfig
 from carft_nemo.planning.memory import Precision
 from carft_nemo.planning.plan import ClusterConfig, check_at_start, plan_rl
 from carft_nemo.rl.config import RLConfig
+from carft_nemo.rl.controller import check_layouts
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"base", "data"} & set(p.parts))
@@ -44,12 +46,33 @@ def test_a_layout_that_cannot_fit_is_refused_naming_the_role_and_what_to_change(
     with pytest.raises(ConfigError, match=refused + r".*Try .*actor\.parallel\.(tensor_parallel|recompute)"):
         check_at_start(roles, ClusterConfig(gpu_memory_gb=40))
     check_at_start(roles, ClusterConfig(gpu_memory_gb=80))  # fits
-    with pytest.raises(ConfigError, match=r"reference\.mode: .*56\.\d GiB per node .*32 GiB"):
+    host = r"^cluster\.host_memory_gb: the actor's host part \(the reference weights of 8 ranks .*\) needs about 56\.\d"
+    with pytest.raises(ConfigError, match=host + r" GiB per node but a node has 32 GiB; use reference\.mode: group"):
         check_at_start(roles, ClusterConfig(gpu_memory_gb=80, host_memory_gb=32))
     separate = load_config(RLConfig, ROOT / "configs" / "reft-tiny-synthetic.yaml", ["cluster.gpu_memory_gb=0.05"])
     tiny = ModelConfig(preset="tiny").with_vocab(512)
     with pytest.raises(ConfigError, match=r"^(actor|critic)\.parallel: the (actor|critic) needs"):
         check_at_start(plan_rl(separate, tiny, Precision.cpu()), separate.cluster)
+
+
+def test_optimizer_offload_is_planned_validated_and_refused_without_transformer_engine():
+    path = ROOT / "configs" / "carft-qwen2.5-7b-instruct-gsm8k-ncot-1n8g-tp2.yaml"
+    half = load_config(RLConfig, path, ["actor.parallel.optimizer_offload_fraction=0.5"])
+    model = half.model.with_vocab(151665)
+    (base,) = plan_rl(load_config(RLConfig, path), model, Precision.gpu(model))
+    (offloaded,) = plan_rl(half, model, Precision.gpu(model))
+    assert offloaded.optimizer == pytest.approx(base.optimizer / 2)
+    # 8 ranks a node, each half its shard's 12 bytes and an fp32 gradient copy (16 bytes) a parameter
+    assert offloaded.host - base.host == pytest.approx(8 * base.optimizer / 2 * 16 / 12)
+    assert any("offloaded optimizer state of 8 ranks" in note for note in offloaded.notes)
+    with pytest.raises(ConfigError, match=r"actor\.parallel\.optimizer_offload_fraction: offloads the distributed"):
+        load_config(RLConfig, path, ["actor.parallel.optimizer_offload_fraction=0.5",
+                                     "actor.parallel.use_distributed_optimizer=false"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"optimizer_offload_fraction: must be in \[0, 1\], got 1\.5"):
+        load_config(RLConfig, path, ["actor.parallel.optimizer_offload_fraction=1.5"])
+    if not device.has_cuda():  # megatron-core offloads through TE's precision-aware Adam only
+        with pytest.raises(ConfigError, match=r"^actor\.parallel\.optimizer_offload_fraction: megatron-core"):
+            check_layouts(half, model)
 
 
 def test_the_sft_recipe_refuses_at_start_up_before_any_process_starts(tmp_path: Path):
