@@ -83,6 +83,11 @@ class CriticConfig:
         require(self.value_loss_coef >= 0, "value_loss_coef", f"must be >= 0, got {self.value_loss_coef}")
         require(self.value_clip > 0, "value_clip", f"must be > 0, got {self.value_clip}")
         require(self.cpu_threads >= 1, "cpu_threads", f"must be >= 1, got {self.cpu_threads}")
+        require(
+            not self.nodes or self.layout == "separate",
+            "nodes",
+            "places the separate critic's ranks; with layout: shared the value head runs on the actor's",
+        )
         check_role_nodes(self.nodes, self.num_workers)
 
 
@@ -103,6 +108,11 @@ class ReferenceConfig:
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         require(self.mode in REFERENCE_MODES, "mode", f"must be one of {REFERENCE_MODES}, got {self.mode!r}")
+        require(
+            not self.nodes or self.mode == "group",
+            "nodes",
+            "places the reference group's ranks; with mode: swap the reference lives in the actor's host memory",
+        )
         check_role_nodes(self.nodes, self.num_workers)
 
 

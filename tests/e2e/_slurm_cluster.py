@@ -277,3 +277,15 @@ class LoopbackSlurm:
         for netns in self.namespaces:
             subprocess.run(["ip", "netns", "del", netns], timeout=30, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def remains(self) -> list[str]:
+        """What of the cluster outlived :meth:`stop`: its namespaces, processes naming its folder, the folder."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout.split()
+        left = [f"namespace {netns}" for netns in self.namespaces if netns in listed]
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(self.root).encode() in (proc / "cmdline").read_bytes():
+                    left.append(f"process {proc.name}: {(proc / 'comm').read_text().strip()}")
+            except OSError:
+                continue  # exited meanwhile
+        return left + ([f"folder {self.root}"] if self.root.exists() else [])

@@ -37,6 +37,7 @@ def cluster() -> Iterator[LoopbackSlurm]:
         yield slurm.start()
     finally:
         slurm.stop()
+    assert not slurm.remains(), slurm.remains()  # no namespace, daemon or folder of the cluster left
 
 
 @pytest.mark.slow

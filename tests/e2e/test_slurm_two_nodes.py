@@ -61,6 +61,7 @@ def cluster() -> Iterator[LoopbackSlurm]:
         yield slurm.start()
     finally:
         slurm.stop()
+    assert not slurm.remains(), slurm.remains()  # no namespace, daemon or folder of the cluster left
 
 
 def _rl_job(sft_dir: Path, out: Path, steps: int) -> list[str]:

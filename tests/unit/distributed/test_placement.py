@@ -54,6 +54,8 @@ def test_a_role_on_a_node_the_cluster_lacks_is_refused_by_key() -> None:
         (["actor.nodes=[-1]"], r"actor\.nodes: node numbers start at 0"),
         (["actor.num_workers=3", "actor.nodes=[0,1]"], r"actor\.nodes: num_workers=3 ranks do not split evenly"),
         (["reward.num_workers=1", "reward.nodes=[0,1]"], r"reward\.nodes: num_workers=1 ranks"),
+        (["critic.layout=shared", "critic.nodes=[1]"], r"critic\.nodes: places the separate critic's ranks"),
+        (["reference.nodes=[1]"], r"reference\.nodes: places the reference group's ranks; with mode: swap"),
     ],
 )
 def test_bad_node_lists_fail_at_load_naming_the_full_key(overrides: list[str], match: str) -> None:
