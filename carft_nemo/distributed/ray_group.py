@@ -42,6 +42,8 @@ from carft_nemo.distributed.placement import (
 )
 from carft_nemo.distributed.replicas import ReplicaMap, Rows, split_rows
 
+PLACEMENT_TIMEOUT_S = 300.0  # how long a group's actors may wait for a node with their resources
+
 
 def start_local_ray(num_cpus: int, *, address: str | None = None, num_gpus: int | None = None) -> bool:
     """Connect to the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), else start one on this host.
@@ -177,20 +179,38 @@ class WorkerGroup:
     even_rows = False  # model replicas need equal shares (RayWorkerGroup)
 
     def __init__(self, worker_cls: type, actors: list[Any], replicas: ReplicaMap) -> None:
-        import ray
 
         self.worker_cls = worker_cls
         self.actors = actors
         self.replicas = replicas
         self.generation_replicas = replicas  # a model group's differ under context parallelism
+        self.locations: list[WorkerLocation] = self._placed(worker_cls.__name__)
+
+    def _placed(self, name: str) -> list[WorkerLocation]:
+        """Each actor's location, once Ray has placed them all; a clear failure if it cannot.
+
+        An actor whose resources (CPUs, GPUs, a ``carft_node_<i>``) no node can give waits in
+        Ray's queue without an error: after :data:`PLACEMENT_TIMEOUT_S` the group is refused,
+        naming how many ranks found no place and what the cluster has.
+        """
+        import ray
+
+        refs = [actor.__ray_call__.remote(where_am_i) for actor in self.actors]
         try:
-            self.locations: list[WorkerLocation] = ray.get([actor.__ray_call__.remote(where_am_i) for actor in actors])
+            placed, waiting = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_TIMEOUT_S)
+            if waiting:
+                have = {k: v for k, v in ray.cluster_resources().items() if not k.startswith(("node:", "memory"))}
+                self.kill()
+                raise WorkerFailure(
+                    f"{name} group: {len(waiting)} of {len(refs)} workers found no node with their resources "
+                    f"within {PLACEMENT_TIMEOUT_S:.0f} s (the cluster has {have}); check <role>.nodes, "
+                    "num_workers and the job's CPUs / GPUs per node"
+                )
+            return ray.get(refs)
         except ray.exceptions.RayError as err:
             self.kill()
             lines = str(err).strip().splitlines()
-            raise WorkerFailure(
-                f"{worker_cls.__name__} group did not start ({lines[-1] if lines else type(err).__name__})"
-            ) from err
+            raise WorkerFailure(f"{name} group did not start ({lines[-1] if lines else type(err).__name__})") from err
 
     @classmethod
     def independent(

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from carft_nemo.distributed import ray_group
 from carft_nemo.distributed.placement import NODE_RESOURCE_TOTAL, node_resource
 from carft_nemo.distributed.ray_group import WorkerFailure, WorkerGroup, lost_node_message, share_sys_path, wait_all
 
@@ -59,8 +60,16 @@ def two_nodes(monkeypatch: pytest.MonkeyPatch):
         cluster.shutdown()
 
 
-def test_ranks_land_on_their_nodes_and_a_lost_node_is_named(two_nodes) -> None:
+def test_ranks_land_on_their_nodes_and_a_lost_node_is_named(two_nodes, monkeypatch: pytest.MonkeyPatch) -> None:
     cluster, second = two_nodes
+    # A rank no node can take (node 5 does not exist; the controller's own check comes earlier) waits
+    # in Ray's queue without an error: the group gives up after PLACEMENT_TIMEOUT_S, saying why.
+    with monkeypatch.context() as patch, pytest.raises(WorkerFailure) as unplaced:
+        patch.setattr(ray_group, "PLACEMENT_TIMEOUT_S", 2.0)
+        WorkerGroup.independent(Probe, 1, nodes=[5])
+    assert str(unplaced.value).startswith("Probe group: 1 of 1 workers found no node with their resources within 2 s")
+    assert "'carft_node_1': 10000.0" in str(unplaced.value)  # what the cluster has
+
     head_id = next(n["NodeID"] for n in ray.nodes() if n["NodeID"] != second.node_id)
     # One rank per node, listed in reverse: rank 0 on node 1, rank 1 on node 0 (the head).
     group = WorkerGroup.independent(Probe, 2, nodes=[1, 0])
