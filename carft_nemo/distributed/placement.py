@@ -43,6 +43,7 @@ def check_role_nodes(nodes: Sequence[int], num_workers: int) -> None:
 
 def rank_nodes(world_size: int, nodes: Sequence[int]) -> list[int | None]:
     """The node of each rank: ``nodes`` filled in order, ``world_size / len(nodes)`` ranks each."""
+    check_role_nodes(nodes, world_size)  # groups started without a config come here unchecked
     if not nodes:
         return [None] * world_size
     per_node = world_size // len(nodes)

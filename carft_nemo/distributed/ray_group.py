@@ -179,7 +179,6 @@ class WorkerGroup:
     even_rows = False  # model replicas need equal shares (RayWorkerGroup)
 
     def __init__(self, worker_cls: type, actors: list[Any], replicas: ReplicaMap) -> None:
-
         self.worker_cls = worker_cls
         self.actors = actors
         self.replicas = replicas
@@ -202,9 +201,9 @@ class WorkerGroup:
                 have = {k: v for k, v in ray.cluster_resources().items() if not k.startswith(("node:", "memory"))}
                 self.kill()
                 raise WorkerFailure(
-                    f"{name} group: {len(waiting)} of {len(refs)} workers found no node with their resources "
-                    f"within {PLACEMENT_TIMEOUT_S:.0f} s (the cluster has {have}); check <role>.nodes, "
-                    "num_workers and the job's CPUs / GPUs per node"
+                    f"{name} group: {len(waiting)} of {len(refs)} workers were not placed or did not start "
+                    f"within {PLACEMENT_TIMEOUT_S:.0f} s (the cluster has {have}); check the role's nodes "
+                    "(<role>.nodes), num_workers and the job's CPUs / GPUs per node"
                 )
             return ray.get(refs)
         except ray.exceptions.RayError as err:
@@ -380,7 +379,8 @@ def lost_node_message(locations: Mapping[str, Sequence[WorkerLocation]]) -> str:
     for role, ranks in locations.items():
         for rank, location in enumerate(ranks):
             by_node.setdefault(location.node_id, []).append((role, rank, location))
-    lost = [node for node in by_node if node in unreachable_nodes(by_node)]
+    gone = unreachable_nodes(by_node)  # one probe of every node
+    lost = [node for node in by_node if node in gone]
     if not lost:
         return ""
     workers = by_node[lost[0]]
@@ -409,13 +409,13 @@ def wait_all(
     name), e.g. ``{"reference_logprobs": "actor"}`` when the actor computes them;
     ``locations`` every role's node per rank (:attr:`WorkerGroup.locations`), named too.
 
-    A worker that raised while other calls are still pending may only be the first to notice
-    that a peer's node went away (gloo: "Connection closed by peer"): then the run's nodes are
-    probed (:func:`~carft_nemo.distributed.placement.unreachable_nodes`) and a lost node, with
-    the roles that ran there, is named as the cause.
+    A worker that raised or died may only be the first to notice that a node went away (gloo:
+    "Connection closed by peer" on a peer of the lost ranks): then the run's nodes are probed
+    (:func:`~carft_nemo.distributed.placement.unreachable_nodes`) and a lost node, with the roles
+    that ran there, is named as the cause.
     """
     import ray
-    from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
     where = {ref: (role, rank) for role, refs in calls.items() for rank, ref in enumerate(refs)}
     results: dict[str, list[Any]] = {role: [None] * len(refs) for role, refs in calls.items()}
@@ -444,7 +444,7 @@ def wait_all(
                 first = str(err).strip().splitlines()
                 reason = first[-1] if first else type(err).__name__
                 failure = f"{worker(role, rank)} failed: {type(err).__name__}: {reason}"
-                if pending and isinstance(err, RayTaskError) and locations:
+                if isinstance(err, (RayTaskError, RayActorError)) and locations:
                     lost = lost_node_message(locations)
                     if lost:
                         raise WorkerFailure(f"{lost}; the first failure seen: {failure}") from err

@@ -13,8 +13,8 @@ gradients in fp32 here: ``grad_reduce_in_fp32``), ``o`` = 12 in bf16 (fp32 maste
 two Adam moments) or 8 in fp32 (the moments; the weights are the master copy), divided by the
 distributed optimizer's shard count ``S`` = data x context parallel (1 without it). With
 ``optimizer_offload_fraction`` ``f``, the GPU keeps ``(1 - f) P o / S`` and the host
-``f P (o + 4) / S`` a rank (the offloaded master weights, moments and an fp32 copy of their
-gradients; in bf16 ``o`` already holds the master weights). ``n`` is a
+``16 f P / S`` a rank (fp32 copies of the offloaded weights and their gradients, Adam's two
+moments; in bf16 or fp32 alike). ``n`` is a
 micro-batch's tokens on this rank (rows x sequence / CP), ``V`` the padded vocabulary, ``t``
 tensor parallel, ``L_stage`` the layers of the stage, ``k`` = min(PP, micro-batches) under 1F1B
 (the first stage holds that many), ``g_kv`` the key/value heads, ``d`` the head size.
@@ -49,6 +49,9 @@ from carft_nemo.distributed.layout import RECOMPUTE, ParallelConfig
 from carft_nemo.models.config import ModelConfig
 
 GIB = 1024**3
+# bytes a parameter of an offloaded optimizer shard keeps on the host, in bf16 or fp32: megatron's
+# hybrid optimizer holds an fp32 copy of the weight, an fp32 copy of its gradient and Adam's two moments
+OFFLOADED_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ def training_memory(
             shards = data_parallel * cp if parallel.use_distributed_optimizer else 1
             offload = parallel.optimizer_offload_fraction
             candidate.optimizer = params * precision.optimizer_bytes / shards * (1 - offload)
-            candidate.host_per_rank = params * (precision.optimizer_bytes + 4) / shards * offload
+            candidate.host_per_rank = params * OFFLOADED_BYTES / shards * offload
         in_flight = min(pp - stage, work.micro_batches) if pp > 1 else 1
         layers = model.num_layers // pp
         tokens = work.rows * math.ceil(work.sequence / cp)

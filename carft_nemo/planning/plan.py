@@ -160,11 +160,16 @@ def check_fits(roles: list[RoleMemory], limit_gb: float, *, host_limit_gb: float
                 f"Try {_advice(r)}. recipes/plan.py prints the whole plan."
             )
         if host_limit_gb and r.host / GIB > host_limit_gb:
-            held = "; ".join(note.removeprefix("host: ") for note in r.notes if note.startswith("host: "))
+            held = [note.removeprefix("host: ") for note in r.notes if note.startswith("host: ")]
+            remedies = [
+                remedy
+                for part, remedy in (("reference.mode: swap", "reference.mode: group"),
+                                     ("offloaded optimizer", f"a smaller {layout}.optimizer_offload_fraction"))
+                if any(part in note for note in held)
+            ]  # fmt: skip
             raise ConfigError(
-                f"cluster.host_memory_gb: the {r.role}'s host part ({held}) needs about {r.host / GIB:.1f} GiB "
-                f"per node but a node has {host_limit_gb:.4g} GiB; use reference.mode: group or a smaller "
-                f"{layout}.optimizer_offload_fraction"
+                f"cluster.host_memory_gb: the {r.role}'s host part ({'; '.join(held)}) needs about "
+                f"{r.host / GIB:.1f} GiB per node but a node has {host_limit_gb:.4g} GiB; use {' or '.join(remedies)}"
             )
 
 

@@ -67,7 +67,7 @@ def test_ranks_land_on_their_nodes_and_a_lost_node_is_named(two_nodes, monkeypat
     with monkeypatch.context() as patch, pytest.raises(WorkerFailure) as unplaced:
         patch.setattr(ray_group, "PLACEMENT_TIMEOUT_S", 2.0)
         WorkerGroup.independent(Probe, 1, nodes=[5])
-    assert str(unplaced.value).startswith("Probe group: 1 of 1 workers found no node with their resources within 2 s")
+    assert str(unplaced.value).startswith("Probe group: 1 of 1 workers were not placed or did not start within 2 s")
     assert "'carft_node_1': 10000.0" in str(unplaced.value)  # what the cluster has
 
     head_id = next(n["NodeID"] for n in ray.nodes() if n["NodeID"] != second.node_id)

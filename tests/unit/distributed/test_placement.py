@@ -28,6 +28,8 @@ def test_ranks_fill_the_listed_nodes_in_order() -> None:
     assert rank_nodes(4, [1, 2]) == [1, 1, 2, 2]
     assert rank_nodes(6, [2, 0, 1]) == [2, 2, 0, 0, 1, 1]  # the list's order, not the numbers'
     assert rank_nodes(3, []) == [None, None, None]  # Ray's choice
+    with pytest.raises(ConfigError, match=r"nodes: num_workers=3 ranks do not split evenly over 2 nodes"):
+        rank_nodes(3, [0, 1])  # a group started without a config is checked too
 
 
 def test_a_pinned_rank_asks_for_its_nodes_resource_only() -> None:
@@ -87,7 +89,6 @@ def test_a_location_reads_as_node_and_address() -> None:
 
 def test_gloo_binds_the_interface_that_routes_to_the_master(monkeypatch: pytest.MonkeyPatch) -> None:
     assert interface_towards("127.0.0.1") == "lo"
-    assert interface_towards("not-an-address") is None
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     configure_transport("127.0.0.2")  # not one of the loopback names, yet routed through lo
     assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"

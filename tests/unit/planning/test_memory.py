@@ -64,6 +64,9 @@ def test_an_offloaded_optimizer_share_moves_to_the_host():
     # master weights and moments (12 bytes) and an fp32 gradient copy (4) of a quarter of the shard
     assert offloaded.host_per_rank == pytest.approx(16 * params / 4 * 0.25)
     assert offloaded.weights == 2 * params and offloaded.gradients == 4 * params  # unchanged on the GPU
+    fp32 = training_memory("sft", SMALL, parallel, Precision(4, True), work, ranks=4, data_parallel=4)
+    assert fp32.optimizer == pytest.approx(8 * params / 4 * 0.75)  # the moments; the weights are the master copy
+    assert fp32.host_per_rank == offloaded.host_per_rank  # the host still keeps its own fp32 weight copy
 
 
 def test_layer_activations_by_hand():

@@ -70,6 +70,13 @@ def test_optimizer_offload_is_planned_validated_and_refused_without_transformer_
                                      "actor.parallel.use_distributed_optimizer=false"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"optimizer_offload_fraction: must be in \[0, 1\], got 1\.5"):
         load_config(RLConfig, path, ["actor.parallel.optimizer_offload_fraction=1.5"])
+    offload_only = load_config(
+        RLConfig, path, ["actor.parallel.optimizer_offload_fraction=0.5", "reference.mode=group"]
+    )
+    roles = plan_rl(offload_only, model, Precision.gpu(model))
+    advice = r"offloaded optimizer state of 8 ranks\) needs about 56\.\d GiB .*; use a smaller actor\.parallel\.optim"
+    with pytest.raises(ConfigError, match=advice):
+        check_at_start(roles, ClusterConfig(gpu_memory_gb=80, host_memory_gb=32))
     if not device.has_cuda():  # megatron-core offloads through TE's precision-aware Adam only
         with pytest.raises(ConfigError, match=r"^actor\.parallel\.optimizer_offload_fraction: megatron-core"):
             check_layouts(half, model)
