@@ -60,13 +60,7 @@ def test_start_ray_node_names_the_node_by_its_place_in_the_job(node: str, index:
     fake_ray.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
     fake_ray.chmod(0o755)
     env = {"CARFT_RAY_CLI": str(fake_ray), "CARFT_NODE_LIST": "n1 n2 n3 ", "SLURMD_NODENAME": node}
-    result = subprocess.run(
-        ["bash", "-c", f'source "{SCRIPT}"\nstart_ray_node --block --num-cpus=2'],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = _bash("start_ray_node --block --num-cpus=2", env)
     assert result.returncode == 0, result.stderr
     resources = f'--resources={{"carft_node_{index}": 10000}}'
     said = f"ray on {node}: node {index} of the job (carft_node_{index})"
@@ -75,13 +69,7 @@ def test_start_ray_node_names_the_node_by_its_place_in_the_job(node: str, index:
 
 def test_start_ray_node_refuses_a_node_outside_the_job(tmp_path: Path) -> None:
     env = {"CARFT_RAY_CLI": str(tmp_path / "no-ray"), "CARFT_NODE_LIST": "n1 n2 ", "SLURMD_NODENAME": "n9"}
-    result = subprocess.run(
-        ["bash", "-c", f'source "{SCRIPT}"\nstart_ray_node --block'],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = _bash("start_ray_node --block", env)
     assert result.returncode == 1 and "this node (n9) is not in the job's node list (n1 n2 )" in result.stderr
 
 
