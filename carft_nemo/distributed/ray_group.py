@@ -196,7 +196,7 @@ class WorkerGroup:
 
         refs = [actor.__ray_call__.remote(where_am_i) for actor in self.actors]
         try:
-            placed, waiting = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_TIMEOUT_S)
+            _, waiting = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_TIMEOUT_S)
             if waiting:
                 have = {k: v for k, v in ray.cluster_resources().items() if not k.startswith(("node:", "memory"))}
                 self.kill()

@@ -151,8 +151,8 @@ class RoleMemory:
     activations: float = 0.0
     logits: float = 0.0
     kv_cache: float = 0.0
-    host: float = 0.0  # per node, outside the GPU (the reference kept in CPU memory, offloaded optimizer)
-    host_per_rank: float = 0.0  # of ``host``, what each rank on the node adds (the offloaded optimizer)
+    host: float = 0.0  # per node, outside the GPU: host_per_rank times the role's ranks on a node
+    host_per_rank: dict[str, float] = field(default_factory=dict)  # bytes per rank by part (plan.HOST_PARTS)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -234,7 +234,8 @@ def training_memory(
             shards = data_parallel * cp if parallel.use_distributed_optimizer else 1
             offload = parallel.optimizer_offload_fraction
             candidate.optimizer = params * precision.optimizer_bytes / shards * (1 - offload)
-            candidate.host_per_rank = params * OFFLOADED_BYTES / shards * offload
+            if offload:
+                candidate.host_per_rank["offloaded_optimizer"] = params * OFFLOADED_BYTES / shards * offload
         in_flight = min(pp - stage, work.micro_batches) if pp > 1 else 1
         layers = model.num_layers // pp
         tokens = work.rows * math.ceil(work.sequence / cp)

@@ -59,10 +59,8 @@ def plan_rl(cfg, model: ModelConfig, precision: Precision) -> list[RoleMemory]:
     roles = [training_memory("actor", model, actor.parallel, precision, work, ranks=actor.num_workers,
                              shared_value_head=cfg.critic.layout == "shared", projection_dim=projection,
                              data_parallel=dp)]  # fmt: skip
-    if cfg.reference.mode == "swap":  # the SFT weights of every rank on the node, in CPU memory
-        ranks_on_node = min(actor.num_workers, cfg.cluster.gpus_per_node)
-        roles[0].host = roles[0].weights * ranks_on_node
-        roles[0].notes.append(f"host: the reference weights of {ranks_on_node} ranks (reference.mode: swap)")
+    if cfg.reference.mode == "swap":  # the SFT weights of every rank, in CPU memory
+        roles[0].host_per_rank["reference"] = roles[0].weights
     if cfg.uses_critic_group:
         critic = cfg.critic
         cdp = _data_parallel(critic.parallel, critic.num_workers)
@@ -77,7 +75,7 @@ def plan_rl(cfg, model: ModelConfig, precision: Precision) -> list[RoleMemory]:
         rdp = _data_parallel(ref.parallel, ref.num_workers)
         roles.append(training_memory("reference", model, ref.parallel, precision, rwork, ranks=ref.num_workers,
                                      data_parallel=rdp))  # fmt: skip
-    return _with_offloaded_optimizer(roles, cfg.cluster.gpus_per_node)
+    return _with_host_per_node(roles, cfg.cluster.gpus_per_node)
 
 
 def plan_sft(cfg, model: ModelConfig, precision: Precision, world_size: int) -> list[RoleMemory]:
@@ -92,16 +90,27 @@ def plan_sft(cfg, model: ModelConfig, precision: Precision, world_size: int) -> 
                     generation_rows=cfg.generation.micro_batch_size or train.micro_batch_size,
                     generation_sequence=generation, recompute=parallel.recompute)  # fmt: skip
     roles = [training_memory("sft", model, parallel, precision, work, ranks=world_size, data_parallel=dp)]
-    return _with_offloaded_optimizer(roles, cfg.cluster.gpus_per_node)
+    return _with_host_per_node(roles, cfg.cluster.gpus_per_node)
 
 
-def _with_offloaded_optimizer(roles: list[RoleMemory], gpus_per_node: int) -> list[RoleMemory]:
-    """Add each role's offloaded optimizer state (``optimizer_offload_fraction``) to its host part per node."""
+# what a rank may keep in host memory -> (how the plan names it for n ranks, what to change if it does not fit)
+HOST_PARTS = {
+    "reference": ("the reference weights of {n} ranks (reference.mode: swap)", "reference.mode: group"),
+    "offloaded_optimizer": (
+        "the offloaded optimizer state of {n} ranks",
+        "a smaller {layout}.optimizer_offload_fraction",
+    ),
+}
+
+
+def _with_host_per_node(roles: list[RoleMemory], gpus_per_node: int) -> list[RoleMemory]:
+    """Each role's host part per node: its per-rank parts times its ranks on one node, with a note a part."""
     for role in roles:
-        if role.host_per_rank:
-            ranks_on_node = min(role.ranks, gpus_per_node)
-            role.host += role.host_per_rank * ranks_on_node
-            role.notes.append(f"host: the offloaded optimizer state of {ranks_on_node} ranks")
+        ranks_on_node = min(role.ranks, gpus_per_node)
+        for part, (named, _) in HOST_PARTS.items():
+            if part in role.host_per_rank:
+                role.host += role.host_per_rank[part] * ranks_on_node
+                role.notes.append(f"host: {named.format(n=ranks_on_node)}")
     return roles
 
 
@@ -162,11 +171,8 @@ def check_fits(roles: list[RoleMemory], limit_gb: float, *, host_limit_gb: float
         if host_limit_gb and r.host / GIB > host_limit_gb:
             held = [note.removeprefix("host: ") for note in r.notes if note.startswith("host: ")]
             remedies = [
-                remedy
-                for part, remedy in (("reference.mode: swap", "reference.mode: group"),
-                                     ("offloaded optimizer", f"a smaller {layout}.optimizer_offload_fraction"))
-                if any(part in note for note in held)
-            ]  # fmt: skip
+                remedy.format(layout=layout) for part, (_, remedy) in HOST_PARTS.items() if part in r.host_per_rank
+            ]
             raise ConfigError(
                 f"cluster.host_memory_gb: the {r.role}'s host part ({'; '.join(held)}) needs about "
                 f"{r.host / GIB:.1f} GiB per node but a node has {host_limit_gb:.4g} GiB; use {' or '.join(remedies)}"
@@ -197,6 +203,7 @@ def check_at_start(roles: list[RoleMemory], cluster: ClusterConfig) -> None:
 
 
 __all__ = [
+    "HOST_PARTS",
     "ROLE_KEYS",
     "ClusterConfig",
     "check_at_start",

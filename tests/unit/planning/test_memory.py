@@ -62,7 +62,7 @@ def test_an_offloaded_optimizer_share_moves_to_the_host():
     offloaded = training_memory("sft", SMALL, parallel, Precision(2, True), work, ranks=4, data_parallel=4)
     assert offloaded.optimizer == pytest.approx(12 * params / 4 * 0.75)
     # master weights and moments (12 bytes) and an fp32 gradient copy (4) of a quarter of the shard
-    assert offloaded.host_per_rank == pytest.approx(16 * params / 4 * 0.25)
+    assert offloaded.host_per_rank["offloaded_optimizer"] == pytest.approx(16 * params / 4 * 0.25)
     assert offloaded.weights == 2 * params and offloaded.gradients == 4 * params  # unchanged on the GPU
     fp32 = training_memory("sft", SMALL, parallel, Precision(4, True), work, ranks=4, data_parallel=4)
     assert fp32.optimizer == pytest.approx(8 * params / 4 * 0.75)  # the moments; the weights are the master copy
